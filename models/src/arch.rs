@@ -1,0 +1,128 @@
+//! Network architectures. Every size comes from the manifest, so a new size
+//! needs no rebuild; every network runs on any burn `Device`.
+
+use burn::module::Module;
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig1d,
+    conv::{Conv1d, Conv1dConfig},
+};
+use burn::tensor::{Device, Tensor, activation::relu};
+
+use crate::manifest::Architecture;
+
+/// One conv → batch norm → ReLU block of the FCN.
+#[derive(Module, Debug)]
+pub struct ConvBlock {
+    conv: Conv1d,
+    norm: BatchNorm,
+}
+
+impl ConvBlock {
+    fn new(channels_in: usize, channels_out: usize, kernel: usize, device: &Device) -> Self {
+        Self {
+            conv: Conv1dConfig::new(channels_in, channels_out, kernel)
+                .with_padding(PaddingConfig1d::Same)
+                .init(device),
+            norm: BatchNormConfig::new(channels_out).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        relu(self.norm.forward(self.conv.forward(x)))
+    }
+}
+
+/// Fully convolutional network for multichannel windows (Wang et al. 2017).
+#[derive(Module, Debug)]
+pub struct Fcn {
+    blocks: Vec<ConvBlock>,
+    head: Linear,
+}
+
+impl Fcn {
+    /// Input `[batch, channels, length]` → logits `[batch, outputs]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        let mut h = x;
+        for block in &self.blocks {
+            h = block.forward(h);
+        }
+        // Global average pooling over time: [B, F, L] -> [B, F].
+        let pooled: Tensor<2> = h.mean_dim(2).squeeze_dim(2);
+        self.head.forward(pooled)
+    }
+}
+
+/// Multilayer perceptron over a feature vector.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+    head: Linear,
+}
+
+impl Mlp {
+    /// Input `[batch, features, 1]` (or `[batch, c, l]`, flattened) → logits `[batch, outputs]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, c, l] = x.dims();
+        let mut h: Tensor<2> = x.reshape([b, c * l]);
+        for layer in &self.layers {
+            h = relu(layer.forward(h));
+        }
+        self.head.forward(h)
+    }
+}
+
+/// Any network Outpost can run.
+#[derive(Module, Debug)]
+pub enum Network {
+    /// See [`Fcn`].
+    Fcn(Fcn),
+    /// See [`Mlp`].
+    Mlp(Mlp),
+}
+
+impl Network {
+    /// A freshly initialized network for `arch` reading `channels × length`
+    /// windows and producing `outputs` values.
+    pub fn init(
+        arch: &Architecture,
+        channels: usize,
+        length: usize,
+        outputs: usize,
+        device: &Device,
+    ) -> Self {
+        match arch {
+            Architecture::Fcn { filters, kernels } => {
+                let mut blocks = Vec::with_capacity(filters.len());
+                let mut cin = channels;
+                for (&f, &k) in filters.iter().zip(kernels) {
+                    blocks.push(ConvBlock::new(cin, f, k, device));
+                    cin = f;
+                }
+                Network::Fcn(Fcn {
+                    blocks,
+                    head: LinearConfig::new(cin, outputs).init(device),
+                })
+            }
+            Architecture::Mlp { hidden } => {
+                let mut layers = Vec::with_capacity(hidden.len());
+                let mut din = channels * length;
+                for &w in hidden {
+                    layers.push(LinearConfig::new(din, w).init(device));
+                    din = w;
+                }
+                Network::Mlp(Mlp {
+                    layers,
+                    head: LinearConfig::new(din, outputs).init(device),
+                })
+            }
+        }
+    }
+
+    /// Input `[batch, channels, length]` → raw outputs `[batch, outputs]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        match self {
+            Network::Fcn(n) => n.forward(x),
+            Network::Mlp(n) => n.forward(x),
+        }
+    }
+}

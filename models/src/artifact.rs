@@ -1,0 +1,352 @@
+//! Model artifacts: a directory with `manifest.json` and the weights in burn's
+//! burnpack format. Loading verifies every hash the manifest lists before any
+//! byte of the weights is used.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::store::{BurnpackStore, ModuleSnapshot};
+use burn::tensor::{Bytes, Device, Tensor, TensorData, activation::softmax};
+use sha2::{Digest, Sha256};
+
+use crate::arch::Network;
+use crate::manifest::{Manifest, Normalization, Task};
+
+/// File name of the manifest inside an artifact directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Errors of loading, saving and running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file of the artifact could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON for a [`Manifest`].
+    #[error("{path}: invalid manifest: {message}")]
+    ManifestSyntax {
+        /// The manifest's path (or `<embedded>`).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The manifest parses but describes an unusable model.
+    #[error("{path}: invalid manifest: {}", problems.join("; "))]
+    ManifestInvalid {
+        /// The manifest's path (or `<embedded>`).
+        path: String,
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+    /// A file's sha256 differs from the manifest's.
+    #[error(
+        "{file}: sha256 {actual} does not match the manifest's {expected}: the artifact was modified or corrupted"
+    )]
+    Checksum {
+        /// The file.
+        file: String,
+        /// Hash in the manifest.
+        expected: String,
+        /// Hash of the file as read.
+        actual: String,
+    },
+    /// The weights do not fit the architecture the manifest describes.
+    #[error("weights do not fit the manifest's architecture: {0}")]
+    Weights(String),
+    /// A batch given to [`LoadedModel::predict`] has the wrong size.
+    #[error("input has {actual} values, expected {expected} ({n} windows of {channels}×{length})")]
+    InputShape {
+        /// Values given.
+        actual: usize,
+        /// Values expected.
+        expected: usize,
+        /// Windows in the batch.
+        n: usize,
+        /// Channels per window.
+        channels: usize,
+        /// Samples per window.
+        length: usize,
+    },
+    /// The backend failed to return the output.
+    #[error("inference failed: {0}")]
+    Backend(String),
+}
+
+/// The output of the network for one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Winning class (classifiers).
+    pub class: Option<usize>,
+    /// Winning class probability (classifiers) or anomaly score (detectors).
+    pub score: f32,
+    /// Whether the score is above the anomaly threshold (detectors).
+    pub anomaly: bool,
+}
+
+/// A verified, loaded model ready to run on a device.
+#[derive(Debug)]
+pub struct LoadedModel {
+    manifest: Manifest,
+    net: Network,
+    device: Device,
+}
+
+/// sha256 of `bytes` as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn parse_manifest(text: &[u8], origin: &str) -> Result<Manifest, ModelError> {
+    let manifest: Manifest =
+        serde_json::from_slice(text).map_err(|e| ModelError::ManifestSyntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+    let problems = manifest.problems();
+    if !problems.is_empty() {
+        return Err(ModelError::ManifestInvalid {
+            path: origin.to_string(),
+            problems,
+        });
+    }
+    Ok(manifest)
+}
+
+fn verify(file: &str, bytes: &[u8], manifest: &Manifest) -> Result<(), ModelError> {
+    let expected = manifest.files.get(file).cloned().unwrap_or_default();
+    let actual = sha256_hex(bytes);
+    if actual != expected {
+        return Err(ModelError::Checksum {
+            file: file.to_string(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl LoadedModel {
+    /// Load an artifact directory: parse and check the manifest, verify the
+    /// sha256 of every file it lists, then load the weights onto `device`.
+    pub fn load_dir(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest =
+            parse_manifest(&read(&manifest_path)?, &manifest_path.display().to_string())?;
+        let mut weights = None;
+        for file in manifest.files.keys() {
+            let bytes = read(&dir.join(file))?;
+            verify(file, &bytes, &manifest)?;
+            if *file == manifest.weights {
+                weights = Some(bytes);
+            }
+        }
+        let weights = weights.ok_or_else(|| {
+            ModelError::Weights(format!("{} is not listed in files", manifest.weights))
+        })?;
+        let store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(weights)));
+        Self::from_store(manifest, store, device)
+    }
+
+    /// Load a model compiled into the binary (the bundled default).
+    pub fn load_static(
+        manifest_json: &'static [u8],
+        weights: &'static [u8],
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let manifest = parse_manifest(manifest_json, "<embedded>")?;
+        verify(&manifest.weights.clone(), weights, &manifest)?;
+        Self::from_store(manifest, BurnpackStore::from_static(weights), device)
+    }
+
+    fn from_store(
+        manifest: Manifest,
+        mut store: BurnpackStore,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut net = Network::init(
+            &manifest.architecture,
+            manifest.input.channels,
+            manifest.input.length,
+            manifest.outputs(),
+            device,
+        );
+        let applied = net
+            .load_from(&mut store)
+            .map_err(|e| ModelError::Weights(e.to_string()))?;
+        if !applied.missing.is_empty() || !applied.errors.is_empty() {
+            return Err(ModelError::Weights(format!(
+                "missing tensors {:?}, errors {:?}",
+                applied.missing.iter().map(|m| &m.0).collect::<Vec<_>>(),
+                applied.errors
+            )));
+        }
+        Ok(Self {
+            manifest,
+            net: net.valid(),
+            device: device.clone(),
+        })
+    }
+
+    /// The verified manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Values per window (`channels × length`).
+    pub fn window_values(&self) -> usize {
+        self.manifest.input.channels * self.manifest.input.length
+    }
+
+    /// Normalize windows in place, as at training time. `windows` holds whole
+    /// windows, channel-major (`[n][channels][length]`).
+    pub fn normalize(&self, windows: &mut [f32]) {
+        normalize(
+            &self.manifest.normalization,
+            self.manifest.input.channels,
+            self.manifest.input.length,
+            windows,
+        );
+    }
+
+    /// Run the network on `n` normalized windows laid out `[n][channels][length]`.
+    pub fn predict(&self, windows: &[f32], n: usize) -> Result<Vec<Prediction>, ModelError> {
+        let (c, l) = (self.manifest.input.channels, self.manifest.input.length);
+        if windows.len() != n * c * l || n == 0 {
+            return Err(ModelError::InputShape {
+                actual: windows.len(),
+                expected: n * c * l,
+                n,
+                channels: c,
+                length: l,
+            });
+        }
+        let x = Tensor::<3>::from_data(TensorData::new(windows.to_vec(), [n, c, l]), &self.device);
+        let out = self.net.forward(x);
+        let out = match self.manifest.task {
+            Task::Classifier => softmax(out, 1),
+            Task::Detector => out,
+        };
+        let values: Vec<f32> = out
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .map_err(|e| ModelError::Backend(format!("{e:?}")))?;
+        let k = self.manifest.outputs();
+        Ok(values
+            .chunks_exact(k)
+            .map(|row| match self.manifest.task {
+                Task::Classifier => {
+                    let (class, score) = argmax(row);
+                    Prediction {
+                        class: Some(class),
+                        score,
+                        anomaly: false,
+                    }
+                }
+                Task::Detector => {
+                    let score = row[0];
+                    Prediction {
+                        class: None,
+                        score,
+                        anomaly: self.manifest.anomaly_threshold.is_some_and(|t| score > t),
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+/// Index and value of the largest element; the first one on ties. NaN never wins.
+fn argmax(row: &[f32]) -> (usize, f32) {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best
+}
+
+/// Normalize `[n][channels][length]` windows in place.
+pub fn normalize(norm: &Normalization, channels: usize, length: usize, windows: &mut [f32]) {
+    match norm {
+        Normalization::None => {}
+        Normalization::PerChannel { mean, std } => {
+            for window in windows.chunks_exact_mut(channels * length) {
+                for (c, series) in window.chunks_exact_mut(length).enumerate() {
+                    let (m, s) = (mean[c], std[c]);
+                    series.iter_mut().for_each(|v| *v = (*v - m) / s);
+                }
+            }
+        }
+        Normalization::PerWindow => {
+            for series in windows.chunks_exact_mut(length) {
+                let n = series.len() as f32;
+                let m = series.iter().sum::<f32>() / n;
+                let var = series.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / n;
+                let s = if var > 1e-12 { var.sqrt() } else { 1.0 };
+                series.iter_mut().for_each(|v| *v = (*v - m) / s);
+            }
+        }
+    }
+}
+
+/// Write an artifact: the network's weights as burnpack and a manifest that
+/// lists their sha256. `manifest.files` is filled in here.
+pub fn save_artifact(
+    dir: &Path,
+    mut manifest: Manifest,
+    net: &Network,
+) -> Result<Manifest, ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut store = BurnpackStore::from_bytes(None);
+    net.save_into(&mut store)
+        .map_err(|e| ModelError::Weights(e.to_string()))?;
+    let bytes = store
+        .get_bytes()
+        .map_err(|e| ModelError::Weights(e.to_string()))?;
+    let bytes: Vec<u8> = bytes.to_vec();
+    let weights_path = dir.join(&manifest.weights);
+    std::fs::write(&weights_path, &bytes).map_err(|source| ModelError::Io {
+        path: weights_path,
+        source,
+    })?;
+    manifest
+        .files
+        .insert(manifest.weights.clone(), sha256_hex(&bytes));
+    let problems = manifest.problems();
+    if !problems.is_empty() {
+        return Err(ModelError::ManifestInvalid {
+            path: dir.display().to_string(),
+            problems,
+        });
+    }
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| ModelError::ManifestSyntax {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    std::fs::write(&manifest_path, text + "\n").map_err(|source| ModelError::Io {
+        path: manifest_path,
+        source,
+    })?;
+    Ok(manifest)
+}

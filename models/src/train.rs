@@ -1,0 +1,331 @@
+//! Training on the CPU with burn autodiff: seeded, with a stratified
+//! validation split and early stopping on validation accuracy.
+
+use std::collections::BTreeMap;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::arch::Network;
+use crate::artifact::{LoadedModel, ModelError, normalize};
+use crate::dataset::Dataset;
+use crate::manifest::{
+    Architecture, InputKind, InputSpec, MANIFEST_SCHEMA, Manifest, Normalization, Provenance, Task,
+};
+
+/// Trainer settings; the defaults give a good result with no flag.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Network to train.
+    pub architecture: Architecture,
+    /// Maximum epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation result.
+    pub patience: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Fraction of the training data held out for early stopping.
+    pub validation_fraction: f64,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Input normalization to fit.
+    pub normalization: NormalizationKind,
+}
+
+/// Which normalization the trainer fits and stores in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormalizationKind {
+    /// Per-channel statistics of the training data.
+    PerChannel,
+    /// Each window z-normalized on its own.
+    PerWindow,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::Fcn {
+                filters: vec![32, 64, 32],
+                kernels: vec![8, 5, 3],
+            },
+            epochs: 200,
+            patience: 40,
+            batch_size: 16,
+            learning_rate: 1e-3,
+            validation_fraction: 0.2,
+            seed: 42,
+            normalization: NormalizationKind::PerChannel,
+        }
+    }
+}
+
+/// One epoch of the training curve.
+#[derive(Debug, Clone)]
+pub struct EpochStats {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy.
+    pub train_accuracy: f64,
+    /// Validation accuracy.
+    pub validation_accuracy: f64,
+    /// Validation loss.
+    pub validation_loss: f64,
+}
+
+/// A trained network and the manifest that describes it (without file hashes:
+/// [`crate::artifact::save_artifact`] fills those in).
+pub struct Trained {
+    /// The network, in validation mode on a plain device.
+    pub network: Network,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The training curve.
+    pub history: Vec<EpochStats>,
+}
+
+/// Deterministic splitmix64 generator for shuffling.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Per-channel mean and standard deviation over all samples and time steps.
+pub fn channel_stats(ds: &Dataset) -> (Vec<f32>, Vec<f32>) {
+    let (c, l) = (ds.channels, ds.length);
+    let mut sum = vec![0f64; c];
+    let mut sq = vec![0f64; c];
+    for i in 0..ds.len() {
+        for (ch, series) in ds.sample(i).chunks_exact(l).enumerate() {
+            for &v in series {
+                sum[ch] += v as f64;
+                sq[ch] += (v as f64) * (v as f64);
+            }
+        }
+    }
+    let n = (ds.len() * l).max(1) as f64;
+    let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+    let std = sum
+        .iter()
+        .zip(&sq)
+        .map(|(s, q)| {
+            let m = s / n;
+            let var = (q / n - m * m).max(0.0);
+            (var.sqrt() as f32).max(1e-6)
+        })
+        .collect();
+    (mean, std)
+}
+
+fn batch_tensors(
+    ds: &Dataset,
+    idx: &[usize],
+    norm: &Normalization,
+    device: &Device,
+) -> (Tensor<3>, Tensor<1, Int>) {
+    let (c, l) = (ds.channels, ds.length);
+    let mut x = Vec::with_capacity(idx.len() * c * l);
+    let mut y = Vec::with_capacity(idx.len());
+    for &i in idx {
+        x.extend_from_slice(ds.sample(i));
+        y.push(ds.y[i] as i64);
+    }
+    normalize(norm, c, l, &mut x);
+    (
+        Tensor::<3>::from_data(TensorData::new(x, [idx.len(), c, l]), device),
+        Tensor::<1, Int>::from_data(TensorData::new(y, [idx.len()]), device),
+    )
+}
+
+/// Loss and accuracy of `net` (validation mode) over `ds`.
+fn evaluate(net: &Network, ds: &Dataset, norm: &Normalization, device: &Device) -> (f64, f64) {
+    if ds.is_empty() {
+        return (0.0, 0.0);
+    }
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut loss_sum = 0.0;
+    let mut correct = 0usize;
+    for chunk in idx.chunks(64) {
+        let (x, y) = batch_tensors(ds, chunk, norm, device);
+        let logits = net.forward(x);
+        let loss: f32 = loss_fn
+            .forward(logits.clone(), y.clone())
+            .into_scalar::<f32>();
+        loss_sum += loss as f64 * chunk.len() as f64;
+        let pred: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .try_to_vec_as::<i64>()
+            .unwrap_or_default();
+        let truth: Vec<i64> = y.into_data().try_to_vec_as::<i64>().unwrap_or_default();
+        correct += pred.iter().zip(&truth).filter(|(a, b)| a == b).count();
+    }
+    (loss_sum / ds.len() as f64, correct as f64 / ds.len() as f64)
+}
+
+/// Train a classifier on `ds` and describe it in a manifest named `name@version`.
+pub fn train_classifier(
+    ds: &Dataset,
+    cfg: &TrainConfig,
+    name: &str,
+    version: &str,
+    mut progress: impl FnMut(&EpochStats),
+) -> Result<Trained, ModelError> {
+    let (train, val) = if cfg.validation_fraction > 0.0 {
+        ds.split_stratified(cfg.validation_fraction, cfg.seed)
+    } else {
+        (ds.clone(), ds.clone())
+    };
+    let normalization = match cfg.normalization {
+        NormalizationKind::PerChannel => {
+            let (mean, std) = channel_stats(&train);
+            Normalization::PerChannel { mean, std }
+        }
+        NormalizationKind::PerWindow => Normalization::PerWindow,
+    };
+    let device = Device::flex().autodiff();
+    device.seed(cfg.seed);
+    let plain = Device::flex();
+    let mut net = Network::init(
+        &cfg.architecture,
+        ds.channels,
+        ds.length,
+        ds.labels.len(),
+        &device,
+    );
+    let mut optim = AdamConfig::new().init();
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut rng = SplitMix(cfg.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut best: Option<(f64, f64, Network)> = None;
+    let mut since_best = 0usize;
+    let mut history = Vec::new();
+    for epoch in 1..=cfg.epochs {
+        rng.shuffle(&mut order);
+        let mut loss_sum = 0.0;
+        let mut correct = 0usize;
+        for chunk in order.chunks(cfg.batch_size.max(1)) {
+            // A batch of one breaks batch norm's statistics; fold it into the previous step.
+            if chunk.len() < 2 && train.len() >= 2 {
+                continue;
+            }
+            let (x, y) = batch_tensors(&train, chunk, &normalization, &device);
+            let logits = net.forward(x);
+            let loss = loss_fn.forward(logits.clone(), y.clone());
+            loss_sum += loss.clone().into_scalar::<f32>() as f64 * chunk.len() as f64;
+            let pred: Vec<i64> = logits
+                .argmax(1)
+                .into_data()
+                .try_to_vec_as::<i64>()
+                .unwrap_or_default();
+            let truth: Vec<i64> = y.into_data().try_to_vec_as::<i64>().unwrap_or_default();
+            correct += pred.iter().zip(&truth).filter(|(a, b)| a == b).count();
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optim.step(cfg.learning_rate, net, grads);
+        }
+        let valid = net.valid();
+        let (val_loss, val_acc) = evaluate(&valid, &val, &normalization, &plain);
+        let stats = EpochStats {
+            epoch,
+            train_loss: loss_sum / train.len().max(1) as f64,
+            train_accuracy: correct as f64 / train.len().max(1) as f64,
+            validation_accuracy: val_acc,
+            validation_loss: val_loss,
+        };
+        progress(&stats);
+        history.push(stats);
+        let better = match &best {
+            None => true,
+            Some((acc, loss, _)) => val_acc > *acc || (val_acc == *acc && val_loss < *loss),
+        };
+        if better {
+            best = Some((val_acc, val_loss, valid));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    let network = match best {
+        Some((_, _, n)) => n,
+        None => net.valid(),
+    };
+    let mut settings = BTreeMap::new();
+    settings.insert("learning_rate".into(), cfg.learning_rate.to_string());
+    settings.insert("batch_size".into(), cfg.batch_size.to_string());
+    settings.insert("patience".into(), cfg.patience.to_string());
+    settings.insert("max_epochs".into(), cfg.epochs.to_string());
+    settings.insert("optimizer".into(), "adam".into());
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        name: name.to_string(),
+        version: version.to_string(),
+        task: Task::Classifier,
+        architecture: cfg.architecture.clone(),
+        input: InputSpec {
+            kind: InputKind::Raw,
+            channels: ds.channels,
+            length: ds.length,
+            features: Vec::new(),
+        },
+        normalization,
+        labels: ds.labels.clone(),
+        anomaly_threshold: None,
+        weights: "model.bpk".into(),
+        provenance: Some(Provenance {
+            dataset: ds.name.clone(),
+            data_fingerprint: ds.fingerprint(),
+            train_samples: train.len(),
+            validation_samples: val.len(),
+            seed: cfg.seed,
+            epochs: history.len(),
+            settings,
+        }),
+        metrics: BTreeMap::new(),
+        created_at: String::new(),
+        files: BTreeMap::new(),
+    };
+    Ok(Trained {
+        network,
+        manifest,
+        history,
+    })
+}
+
+/// Accuracy of a loaded model on a dataset, with its predictions.
+pub fn accuracy(model: &LoadedModel, ds: &Dataset) -> Result<(f64, Vec<usize>), ModelError> {
+    let mut preds = Vec::with_capacity(ds.len());
+    let per = ds.channels * ds.length;
+    for start in (0..ds.len()).step_by(64) {
+        let end = (start + 64).min(ds.len());
+        let mut x = ds.x[start * per..end * per].to_vec();
+        model.normalize(&mut x);
+        for p in model.predict(&x, end - start)? {
+            preds.push(p.class.unwrap_or(usize::MAX));
+        }
+    }
+    let correct = preds.iter().zip(&ds.y).filter(|(p, y)| p == y).count();
+    Ok((correct as f64 / ds.len().max(1) as f64, preds))
+}

@@ -1,0 +1,600 @@
+//! Aggregation: tumbling event-time windows per group. Pure state, no I/O.
+//!
+//! Input: [`Inferred`] (a window's prediction and the readings it covers).
+//! Output: [`Aggregate`], the only type that can reach the cloud uplink.
+//!
+//! A bucket `[start, start + window_ms)` closes when the group's watermark
+//! (latest event time seen minus the allowed lateness) passes its end, or, in
+//! live runs, when the wall clock passes its end plus lateness plus
+//! `idle_close_ms`. A reading for a closed bucket is late: counted in the next
+//! aggregate of its group (`late_readings`) and in metrics, never dropped silently.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use outpost_models::Prediction;
+use outpost_models::manifest::{Manifest, Task};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AggregationConfig, GroupBy};
+use crate::reading::Reading;
+
+/// Version of the aggregate's JSON layout.
+pub const AGGREGATE_SCHEMA: u32 = 1;
+
+/// A window's result on its way to aggregation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inferred {
+    /// Sensor.
+    pub sensor: Arc<str>,
+    /// Group.
+    pub group: Arc<str>,
+    /// Event time of the window's last sample.
+    pub ts_ms: i64,
+    /// Timestamps of the readings counted with this window.
+    pub readings: Vec<i64>,
+    /// The prediction (`None` for a tail without inference).
+    pub prediction: Option<Prediction>,
+}
+
+/// Model identity carried in aggregates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+}
+
+/// Score statistics over a window's inferences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreStats {
+    /// Mean.
+    pub mean: f64,
+    /// Maximum.
+    pub max: f64,
+    /// 95th percentile (nearest rank).
+    pub p95: f64,
+}
+
+/// What leaves the gateway: counts and statistics over a group and a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregate {
+    /// Layout version ([`AGGREGATE_SCHEMA`]).
+    pub schema: u32,
+    /// Stable unique id: a hash of everything below; the same content always
+    /// gets the same id, so a consumer deduplicates re-sent messages by it.
+    pub id: String,
+    /// Gateway id.
+    pub gateway: String,
+    /// Group (sensor, site, line ...).
+    pub group: String,
+    /// Window start, ms since the epoch (inclusive).
+    pub window_start: i64,
+    /// Window end, ms since the epoch (exclusive).
+    pub window_end: i64,
+    /// Emitted before the window was complete (at shutdown).
+    pub partial: bool,
+    /// Readings in the window.
+    pub readings: u64,
+    /// Readings that arrived after their window had closed, counted here.
+    pub late_readings: u64,
+    /// Windows inferred.
+    pub inferences: u64,
+    /// Distinct sensors.
+    pub sensors: u64,
+    /// Model that produced the inferences.
+    pub model: ModelRef,
+    /// Inferences per class (classifiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<BTreeMap<String, u64>>,
+    /// Anomalous windows (detectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalies: Option<u64>,
+    /// Anomalous windows over inferences (detectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_rate: Option<f64>,
+    /// Score statistics; absent when there was no inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<ScoreStats>,
+}
+
+impl Aggregate {
+    /// The id for this content (computed with `id` empty).
+    pub fn compute_id(&self) -> String {
+        let mut copy = self.clone();
+        copy.id = String::new();
+        // Serializing plain data with string keys cannot fail.
+        let bytes = serde_json::to_vec(&copy).unwrap_or_default();
+        hex::encode(&Sha256::digest(&bytes)[..16])
+    }
+}
+
+/// Assigns readings to groups: fixed assignments first, then the rule.
+#[derive(Debug, Clone)]
+pub struct Grouper {
+    rule: GroupBy,
+    fixed: BTreeMap<String, Arc<str>>,
+    gateway: Arc<str>,
+    unassigned: Arc<str>,
+}
+
+impl Grouper {
+    /// From the aggregation config.
+    pub fn new(cfg: &AggregationConfig, gateway: &str) -> Self {
+        Self {
+            rule: cfg.group_by.clone(),
+            fixed: cfg
+                .groups
+                .iter()
+                .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                .collect(),
+            gateway: Arc::from(gateway),
+            unassigned: Arc::from("unassigned"),
+        }
+    }
+
+    /// The group of a reading.
+    pub fn group_of(&self, r: &Reading) -> Arc<str> {
+        if let Some(g) = self.fixed.get(&*r.sensor) {
+            return g.clone();
+        }
+        match &self.rule {
+            GroupBy::Sensor => r.sensor.clone(),
+            GroupBy::Gateway => self.gateway.clone(),
+            GroupBy::Attr(a) => match r.attrs.get(a) {
+                Some(serde_json::Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
+                Some(v) if !v.is_null() => Arc::from(v.to_string().as_str()),
+                _ => self.unassigned.clone(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    readings: u64,
+    inferences: u64,
+    classes: Vec<u64>,
+    anomalies: u64,
+    scores: Vec<f32>,
+    sensors: BTreeSet<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    max_ts: i64,
+    /// Every bucket starting before this is closed.
+    closed_before: i64,
+    open: BTreeMap<i64, Bucket>,
+    late_pending: u64,
+}
+
+/// Counters the aggregator reports for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AggregatorStats {
+    /// Late readings so far.
+    pub late_readings: u64,
+    /// Inferences whose window had already closed.
+    pub late_inferences: u64,
+}
+
+/// The aggregation state machine.
+#[derive(Debug)]
+pub struct Aggregator {
+    window_ms: i64,
+    lateness_ms: i64,
+    idle_close_ms: i64,
+    gateway: String,
+    model: ModelRef,
+    task: Task,
+    labels: Vec<String>,
+    groups: BTreeMap<Arc<str>, GroupState>,
+    stats: AggregatorStats,
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+impl Aggregator {
+    /// An aggregator for `model`'s outputs.
+    pub fn new(cfg: &AggregationConfig, gateway: &str, model: &Manifest) -> Self {
+        Self {
+            window_ms: cfg.window_ms.max(1),
+            lateness_ms: cfg.allowed_lateness_ms.max(0),
+            idle_close_ms: cfg.idle_close_ms.max(0),
+            gateway: gateway.to_string(),
+            model: ModelRef {
+                name: model.name.clone(),
+                version: model.version.clone(),
+            },
+            task: model.task,
+            labels: model.labels.clone(),
+            groups: BTreeMap::new(),
+            stats: AggregatorStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> AggregatorStats {
+        self.stats
+    }
+
+    /// Open buckets over all groups.
+    pub fn open_windows(&self) -> usize {
+        self.groups.values().map(|g| g.open.len()).sum()
+    }
+
+    fn align(&self, ts: i64) -> i64 {
+        ts - ts.rem_euclid(self.window_ms)
+    }
+
+    /// Add one result; closed aggregates are appended to `out`, oldest first.
+    pub fn push(&mut self, ev: Inferred, out: &mut Vec<Aggregate>) {
+        let window_ms = self.window_ms;
+        let start_of = |ts: i64| ts - ts.rem_euclid(window_ms);
+        let classes = self.labels.len();
+        let gs = self.groups.entry(ev.group.clone()).or_insert(GroupState {
+            max_ts: i64::MIN,
+            closed_before: i64::MIN,
+            open: BTreeMap::new(),
+            late_pending: 0,
+        });
+        for &ts in &ev.readings {
+            let start = start_of(ts);
+            if start < gs.closed_before {
+                gs.late_pending += 1;
+                self.stats.late_readings += 1;
+                continue;
+            }
+            let b = gs.open.entry(start).or_default();
+            b.readings += 1;
+            b.sensors.insert(ev.sensor.clone());
+            gs.max_ts = gs.max_ts.max(ts);
+        }
+        if let Some(p) = &ev.prediction {
+            let start = start_of(ev.ts_ms);
+            if start < gs.closed_before {
+                self.stats.late_inferences += 1;
+            } else {
+                let b = gs.open.entry(start).or_default();
+                b.inferences += 1;
+                b.sensors.insert(ev.sensor.clone());
+                if b.classes.len() < classes {
+                    b.classes.resize(classes, 0);
+                }
+                if let Some(c) = p.class
+                    && c < classes
+                {
+                    b.classes[c] += 1;
+                }
+                if p.anomaly {
+                    b.anomalies += 1;
+                }
+                b.scores.push(p.score);
+            }
+        }
+        gs.max_ts = gs.max_ts.max(ev.ts_ms);
+        let watermark = gs.max_ts.saturating_sub(self.lateness_ms);
+        let group = ev.group;
+        self.close_group(&group, watermark, false, out);
+    }
+
+    /// Close every bucket of `group` that ends at or before `until`.
+    fn close_group(
+        &mut self,
+        group: &Arc<str>,
+        until: i64,
+        partial: bool,
+        out: &mut Vec<Aggregate>,
+    ) {
+        let aligned = if until == i64::MAX {
+            i64::MAX
+        } else {
+            self.align(until)
+        };
+        let Some(gs) = self.groups.get_mut(group) else {
+            return;
+        };
+        if aligned > gs.closed_before {
+            gs.closed_before = aligned;
+        }
+        let still_open = gs.open.split_off(&gs.closed_before);
+        let closing = std::mem::replace(&mut gs.open, still_open);
+        let late = if closing.is_empty() {
+            0
+        } else {
+            std::mem::take(&mut gs.late_pending)
+        };
+        self.emit(group, closing, late, |_, _| partial, out);
+    }
+
+    /// Finish `buckets` in order; late readings go to the first.
+    fn emit(
+        &self,
+        group: &str,
+        buckets: BTreeMap<i64, Bucket>,
+        mut late: u64,
+        partial: impl Fn(i64, i64) -> bool,
+        out: &mut Vec<Aggregate>,
+    ) {
+        for (start, b) in buckets {
+            let p = partial(start, start + self.window_ms);
+            out.push(self.finish(group, start, b, std::mem::take(&mut late), p));
+        }
+    }
+
+    fn finish(&self, group: &str, start: i64, b: Bucket, late: u64, partial: bool) -> Aggregate {
+        let score = if b.scores.is_empty() {
+            None
+        } else {
+            let mut s: Vec<f32> = b.scores;
+            s.sort_by(f32::total_cmp);
+            let n = s.len();
+            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
+            Some(ScoreStats {
+                mean: round6(mean),
+                max: round6(s[n - 1] as f64),
+                p95: round6(s[rank - 1] as f64),
+            })
+        };
+        let (classes, anomalies, anomaly_rate) = match self.task {
+            Task::Classifier => {
+                let mut m = BTreeMap::new();
+                for (i, label) in self.labels.iter().enumerate() {
+                    m.insert(label.clone(), b.classes.get(i).copied().unwrap_or(0));
+                }
+                (Some(m), None, None)
+            }
+            Task::Detector => {
+                let rate = if b.inferences > 0 {
+                    round6(b.anomalies as f64 / b.inferences as f64)
+                } else {
+                    0.0
+                };
+                (None, Some(b.anomalies), Some(rate))
+            }
+        };
+        let mut agg = Aggregate {
+            schema: AGGREGATE_SCHEMA,
+            id: String::new(),
+            gateway: self.gateway.clone(),
+            group: group.to_string(),
+            window_start: start,
+            window_end: start + self.window_ms,
+            partial,
+            readings: b.readings,
+            late_readings: late,
+            inferences: b.inferences,
+            sensors: b.sensors.len() as u64,
+            model: self.model.clone(),
+            classes,
+            anomalies,
+            anomaly_rate,
+            score,
+        };
+        agg.id = agg.compute_id();
+        agg
+    }
+
+    /// Live runs: close buckets whose end + lateness + idle_close has passed
+    /// on the wall clock, even if no newer reading came.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Aggregate>) {
+        let horizon = now_ms
+            .saturating_sub(self.lateness_ms)
+            .saturating_sub(self.idle_close_ms);
+        let groups: Vec<Arc<str>> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.open
+                    .keys()
+                    .next()
+                    .is_some_and(|s| s + self.window_ms <= horizon)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for g in groups {
+            self.close_group(&g, horizon, false, out);
+        }
+    }
+
+    /// At shutdown or end of input: emit every open bucket. Buckets whose end
+    /// the watermark had not reached are marked `partial`.
+    pub fn flush(&mut self, out: &mut Vec<Aggregate>) {
+        let groups: Vec<Arc<str>> = self.groups.keys().cloned().collect();
+        for g in groups {
+            let Some(gs) = self.groups.get_mut(&g) else {
+                continue;
+            };
+            let watermark = gs.max_ts.saturating_sub(self.lateness_ms);
+            let open = std::mem::take(&mut gs.open);
+            let late = if open.is_empty() {
+                0
+            } else {
+                std::mem::take(&mut gs.late_pending)
+            };
+            self.emit(&g, open, late, |_, end| end > watermark, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_models::manifest::*;
+    use proptest::prelude::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            schema: MANIFEST_SCHEMA,
+            name: "m".into(),
+            version: "1.0.0".into(),
+            task: Task::Classifier,
+            architecture: Architecture::Mlp { hidden: vec![] },
+            input: InputSpec {
+                kind: InputKind::Raw,
+                channels: 1,
+                length: 4,
+                features: vec![],
+            },
+            normalization: Normalization::None,
+            labels: vec!["a".into(), "b".into(), "c".into()],
+            anomaly_threshold: None,
+            weights: "w".into(),
+            provenance: None,
+            metrics: Default::default(),
+            created_at: String::new(),
+            files: [("w".to_string(), String::new())].into(),
+        }
+    }
+
+    fn cfg(window_ms: i64, lateness: i64) -> AggregationConfig {
+        AggregationConfig {
+            window_ms,
+            allowed_lateness_ms: lateness,
+            ..Default::default()
+        }
+    }
+
+    fn ev(
+        group: &str,
+        sensor: &str,
+        ts: i64,
+        n_readings: i64,
+        class: usize,
+        score: f32,
+    ) -> Inferred {
+        Inferred {
+            sensor: Arc::from(sensor),
+            group: Arc::from(group),
+            ts_ms: ts,
+            readings: (0..n_readings).map(|k| ts - k).collect(),
+            prediction: Some(Prediction {
+                class: Some(class),
+                score,
+                anomaly: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn closes_on_watermark_and_counts_late() {
+        let m = manifest();
+        let mut a = Aggregator::new(&cfg(1000, 100), "gw", &m);
+        let mut out = Vec::new();
+        a.push(ev("g", "s", 500, 1, 0, 0.5), &mut out);
+        a.push(ev("g", "s", 1050, 1, 1, 0.7), &mut out);
+        assert!(out.is_empty(), "watermark 950 has not passed 1000");
+        a.push(ev("g", "s", 1150, 1, 1, 0.9), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].window_start, out[0].readings, out[0].inferences),
+            (0, 1, 1)
+        );
+        assert_eq!(out[0].classes.as_ref().unwrap()["a"], 1);
+        // A reading for the closed bucket is late, and reported with the next aggregate.
+        a.push(ev("g", "s", 900, 1, 2, 0.1), &mut out);
+        assert_eq!(a.stats().late_readings, 1);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].late_readings, 1);
+        assert_eq!(out[1].readings, 2);
+        assert!(out[1].partial);
+        assert_eq!(out[1].score.as_ref().unwrap().max, round6(0.9f32 as f64));
+        assert_ne!(out[0].id, out[1].id);
+        assert_eq!(out[0].id, out[0].compute_id());
+    }
+
+    #[test]
+    fn tick_closes_idle_windows() {
+        let m = manifest();
+        let mut a = Aggregator::new(
+            &AggregationConfig {
+                window_ms: 1000,
+                allowed_lateness_ms: 0,
+                idle_close_ms: 500,
+                ..Default::default()
+            },
+            "gw",
+            &m,
+        );
+        let mut out = Vec::new();
+        a.push(ev("g", "s", 100, 1, 0, 0.5), &mut out);
+        a.tick(1400, &mut out);
+        assert!(out.is_empty());
+        a.tick(1500, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].partial);
+    }
+
+    /// Key of an aggregate for comparison, without id and partial flag.
+    fn key(
+        a: &Aggregate,
+    ) -> (
+        String,
+        i64,
+        u64,
+        u64,
+        u64,
+        BTreeMap<String, u64>,
+        Option<ScoreStats>,
+    ) {
+        (
+            a.group.clone(),
+            a.window_start,
+            a.readings,
+            a.inferences,
+            a.sensors,
+            a.classes.clone().unwrap_or_default(),
+            a.score.clone(),
+        )
+    }
+
+    proptest! {
+        /// Streaming aggregation with a watermark equals aggregating the whole
+        /// batch at once, when disorder stays within the allowed lateness.
+        #[test]
+        fn stream_equals_batch(
+            events in proptest::collection::vec((0usize..3, 0usize..4, 0i64..20_000, 0usize..3, 0u32..1000), 1..200),
+            window_ms in 100i64..5000,
+            jitter in 0i64..500,
+        ) {
+            let m = manifest();
+            // Event times increase, with disorder of at most `jitter` ms.
+            let mut evs: Vec<Inferred> = Vec::new();
+            let mut t = 0i64;
+            for (i, (g, s, dt, class, score)) in events.iter().enumerate() {
+                t += dt % 300;
+                let ts = (t - if i % 2 == 0 { jitter.min(t) } else { 0 }).max(0);
+                evs.push(ev(&format!("g{g}"), &format!("s{s}"), ts, 1, *class, *score as f32 / 1000.0));
+            }
+            let mut streaming = Aggregator::new(&cfg(window_ms, jitter), "gw", &m);
+            let mut out = Vec::new();
+            for e in evs.clone() {
+                streaming.push(e, &mut out);
+            }
+            streaming.flush(&mut out);
+            prop_assert_eq!(streaming.stats().late_readings, 0);
+
+            // Batch: lateness so large nothing closes before the flush.
+            let mut batch = Aggregator::new(&cfg(window_ms, i64::MAX / 4), "gw", &m);
+            let mut whole = Vec::new();
+            for e in evs {
+                batch.push(e, &mut whole);
+            }
+            prop_assert!(whole.is_empty());
+            batch.flush(&mut whole);
+
+            let mut a: Vec<_> = out.iter().map(key).collect();
+            let mut b: Vec<_> = whole.iter().map(key).collect();
+            a.sort_by(|x, y| (x.0.clone(), x.1).cmp(&(y.0.clone(), y.1)));
+            b.sort_by(|x, y| (x.0.clone(), x.1).cmp(&(y.0.clone(), y.1)));
+            prop_assert_eq!(a, b);
+        }
+    }
+}

@@ -1,0 +1,1077 @@
+//! Configuration: TOML, every table `deny_unknown_fields`, and every problem
+//! reported at once with its path (`sources[1].topics`, `uplink.port`, ...).
+//!
+//! Parsing goes section by section so that one bad section does not hide the
+//! problems of the others; semantic checks run after that over whatever parsed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// One problem in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path, e.g. `sources[0].rate_hz`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Errors of loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// One or more problems; all of them are listed.
+    #[error("{} problem(s) in {origin}:\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file (or `<embedded default>`).
+        origin: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+/// A secret (password, key) read from a file or the environment. Its value is
+/// never printed: `Debug` shows only where it comes from.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Read the secret from this file (trailing newline trimmed).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Read the secret from this environment variable.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, &self.env) {
+            (Some(p), _) => write!(f, "Secret(file {})", p.display()),
+            (None, Some(e)) => write!(f, "Secret(env {e})"),
+            (None, None) => write!(f, "Secret(unset)"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Read the secret now. The error names the source, never the value.
+    pub fn read(&self) -> Result<String, String> {
+        match (&self.file, &self.env) {
+            (Some(p), None) => std::fs::read_to_string(p)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read secret file {}: {e}", p.display())),
+            (None, Some(e)) => {
+                std::env::var(e).map_err(|_| format!("environment variable {e} is not set"))
+            }
+            _ => Err("exactly one of `file` or `env` must be set".into()),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Gateway identity and process settings.
+    pub gateway: GatewayConfig,
+    /// Reading sources, run concurrently.
+    pub sources: Vec<SourceConfig>,
+    /// Validation of incoming readings.
+    pub ingest: IngestConfig,
+    /// Privacy policy applied at ingest.
+    pub privacy: PrivacyConfig,
+    /// The model.
+    pub model: ModelConfig,
+    /// Sliding windows over each sensor's readings.
+    pub windowing: WindowingConfig,
+    /// Inference threads and batching.
+    pub inference: InferenceConfig,
+    /// Tumbling aggregation windows.
+    pub aggregation: AggregationConfig,
+    /// The outbox between aggregation and uplink.
+    pub outbox: OutboxConfig,
+    /// The cloud uplink; `None`: aggregates are logged.
+    pub uplink: Option<UplinkConfig>,
+    /// Local per-window decisions to the site broker.
+    pub decisions: Option<DecisionsConfig>,
+    /// Metrics endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Gateway id, carried in every aggregate and in topic templates.
+    pub id: String,
+    /// Directory for state (outbox, registry, audit log).
+    pub state_dir: PathBuf,
+    /// Longest time a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            id: "outpost-dev".into(),
+            state_dir: PathBuf::from("/var/lib/outpost"),
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A source of readings: `[[sources]]` with a `type`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Subscribe to the site's MQTT broker.
+    Mqtt(MqttSourceConfig),
+    /// Read JSON Lines or CSV from a file or stdin.
+    File(FileSourceConfig),
+    /// Built-in accelerometer/vibration generator with injected faults.
+    Simulated(SimulatedSourceConfig),
+}
+
+impl SourceConfig {
+    /// The source's name, used in metrics and logs.
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Mqtt(c) => &c.name,
+            SourceConfig::File(c) => &c.name,
+            SourceConfig::Simulated(c) => &c.name,
+        }
+    }
+}
+
+/// Connection to an MQTT broker, shared by the MQTT source, the uplink and decisions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port (1883 plain, 8883 TLS by convention).
+    pub port: u16,
+    /// Client id; default: `<gateway id>-<role>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, from a file or the environment.
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// TLS settings; absent means plaintext, which must be allowed explicitly
+    /// for the uplink (`allow_plaintext = true`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Keep-alive interval in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+}
+
+fn default_keep_alive() -> u64 {
+    30
+}
+
+/// TLS with rustls (ring provider).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificates that verify the server; default: the
+    /// bundled Mozilla roots (webpki-roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// ALPN protocols, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// Where the sensor id of an MQTT reading comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SensorFrom {
+    /// The `sensor` field of the payload.
+    Payload,
+    /// The topic level at this index (0-based), e.g. `sensors/+/data` → 1.
+    TopicLevel(usize),
+}
+
+impl<'de> Deserialize<'de> for SensorFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "payload" {
+            return Ok(SensorFrom::Payload);
+        }
+        match s.strip_prefix("topic:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(SensorFrom::TopicLevel(i)),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected \"payload\" or \"topic:<level index>\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// `type = "mqtt"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Source name.
+    #[serde(default = "default_mqtt_name")]
+    pub name: String,
+    /// The site broker.
+    pub broker: BrokerConfig,
+    /// Topic filters (`+` and `#` allowed).
+    pub topics: Vec<String>,
+    /// Where the sensor id comes from.
+    #[serde(default = "default_sensor_from")]
+    pub sensor_from: SensorFrom,
+    /// Subscription QoS (0 or 1).
+    #[serde(default = "default_qos1")]
+    pub qos: u8,
+    /// Keep a persistent session so the broker queues readings while we are down.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+}
+
+fn default_mqtt_name() -> String {
+    "mqtt".into()
+}
+fn default_sensor_from() -> SensorFrom {
+    SensorFrom::Payload
+}
+fn default_qos1() -> u8 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Format of a file source.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON reading (or array of readings) per line.
+    #[default]
+    Jsonl,
+    /// A header row with `sensor`, `ts`, value columns and optional `attr.*` columns.
+    Csv,
+}
+
+/// `type = "file"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// Source name.
+    #[serde(default = "default_file_name")]
+    pub name: String,
+    /// Path, or `-` for stdin.
+    pub path: PathBuf,
+    /// Format.
+    #[serde(default)]
+    pub format: FileFormat,
+}
+
+fn default_file_name() -> String {
+    "file".into()
+}
+
+/// `type = "simulated"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedSourceConfig {
+    /// Source name.
+    pub name: String,
+    /// Number of simulated sensors (`sim-0`, `sim-1`, ...).
+    pub sensors: usize,
+    /// Readings per second per sensor.
+    pub rate_hz: f64,
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Probability that a reading carries an injected fault (NaN, infinity,
+    /// missing channel, far-future timestamp); faults are rejected at ingest.
+    pub fault_rate: f64,
+    /// Stop after this many readings per sensor (0: never).
+    pub limit: u64,
+    /// Pace readings in real time; `false`: as fast as the pipeline takes them.
+    pub realtime: bool,
+    /// Seconds each simulated activity lasts before the next.
+    pub activity_s: f64,
+}
+
+impl Default for SimulatedSourceConfig {
+    fn default() -> Self {
+        Self {
+            name: "simulated".into(),
+            sensors: 2,
+            rate_hz: 10.0,
+            seed: 7,
+            fault_rate: 0.002,
+            limit: 0,
+            realtime: true,
+            activity_s: 30.0,
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest accepted payload in bytes.
+    pub max_payload_bytes: usize,
+    /// Readings timestamped further than this in the future are rejected.
+    pub max_future_ms: i64,
+    /// Known sensors; when non-empty, any other sensor is rejected as unknown.
+    pub sensors: Vec<String>,
+    /// Capacity of the channel from sources to windowing; when full, sources wait
+    /// (MQTT: the broker connection stops being read, so the broker queues).
+    pub channel_capacity: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 64 * 1024,
+            max_future_ms: 5 * 60 * 1000,
+            sensors: Vec::new(),
+            channel_capacity: 4096,
+        }
+    }
+}
+
+/// `[privacy]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Attributes allowed past ingest; all others are dropped and counted.
+    pub allow_attrs: Vec<String>,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Artifact directory; absent: the bundled BasicMotions FCN.
+    pub path: Option<PathBuf>,
+}
+
+/// `[windowing]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowingConfig {
+    /// Samples per window; must equal the model's input length for raw models.
+    /// Absent: the model's input length.
+    pub size: Option<usize>,
+    /// Samples between the starts of consecutive windows.
+    pub hop: usize,
+    /// Capacity of the channel from windowing to inference; when full, windowing waits.
+    pub channel_capacity: usize,
+}
+
+impl Default for WindowingConfig {
+    fn default() -> Self {
+        Self {
+            size: None,
+            hop: 50,
+            channel_capacity: 256,
+        }
+    }
+}
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// burn's flex CPU backend.
+    #[default]
+    Cpu,
+    /// burn's wgpu backend (build feature `gpu`).
+    Gpu,
+    /// A hardware GPU when there is one, else the CPU.
+    Auto,
+}
+
+/// `[inference]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Device.
+    pub device: DeviceChoice,
+    /// Largest batch of windows per forward pass.
+    pub max_batch: usize,
+    /// Longest a window waits for its batch to fill.
+    pub max_wait_ms: u64,
+    /// Capacity of the channel from inference to aggregation; when full, inference waits.
+    pub channel_capacity: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Cpu,
+            max_batch: 32,
+            max_wait_ms: 20,
+            channel_capacity: 1024,
+        }
+    }
+}
+
+/// How readings are grouped into aggregates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupBy {
+    /// One group per sensor.
+    Sensor,
+    /// One group for the whole gateway.
+    Gateway,
+    /// The value of this reading attribute (`unassigned` when absent).
+    Attr(String),
+}
+
+impl<'de> Deserialize<'de> for GroupBy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "sensor" => Ok(GroupBy::Sensor),
+            "gateway" => Ok(GroupBy::Gateway),
+            _ => match s.strip_prefix("attr:") {
+                Some(a) if !a.is_empty() => Ok(GroupBy::Attr(a.to_string())),
+                _ => Err(serde::de::Error::custom(format!(
+                    "expected \"sensor\", \"gateway\" or \"attr:<name>\", got {s:?}"
+                ))),
+            },
+        }
+    }
+}
+
+/// `[aggregation]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregationConfig {
+    /// Length of the tumbling windows (event time), aligned to the epoch.
+    pub window_ms: i64,
+    /// How long after a window's end readings may still arrive for it.
+    pub allowed_lateness_ms: i64,
+    /// Live runs only: close a window this long (wall clock) after its end plus
+    /// the lateness even if no newer reading advanced event time.
+    pub idle_close_ms: i64,
+    /// Grouping rule.
+    pub group_by: GroupBy,
+    /// Fixed sensor → group assignments, taking precedence over `group_by`.
+    pub groups: BTreeMap<String, String>,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        Self {
+            window_ms: 60_000,
+            allowed_lateness_ms: 5_000,
+            idle_close_ms: 5_000,
+            group_by: GroupBy::Sensor,
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Most records held; when full, the oldest is dropped and counted.
+    pub max_records: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 100_000,
+        }
+    }
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// The cloud broker.
+    pub broker: BrokerConfig,
+    /// Topic template; `{gateway}` and `{group}` are replaced.
+    #[serde(default = "default_agg_topic")]
+    pub topic: String,
+    /// Allow a connection without TLS (tests, a local bridge).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Most unacknowledged publishes at once.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    /// First reconnect delay.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    /// Largest reconnect delay.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_agg_topic() -> String {
+    "outpost/{gateway}/agg/{group}".into()
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_backoff_initial() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    60_000
+}
+
+/// Which per-window decisions go to the site broker.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionMode {
+    /// Every window.
+    All,
+    /// Anomalous windows only (detectors).
+    Anomalies,
+    /// Windows whose class differs from the sensor's previous one.
+    #[default]
+    Changes,
+}
+
+/// `[decisions]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionsConfig {
+    /// The site broker.
+    pub broker: BrokerConfig,
+    /// Topic template; `{gateway}`, `{group}` and `{sensor}` are replaced.
+    #[serde(default = "default_decision_topic")]
+    pub topic: String,
+    /// Which windows.
+    #[serde(default)]
+    pub mode: DecisionMode,
+    /// Capacity of the queue to the site broker; when full, new decisions are
+    /// dropped and counted (a stale decision is worth less than a fresh one).
+    #[serde(default = "default_decision_capacity")]
+    pub queue_capacity: usize,
+}
+
+fn default_decision_topic() -> String {
+    "outpost/{gateway}/decision/{sensor}".into()
+}
+fn default_decision_capacity() -> usize {
+    1024
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`); absent: off.
+    pub listen: Option<String>,
+    /// Interval of the summary log line, in seconds (0: off).
+    pub log_interval_s: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            log_interval_s: 60,
+        }
+    }
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level filter (`info`, `debug`, `outpost=debug,rumqttc=warn`); `RUST_LOG` overrides.
+    pub level: String,
+    /// Format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The embedded default: one simulated source, the bundled model, no
+    /// cloud (aggregates are logged).
+    fn default() -> Self {
+        Self {
+            gateway: GatewayConfig::default(),
+            sources: vec![SourceConfig::Simulated(SimulatedSourceConfig::default())],
+            ingest: IngestConfig::default(),
+            privacy: PrivacyConfig::default(),
+            model: ModelConfig::default(),
+            windowing: WindowingConfig::default(),
+            inference: InferenceConfig::default(),
+            aggregation: AggregationConfig {
+                window_ms: 10_000,
+                ..AggregationConfig::default()
+            },
+            outbox: OutboxConfig::default(),
+            uplink: None,
+            decisions: None,
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+struct Collector {
+    problems: Vec<Problem>,
+}
+
+impl Collector {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserialize one section; on failure record the problem with its full path.
+    fn section<T: DeserializeOwned>(&mut self, path: &str, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner == "." || inner.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{path}.{inner}")
+                };
+                self.push(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse and check configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            invalid(vec![Problem {
+                path: "<toml>".into(),
+                message: e.to_string().trim().replace('\n', " "),
+            }])
+        })?;
+        let mut c = Collector {
+            problems: Vec::new(),
+        };
+        let mut cfg = Config {
+            sources: Vec::new(),
+            ..Config::default()
+        };
+        let mut saw_sources = false;
+        for (key, value) in table {
+            match key.as_str() {
+                "gateway" => cfg.gateway = c.section(&key, value).unwrap_or_default(),
+                "ingest" => cfg.ingest = c.section(&key, value).unwrap_or_default(),
+                "privacy" => cfg.privacy = c.section(&key, value).unwrap_or_default(),
+                "model" => cfg.model = c.section(&key, value).unwrap_or_default(),
+                "windowing" => cfg.windowing = c.section(&key, value).unwrap_or_default(),
+                "inference" => cfg.inference = c.section(&key, value).unwrap_or_default(),
+                "aggregation" => cfg.aggregation = c.section(&key, value).unwrap_or_default(),
+                "outbox" => cfg.outbox = c.section(&key, value).unwrap_or_default(),
+                "uplink" => cfg.uplink = c.section(&key, value),
+                "decisions" => cfg.decisions = c.section(&key, value),
+                "metrics" => cfg.metrics = c.section(&key, value).unwrap_or_default(),
+                "log" => cfg.log = c.section(&key, value).unwrap_or_default(),
+                "sources" => {
+                    saw_sources = true;
+                    match value {
+                        toml::Value::Array(items) => {
+                            for (i, item) in items.into_iter().enumerate() {
+                                if let Some(s) = c.section(&format!("sources[{i}]"), item) {
+                                    cfg.sources.push(s);
+                                }
+                            }
+                        }
+                        _ => c.push("sources", "must be an array of tables ([[sources]])"),
+                    }
+                }
+                other => c.push(other, "unknown section"),
+            }
+        }
+        if !saw_sources {
+            c.push("sources", "at least one [[sources]] is required");
+        }
+        cfg.check(&mut c);
+        if c.problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(invalid(c.problems))
+        }
+    }
+
+    fn check(&self, c: &mut Collector) {
+        if self.gateway.id.trim().is_empty() || self.gateway.id.contains(['+', '#', '/']) {
+            c.push(
+                "gateway.id",
+                "must be non-empty and contain no '/', '+' or '#'",
+            );
+        }
+        let mut names = BTreeMap::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let p = format!("sources[{i}]");
+            if let Some(prev) = names.insert(s.name().to_string(), i) {
+                c.push(
+                    format!("{p}.name"),
+                    format!("{:?} is also the name of sources[{prev}]", s.name()),
+                );
+            }
+            match s {
+                SourceConfig::Mqtt(m) => {
+                    check_broker(c, &format!("{p}.broker"), &m.broker);
+                    if m.topics.is_empty() {
+                        c.push(
+                            format!("{p}.topics"),
+                            "at least one topic filter is required",
+                        );
+                    }
+                    for (j, t) in m.topics.iter().enumerate() {
+                        if let Err(e) = check_filter(t) {
+                            c.push(format!("{p}.topics[{j}]"), e);
+                        }
+                    }
+                    if m.qos > 1 {
+                        c.push(format!("{p}.qos"), "must be 0 or 1");
+                    }
+                }
+                SourceConfig::File(f) => {
+                    if f.path.as_os_str().is_empty() {
+                        c.push(
+                            format!("{p}.path"),
+                            "must not be empty (use \"-\" for stdin)",
+                        );
+                    }
+                }
+                SourceConfig::Simulated(s) => {
+                    if s.sensors == 0 {
+                        c.push(format!("{p}.sensors"), "must be at least 1");
+                    }
+                    if !(s.rate_hz > 0.0 && s.rate_hz <= 100_000.0) {
+                        c.push(format!("{p}.rate_hz"), "must be in (0, 100000]");
+                    }
+                    if !(0.0..=1.0).contains(&s.fault_rate) {
+                        c.push(format!("{p}.fault_rate"), "must be in [0, 1]");
+                    }
+                    if s.activity_s <= 0.0 {
+                        c.push(format!("{p}.activity_s"), "must be positive");
+                    }
+                }
+            }
+        }
+        if self.ingest.max_payload_bytes == 0 {
+            c.push("ingest.max_payload_bytes", "must be at least 1");
+        }
+        if self.ingest.max_future_ms < 0 {
+            c.push("ingest.max_future_ms", "must not be negative");
+        }
+        for (path, cap) in [
+            ("ingest.channel_capacity", self.ingest.channel_capacity),
+            (
+                "windowing.channel_capacity",
+                self.windowing.channel_capacity,
+            ),
+            (
+                "inference.channel_capacity",
+                self.inference.channel_capacity,
+            ),
+            ("inference.max_batch", self.inference.max_batch),
+            ("outbox.max_records", self.outbox.max_records),
+        ] {
+            if cap == 0 {
+                c.push(path, "must be at least 1");
+            }
+        }
+        if self.windowing.hop == 0 {
+            c.push("windowing.hop", "must be at least 1");
+        }
+        if let Some(size) = self.windowing.size {
+            if size == 0 {
+                c.push("windowing.size", "must be at least 1");
+            }
+            if self.windowing.hop > size {
+                c.push(
+                    "windowing.hop",
+                    format!("must not exceed windowing.size ({size})"),
+                );
+            }
+        }
+        if self.aggregation.window_ms <= 0 {
+            c.push("aggregation.window_ms", "must be positive");
+        }
+        if self.aggregation.allowed_lateness_ms < 0 {
+            c.push("aggregation.allowed_lateness_ms", "must not be negative");
+        }
+        if self.aggregation.idle_close_ms < 0 {
+            c.push("aggregation.idle_close_ms", "must not be negative");
+        }
+        if let Some(u) = &self.uplink {
+            check_broker(c, "uplink.broker", &u.broker);
+            if u.broker.tls.is_none() && !u.allow_plaintext {
+                c.push(
+                    "uplink.broker.tls",
+                    "the uplink needs TLS; set uplink.allow_plaintext = true to send in plaintext",
+                );
+            }
+            check_template(c, "uplink.topic", &u.topic, &["gateway", "group"]);
+            if u.max_inflight == 0 {
+                c.push("uplink.max_inflight", "must be at least 1");
+            }
+            if u.backoff_initial_ms == 0 || u.backoff_initial_ms > u.backoff_max_ms {
+                c.push(
+                    "uplink.backoff_initial_ms",
+                    "must be at least 1 and at most uplink.backoff_max_ms",
+                );
+            }
+        }
+        if let Some(d) = &self.decisions {
+            check_broker(c, "decisions.broker", &d.broker);
+            check_template(
+                c,
+                "decisions.topic",
+                &d.topic,
+                &["gateway", "group", "sensor"],
+            );
+            if d.queue_capacity == 0 {
+                c.push("decisions.queue_capacity", "must be at least 1");
+            }
+        }
+        if let Some(l) = &self.metrics.listen
+            && l.parse::<std::net::SocketAddr>().is_err()
+        {
+            c.push(
+                "metrics.listen",
+                format!("{l:?} is not an address like 127.0.0.1:9464"),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            c.push("log.level", e.to_string());
+        }
+    }
+}
+
+fn check_broker(c: &mut Collector, path: &str, b: &BrokerConfig) {
+    if b.host.trim().is_empty() {
+        c.push(format!("{path}.host"), "must not be empty");
+    }
+    if b.port == 0 {
+        c.push(format!("{path}.port"), "must not be 0");
+    }
+    if let Some(p) = &b.password
+        && (p.file.is_some() == p.env.is_some())
+    {
+        c.push(
+            format!("{path}.password"),
+            "set exactly one of `file` or `env`",
+        );
+    }
+    if let Some(t) = &b.tls
+        && (t.cert_file.is_some() != t.key_file.is_some())
+    {
+        c.push(
+            format!("{path}.tls"),
+            "cert_file and key_file go together (mutual TLS)",
+        );
+    }
+}
+
+fn check_template(c: &mut Collector, path: &str, template: &str, allowed: &[&str]) {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            c.push(path, "unclosed '{'");
+            return;
+        };
+        let name = &rest[open + 1..open + close];
+        if !allowed.contains(&name) {
+            c.push(
+                path,
+                format!(
+                    "unknown placeholder {{{name}}}; allowed: {}",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        rest = &rest[open + close + 1..];
+    }
+    if template.contains(['+', '#']) || template.is_empty() {
+        c.push(path, "a topic must be non-empty and contain no wildcards");
+    }
+}
+
+/// Check an MQTT topic filter: `#` only last and alone in its level, `+` alone in its level.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("empty topic filter".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i != levels.len() - 1) {
+            return Err(format!("{filter:?}: '#' must be the whole last level"));
+        }
+        if l.contains('+') && *l != "+" {
+            return Err(format!("{filter:?}: '+' must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+/// Fill a topic template.
+pub fn render_topic(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("{{{k}}}"), &sanitize_level(v));
+    }
+    out
+}
+
+/// A topic level from arbitrary text: no separators or wildcards.
+fn sanitize_level(v: &str) -> String {
+    v.chars()
+        .map(|ch| {
+            if matches!(ch, '/' | '+' | '#') || ch.is_control() {
+                '_'
+            } else {
+                ch
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_sources_and_many_problems_reported_together() {
+        let text = r#"
+            [gateway]
+            id = "a/b"
+            [[sources]]
+            type = "simulated"
+            sensors = 0
+            bogus = 1
+            [[sources]]
+            type = "mqtt"
+            topics = ["a/#/b"]
+            broker = { host = "", port = 0 }
+            [uplink]
+            broker = { host = "x", port = 8883 }
+            topic = "t/{nope}"
+            [windowing]
+            hop = 0
+            [nonsense]
+        "#;
+        let err = Config::parse(text, "t.toml").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid")
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "gateway.id",
+            "sources[0].bogus",
+            "sources[1].topics[0]",
+            "sources[1].broker.host",
+            "sources[1].broker.port",
+            "uplink.broker.tls",
+            "uplink.topic",
+            "windowing.hop",
+            "nonsense",
+        ] {
+            assert!(
+                paths.iter().any(|p| p.starts_with(want)),
+                "missing {want} in {paths:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let cfg = Config::parse("[[sources]]\ntype = \"simulated\"\n", "t").unwrap();
+        assert_eq!(cfg.sources.len(), 1);
+        assert_eq!(cfg.aggregation.window_ms, 60_000);
+        assert!(cfg.uplink.is_none());
+    }
+
+    #[test]
+    fn secret_debug_never_shows_value() {
+        let s = SecretSource {
+            file: None,
+            env: Some("OUTPOST_TEST_SECRET_X".into()),
+        };
+        assert_eq!(format!("{s:?}"), "Secret(env OUTPOST_TEST_SECRET_X)");
+    }
+
+    #[test]
+    fn filters_and_templates() {
+        assert!(check_filter("a/+/b/#").is_ok());
+        assert!(check_filter("a/b#").is_err());
+        assert!(check_filter("a/x+/b").is_err());
+        assert_eq!(
+            render_topic(
+                "o/{gateway}/agg/{group}",
+                &[("gateway", "g1"), ("group", "a/b+")]
+            ),
+            "o/g1/agg/a_b_"
+        );
+    }
+}

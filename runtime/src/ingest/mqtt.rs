@@ -1,0 +1,114 @@
+//! MQTT source: subscribes to the site broker. The sensor id comes from the
+//! payload or from a topic level. QoS 1 messages are acknowledged only after
+//! their readings entered the pipeline; with a persistent session the broker
+//! keeps queueing while the gateway is away.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use super::{IngestCtx, IngestError};
+use crate::config::{MqttSourceConfig, SensorFrom};
+use crate::reading::now_ms;
+
+/// The sensor id for a message on `topic`, if it comes from the topic.
+pub fn sensor_from_topic(from: &SensorFrom, topic: &str) -> Option<Option<String>> {
+    match from {
+        SensorFrom::Payload => Some(None),
+        SensorFrom::TopicLevel(i) => topic
+            .split('/')
+            .nth(*i)
+            .filter(|s| !s.is_empty())
+            .map(|s| Some(s.to_string())),
+    }
+}
+
+/// Subscribe and forward until shutdown. Connection errors are retried with a
+/// capped backoff; they never end the source.
+pub async fn run(
+    cfg: MqttSourceConfig,
+    ctx: IngestCtx,
+    gateway: &str,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let mut options = crate::mqtt::options(&cfg.broker, gateway, &format!("src-{}", cfg.name))
+        .map_err(|error| IngestError::Mqtt {
+            source_name: ctx.name.clone(),
+            error,
+        })?;
+    options.set_clean_session(!cfg.persistent_session);
+    options.set_manual_acks(true);
+    let qos = if cfg.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = client.try_disconnect();
+                return Ok(());
+            }
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = Duration::from_millis(200);
+                tracing::info!(source = %ctx.name, "connected to site broker");
+                for t in &cfg.topics {
+                    if let Err(e) = client.try_subscribe(t.clone(), qos) {
+                        tracing::error!(source = %ctx.name, error = %e, "subscribe failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let results = match sensor_from_topic(&cfg.sensor_from, &p.topic) {
+                    Some(sensor) => {
+                        ctx.validator
+                            .decode_json(&p.payload, sensor.as_deref(), now_ms())
+                    }
+                    None => vec![Err(crate::reading::Rejection {
+                        reason: crate::reading::RejectReason::InvalidField,
+                        detail: format!("topic {:?} has no level {:?}", p.topic, cfg.sensor_from),
+                    })],
+                };
+                if !ctx.deliver(results).await {
+                    return Ok(());
+                }
+                if let Err(e) = client.ack(&p).await {
+                    tracing::warn!(source = %ctx.name, error = %e, "ack failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(source = %ctx.name, error = %e, delay_ms = delay.as_millis() as u64, "site broker connection failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_levels() {
+        assert_eq!(
+            sensor_from_topic(&SensorFrom::TopicLevel(1), "sensors/pump-7/data"),
+            Some(Some("pump-7".into()))
+        );
+        assert_eq!(
+            sensor_from_topic(&SensorFrom::TopicLevel(5), "sensors/pump-7/data"),
+            None
+        );
+        assert_eq!(sensor_from_topic(&SensorFrom::Payload, "x"), Some(None));
+    }
+}

@@ -1,0 +1,20 @@
+//! Outpost: an edge inference runtime for on-prem gateways.
+//!
+//! The pipeline is a chain of stages, each a module with a typed input and
+//! output and a bounded channel to the next (see [`pipeline`]):
+//! [`ingest`] → [`privacy`] → [`window`] → [`inference`] → [`aggregate`] →
+//! [`outbox`] → [`uplink`], with [`decisions`] to the site broker on the side.
+
+pub mod aggregate;
+pub mod config;
+pub mod decisions;
+pub mod inference;
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
+pub mod outbox;
+pub mod pipeline;
+pub mod privacy;
+pub mod reading;
+pub mod uplink;
+pub mod window;

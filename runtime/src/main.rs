@@ -1,0 +1,211 @@
+//! The `outpost` gateway binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use outpost::config::{Config, ConfigError, FileFormat, LogFormat};
+use outpost::pipeline::{self, Prepared};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Edge inference runtime: sensor readings in, aggregates out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config: the embedded default (simulated
+    /// source, bundled model, no cloud: aggregates are logged).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration; print every problem with its path.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the pipeline over recorded readings and print the aggregates as
+    /// JSON Lines. Deterministic; needs no broker.
+    Replay {
+        /// Configuration file (its sources, uplink and decisions are ignored).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Recorded readings, or `-` for stdin.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Input format (default: from the extension; `.csv` is CSV, else JSON Lines).
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+    },
+    /// Print the version, git commit and enabled backends.
+    Version,
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::default()),
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    token.cancel();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("outpost {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "commit {}",
+                option_env!("OUTPOST_GIT_COMMIT").unwrap_or(env!("OUTPOST_BUILD_COMMIT"))
+            );
+            println!("backends cpu(flex)");
+            println!("model {}", bundled_model_id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(cfg) => match Prepared::new(cfg) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok ({} source(s), model {}, window {}/{})",
+                        config.display(),
+                        p.cfg.sources.len(),
+                        p.model.manifest().id(),
+                        p.spec.size,
+                        p.spec.hop
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}: model: {e}", config.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = load_config(config.as_ref())?;
+            init_logging(&cfg);
+            let prepared = Prepared::new(cfg)?;
+            let rt = runtime()?;
+            let report = rt.block_on(async {
+                let token = CancellationToken::new();
+                tokio::spawn(shutdown_signal(token.clone()));
+                pipeline::run(prepared, token).await
+            })?;
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            let _ = report;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            config,
+            input,
+            format,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            init_logging(&cfg);
+            let format = match format {
+                Some(Format::Csv) => FileFormat::Csv,
+                Some(Format::Jsonl) => FileFormat::Jsonl,
+                None if input.extension().is_some_and(|e| e == "csv") => FileFormat::Csv,
+                None => FileFormat::Jsonl,
+            };
+            let prepared = Prepared::new(cfg)?;
+            let rt = runtime()?;
+            let metrics = rt.block_on(async {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                pipeline::replay(prepared, input, format, &mut out).await
+            })?;
+            let rejected: u64 = outpost::reading::RejectReason::ALL
+                .iter()
+                .map(|r| metrics.rejected_total(*r))
+                .sum();
+            tracing::info!(
+                windows = metrics.windows.get(),
+                aggregates = metrics.aggregates.get(),
+                rejected,
+                "replay done"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn bundled_model_id() -> String {
+    serde_json::from_slice::<serde_json::Value>(outpost_models::bundled::MANIFEST)
+        .ok()
+        .and_then(|m| {
+            Some(format!(
+                "{}@{}",
+                m.get("name")?.as_str()?,
+                m.get("version")?.as_str()?
+            ))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,320 @@
+//! Metrics (Prometheus text format through `prometheus-client`) and the small
+//! HTTP endpoint that serves them with `/healthz` and `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::reading::RejectReason;
+
+/// Labels of per-source counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Source name.
+    pub source: String,
+}
+
+/// Labels of rejection counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// Source name.
+    pub source: String,
+    /// [`RejectReason::as_str`].
+    pub reason: String,
+}
+
+/// Every metric of the runtime.
+pub struct Metrics {
+    registry: Registry,
+    /// Readings accepted, per source.
+    pub readings: Family<SourceLabels, Counter>,
+    /// Readings refused, per source and reason.
+    pub rejected: Family<RejectLabels, Counter>,
+    /// Attributes dropped by the privacy allowlist.
+    pub attrs_dropped: Counter,
+    /// Windows produced.
+    pub windows: Counter,
+    /// Windows inferred.
+    pub inferences: Counter,
+    /// Windows per batch.
+    pub batch_size: Histogram,
+    /// Wall time per batch, seconds.
+    pub inference_latency: Histogram,
+    /// CPU time of the inference thread, microseconds.
+    pub inference_cpu_us: Counter,
+    /// Batches whose forward pass failed (their readings are still counted).
+    pub inference_errors: Counter,
+    /// Aggregates produced.
+    pub aggregates: Counter,
+    /// Readings that arrived after their window closed.
+    pub late_readings: Counter,
+    /// Records in the outbox.
+    pub outbox_depth: Gauge,
+    /// Records dropped from a full outbox.
+    pub outbox_dropped: Counter,
+    /// Aggregates published to the cloud (sent, not yet acknowledged).
+    pub uplink_sent: Counter,
+    /// Aggregates acknowledged by the cloud broker.
+    pub uplink_acked: Counter,
+    /// Connection attempts after the first.
+    pub uplink_reconnects: Counter,
+    /// 1 while connected to the cloud broker.
+    pub uplink_connected: Gauge,
+    /// Decisions published to the site broker.
+    pub decisions_published: Counter,
+    /// Decisions dropped because the site queue was full or the broker down.
+    pub decisions_dropped: Counter,
+    ready: AtomicBool,
+    started: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All metrics, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outpost");
+        let m = Self {
+            readings: Family::default(),
+            rejected: Family::default(),
+            attrs_dropped: Counter::default(),
+            windows: Counter::default(),
+            inferences: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            inference_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            inference_cpu_us: Counter::default(),
+            inference_errors: Counter::default(),
+            aggregates: Counter::default(),
+            late_readings: Counter::default(),
+            outbox_depth: Gauge::default(),
+            outbox_dropped: Counter::default(),
+            uplink_sent: Counter::default(),
+            uplink_acked: Counter::default(),
+            uplink_reconnects: Counter::default(),
+            uplink_connected: Gauge::default(),
+            decisions_published: Counter::default(),
+            decisions_dropped: Counter::default(),
+            ready: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            registry: Registry::default(),
+        };
+        registry.register("readings", "Readings accepted", m.readings.clone());
+        registry.register(
+            "rejected",
+            "Readings refused, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "attrs_dropped",
+            "Attributes dropped by the privacy allowlist",
+            m.attrs_dropped.clone(),
+        );
+        registry.register("windows", "Windows produced", m.windows.clone());
+        registry.register("inferences", "Windows inferred", m.inferences.clone());
+        registry.register(
+            "inference_batch_size",
+            "Windows per inference batch",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "inference_latency_seconds",
+            "Wall time per inference batch",
+            m.inference_latency.clone(),
+        );
+        registry.register(
+            "inference_cpu_microseconds",
+            "CPU time spent in inference",
+            m.inference_cpu_us.clone(),
+        );
+        registry.register(
+            "inference_errors",
+            "Inference batches that failed",
+            m.inference_errors.clone(),
+        );
+        registry.register("aggregates", "Aggregates produced", m.aggregates.clone());
+        registry.register(
+            "late_readings",
+            "Readings after their window closed",
+            m.late_readings.clone(),
+        );
+        registry.register(
+            "outbox_depth",
+            "Records in the outbox",
+            m.outbox_depth.clone(),
+        );
+        registry.register(
+            "outbox_dropped",
+            "Records dropped from a full outbox",
+            m.outbox_dropped.clone(),
+        );
+        registry.register(
+            "uplink_sent",
+            "Aggregates published to the cloud",
+            m.uplink_sent.clone(),
+        );
+        registry.register(
+            "uplink_acked",
+            "Aggregates acknowledged by the cloud",
+            m.uplink_acked.clone(),
+        );
+        registry.register(
+            "uplink_reconnects",
+            "Cloud connection attempts after the first",
+            m.uplink_reconnects.clone(),
+        );
+        registry.register(
+            "uplink_connected",
+            "1 while connected to the cloud",
+            m.uplink_connected.clone(),
+        );
+        registry.register(
+            "decisions_published",
+            "Decisions published on site",
+            m.decisions_published.clone(),
+        );
+        registry.register(
+            "decisions_dropped",
+            "Decisions dropped",
+            m.decisions_dropped.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Count an accepted reading.
+    pub fn reading(&self, source: &str) {
+        self.readings
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count a refused reading.
+    pub fn reject(&self, source: &str, reason: RejectReason) {
+        self.rejected
+            .get_or_create(&RejectLabels {
+                source: source.to_string(),
+                reason: reason.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    /// Rejections for a reason over all sources.
+    pub fn rejected_total(&self, reason: RejectReason) -> u64 {
+        // The family has no iterator; sources are few, so sum what the encoder shows.
+        let text = self.encode();
+        let needle = format!("reason=\"{}\"", reason.as_str());
+        text.lines()
+            .filter(|l| l.starts_with("outpost_rejected_total") && l.contains(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Record a batch.
+    pub fn observe_batch(&self, windows: usize, wall: Duration, cpu: Duration) {
+        self.inferences.inc_by(windows as u64);
+        self.batch_size.observe(windows as f64);
+        self.inference_latency.observe(wall.as_secs_f64());
+        self.inference_cpu_us.inc_by(cpu.as_micros() as u64);
+    }
+
+    /// Mark the runtime ready (model loaded, stages running).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        if ready {
+            self.started
+                .store(crate::reading::now_ms() as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the runtime is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// CPU time consumed by the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut sock, _)) = accepted else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body, ctype) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_string(), "text/plain"),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "not ready\n".to_string(),
+                    "text/plain",
+                ),
+                _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

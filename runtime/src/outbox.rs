@@ -1,0 +1,274 @@
+//! The outbox: every aggregate is written here before it is published, and
+//! leaves only when the cloud has acknowledged it.
+//!
+//! Input: [`Aggregate`] (the only type [`OutboxRecord`]s are made from, so the
+//! uplink, which publishes records, can only ever send aggregates).
+//! Output: [`OutboxRecord`]s read in sequence order by the uplink.
+//!
+//! This module defines the interface and an in-memory implementation bounded
+//! by record count (when full, the oldest record is dropped and counted).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::aggregate::Aggregate;
+
+/// Errors of an outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// An aggregate could not be serialized.
+    #[error("cannot serialize aggregate: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The storage failed.
+    #[error("outbox storage: {0}")]
+    Storage(String),
+}
+
+/// One stored aggregate, serialized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Position in the outbox, increasing.
+    pub seq: u64,
+    /// The aggregate's group (for topics and per-group order).
+    pub group: String,
+    /// The aggregate's id.
+    pub id: String,
+    /// The aggregate as JSON.
+    payload: Vec<u8>,
+}
+
+impl OutboxRecord {
+    /// Serialize an aggregate into a record. This is the only constructor.
+    pub fn from_aggregate(seq: u64, agg: &Aggregate) -> Result<Self, OutboxError> {
+        Ok(Self {
+            seq,
+            group: agg.group.clone(),
+            id: agg.id.clone(),
+            payload: serde_json::to_vec(agg)?,
+        })
+    }
+
+    /// The serialized aggregate.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// Counters of an outbox.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Records held.
+    pub depth: u64,
+    /// Bytes held (payloads).
+    pub bytes: u64,
+    /// Records dropped because the outbox was full.
+    pub dropped: u64,
+    /// Records appended since start.
+    pub appended: u64,
+    /// Records acknowledged since start.
+    pub acked: u64,
+}
+
+/// Storage of aggregates awaiting delivery.
+pub trait Outbox: Send {
+    /// Store an aggregate; when this returns, it is accepted.
+    fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError>;
+    /// Up to `max` records with `seq >= from`, oldest first.
+    fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError>;
+    /// The cloud acknowledged this record: remove it.
+    fn ack(&mut self, seq: u64) -> Result<(), OutboxError>;
+    /// The smallest sequence still held, if any.
+    fn oldest(&self) -> Option<u64>;
+    /// Counters.
+    fn stats(&self) -> OutboxStats;
+}
+
+/// An in-memory outbox bounded by record count.
+#[derive(Debug)]
+pub struct MemoryOutbox {
+    records: BTreeMap<u64, OutboxRecord>,
+    next_seq: u64,
+    max_records: usize,
+    stats: OutboxStats,
+}
+
+impl MemoryOutbox {
+    /// An empty outbox holding at most `max_records`.
+    pub fn new(max_records: usize) -> Self {
+        Self {
+            records: BTreeMap::new(),
+            next_seq: 1,
+            max_records: max_records.max(1),
+            stats: OutboxStats::default(),
+        }
+    }
+}
+
+impl Outbox for MemoryOutbox {
+    fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError> {
+        let seq = self.next_seq;
+        let rec = OutboxRecord::from_aggregate(seq, agg)?;
+        self.next_seq += 1;
+        self.stats.bytes += rec.payload.len() as u64;
+        self.records.insert(seq, rec);
+        self.stats.appended += 1;
+        while self.records.len() > self.max_records {
+            if let Some((_, r)) = self.records.pop_first() {
+                self.stats.bytes -= r.payload.len() as u64;
+                self.stats.dropped += 1;
+            }
+        }
+        Ok(seq)
+    }
+
+    fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+        Ok(self
+            .records
+            .range(from..)
+            .take(max)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
+        if let Some(r) = self.records.remove(&seq) {
+            self.stats.bytes -= r.payload.len() as u64;
+            self.stats.acked += 1;
+        }
+        Ok(())
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.records.keys().next().copied()
+    }
+
+    fn stats(&self) -> OutboxStats {
+        OutboxStats {
+            depth: self.records.len() as u64,
+            ..self.stats
+        }
+    }
+}
+
+/// An outbox shared by the aggregation writer and the uplink reader, with a
+/// notification for new records.
+#[derive(Clone)]
+pub struct SharedOutbox {
+    inner: Arc<Mutex<Box<dyn Outbox>>>,
+    notify: Arc<Notify>,
+}
+
+impl std::fmt::Debug for SharedOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedOutbox")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl SharedOutbox {
+    /// Share an outbox.
+    pub fn new(outbox: Box<dyn Outbox>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(outbox)),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn Outbox>> {
+        // A panic while holding the lock leaves the data as consistent as the
+        // last completed call, so recover the guard rather than poison everything.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Append and wake the uplink.
+    pub fn append(&self, agg: &Aggregate) -> Result<u64, OutboxError> {
+        let seq = self.lock().append(agg)?;
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    /// See [`Outbox::read_from`].
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+        self.lock().read_from(from, max)
+    }
+
+    /// See [`Outbox::ack`].
+    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        self.lock().ack(seq)
+    }
+
+    /// See [`Outbox::oldest`].
+    pub fn oldest(&self) -> Option<u64> {
+        self.lock().oldest()
+    }
+
+    /// See [`Outbox::stats`].
+    pub fn stats(&self) -> OutboxStats {
+        self.lock().stats()
+    }
+
+    /// Wait until something is appended (or a wake-up is pending).
+    pub async fn appended(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Wake the reader (e.g. at shutdown).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef};
+
+    fn agg(i: i64) -> Aggregate {
+        let mut a = Aggregate {
+            schema: AGGREGATE_SCHEMA,
+            id: String::new(),
+            gateway: "g".into(),
+            group: "x".into(),
+            window_start: i,
+            window_end: i + 1,
+            partial: false,
+            readings: 1,
+            late_readings: 0,
+            inferences: 1,
+            sensors: 1,
+            model: ModelRef {
+                name: "m".into(),
+                version: "1.0.0".into(),
+            },
+            classes: None,
+            anomalies: None,
+            anomaly_rate: None,
+            score: None,
+        };
+        a.id = a.compute_id();
+        a
+    }
+
+    #[test]
+    fn append_read_ack_and_bound() {
+        let mut o = MemoryOutbox::new(3);
+        for i in 0..5 {
+            o.append(&agg(i)).unwrap();
+        }
+        let s = o.stats();
+        assert_eq!((s.depth, s.dropped, s.appended), (3, 2, 5));
+        let recs = o.read_from(0, 10).unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        o.ack(4).unwrap();
+        assert_eq!(o.read_from(4, 10).unwrap()[0].seq, 5);
+        assert_eq!(o.oldest(), Some(3));
+        let back: Aggregate = serde_json::from_slice(recs[0].payload()).unwrap();
+        assert_eq!(back, agg(2));
+    }
+}

@@ -1,0 +1,510 @@
+//! Wiring: ingest → privacy → windowing → inference → aggregation → outbox →
+//! uplink, with a bounded channel between every two stages.
+//!
+//! | channel                  | capacity                     | when full                          |
+//! |--------------------------|------------------------------|------------------------------------|
+//! | sources → windowing      | `ingest.channel_capacity`    | sources wait (MQTT: broker queues) |
+//! | windowing → inference    | `windowing.channel_capacity` | windowing waits                    |
+//! | inference → aggregation  | `inference.channel_capacity` | the inference thread waits         |
+//! | aggregation → outbox     | 256                          | aggregation waits                  |
+//! | aggregation → decisions  | `decisions.queue_capacity`   | the decision is dropped, counted   |
+//! | outbox                   | `outbox.max_records`         | oldest dropped, counted            |
+//!
+//! Shutdown is a drain: sources stop, and each stage finishes what it holds
+//! and closes its output when its input closes, down to the uplink, which
+//! exits once the outbox is empty, or when `gateway.shutdown_timeout_ms` is up.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_models::LoadedModel;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{Aggregate, Aggregator, Grouper, Inferred};
+use crate::config::{Config, FileFormat, FileSourceConfig, SourceConfig};
+use crate::decisions::{Decision, DecisionFilter};
+use crate::inference::{self, Batching, InferenceError, ModelSource};
+use crate::ingest::{self, IngestCtx};
+use crate::metrics::Metrics;
+use crate::outbox::{MemoryOutbox, SharedOutbox};
+use crate::privacy::Privacy;
+use crate::reading::{Reading, Validator};
+use crate::uplink::{self, Backoff, RumqttConnector, Stop, UplinkSettings, UplinkState};
+use crate::window::{Window, WindowError, WindowSpec, Windower};
+
+/// Errors of starting or running the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The model.
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    /// Windows and model disagree.
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    /// A source failed to start.
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    /// A broker connection could not be configured.
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttSetupError),
+    /// The metrics endpoint could not bind.
+    #[error("metrics endpoint {addr}: {error}")]
+    Metrics {
+        /// Address.
+        addr: String,
+        /// Cause.
+        error: std::io::Error,
+    },
+    /// Writing replay output failed.
+    #[error("output: {0}")]
+    Output(std::io::Error),
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+}
+
+/// The model source a config names.
+pub fn model_source(cfg: &Config) -> ModelSource {
+    match &cfg.model.path {
+        Some(p) => ModelSource::Dir(p.clone()),
+        None => ModelSource::Bundled,
+    }
+}
+
+/// Everything the core stages need, checked before anything starts.
+pub struct Prepared {
+    /// The configuration.
+    pub cfg: Config,
+    /// The loaded model.
+    pub model: Arc<LoadedModel>,
+    /// Window geometry.
+    pub spec: WindowSpec,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Prepared {
+    /// Load the model and check the windows against it.
+    pub fn new(cfg: Config) -> Result<Self, PipelineError> {
+        let model = inference::load_model(&model_source(&cfg))?;
+        let spec = WindowSpec::new(model.manifest(), cfg.windowing.size, cfg.windowing.hop)?;
+        Ok(Self {
+            cfg,
+            model: Arc::new(model),
+            spec,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    /// The validator every source uses.
+    pub fn validator(&self) -> Arc<Validator> {
+        Arc::new(Validator {
+            channels: self.spec.channels,
+            max_payload_bytes: self.cfg.ingest.max_payload_bytes,
+            max_future_ms: self.cfg.ingest.max_future_ms,
+            sensors: self.cfg.ingest.sensors.clone(),
+        })
+    }
+}
+
+/// Handles of the core stages.
+struct Core {
+    aggregates: flume::Receiver<Aggregate>,
+    tasks: Vec<JoinHandle<()>>,
+    inference: std::thread::JoinHandle<Result<(), InferenceError>>,
+}
+
+/// Start windowing, inference and aggregation reading from `readings`.
+/// `live`: close idle windows on the wall clock and batch on time.
+fn start_core(
+    p: &Prepared,
+    readings: flume::Receiver<Reading>,
+    decisions: Option<(flume::Sender<Decision>, DecisionFilter)>,
+    live: bool,
+) -> Result<Core, PipelineError> {
+    let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
+    let (inf_tx, inf_rx) = flume::bounded::<Inferred>(p.cfg.inference.channel_capacity);
+    let (agg_tx, agg_rx) = flume::bounded::<Aggregate>(256);
+    let mut tasks = Vec::new();
+
+    // Privacy + windowing.
+    let privacy = Privacy::new(&p.cfg.privacy);
+    let grouper = Grouper::new(&p.cfg.aggregation, &p.cfg.gateway.id);
+    let mut windower = Windower::new(p.spec.clone())?;
+    let metrics = p.metrics.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Ok(r) = readings.recv_async().await {
+            let (r, dropped) = privacy.apply(r);
+            if dropped > 0 {
+                metrics.attrs_dropped.inc_by(dropped as u64);
+            }
+            let group = grouper.group_of(&r);
+            if let Some(w) = windower.push(r, group) {
+                metrics.windows.inc();
+                if win_tx.send_async(w).await.is_err() {
+                    return;
+                }
+            }
+        }
+        for tail in windower.flush() {
+            if win_tx.send_async(tail).await.is_err() {
+                return;
+            }
+        }
+    }));
+
+    // Inference, on its own thread.
+    let batching = Batching {
+        max_batch: p.cfg.inference.max_batch,
+        max_wait: live.then(|| Duration::from_millis(p.cfg.inference.max_wait_ms)),
+    };
+    let inference = inference::spawn(p.model.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
+
+    // Aggregation (and local decisions).
+    let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest());
+    let metrics = p.metrics.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut decisions = decisions;
+        let mut out = Vec::new();
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut late_seen = 0;
+        loop {
+            let next = if live {
+                tokio::select! {
+                    r = inf_rx.recv_async() => r.ok(),
+                    _ = ticker.tick() => {
+                        aggregator.tick(crate::reading::now_ms(), &mut out);
+                        if !forward(&mut out, &agg_tx, &metrics).await { return; }
+                        continue;
+                    }
+                }
+            } else {
+                inf_rx.recv_async().await.ok()
+            };
+            let Some(inf) = next else { break };
+            if let Some((tx, filter)) = decisions.as_mut()
+                && let Some(d) = filter.decide(&inf)
+                && tx.try_send(d).is_err()
+            {
+                metrics.decisions_dropped.inc();
+            }
+            aggregator.push(inf, &mut out);
+            let late = aggregator.stats().late_readings;
+            metrics.late_readings.inc_by(late - late_seen);
+            late_seen = late;
+            if !forward(&mut out, &agg_tx, &metrics).await {
+                return;
+            }
+        }
+        aggregator.flush(&mut out);
+        forward(&mut out, &agg_tx, &metrics).await;
+    }));
+
+    Ok(Core {
+        aggregates: agg_rx,
+        tasks,
+        inference,
+    })
+}
+
+async fn forward(
+    out: &mut Vec<Aggregate>,
+    tx: &flume::Sender<Aggregate>,
+    metrics: &Metrics,
+) -> bool {
+    for a in out.drain(..) {
+        metrics.aggregates.inc();
+        if tx.send_async(a).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// What a run did, for the final log line and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunReport {
+    /// Records left undelivered in the outbox at exit.
+    pub undelivered: u64,
+}
+
+/// Run the gateway until `shutdown` fires or every source has ended; then drain.
+pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, PipelineError> {
+    let cfg = p.cfg.clone();
+    let metrics = p.metrics.clone();
+    tracing::info!(
+        model = %p.model.manifest().id(),
+        window = p.spec.size,
+        hop = p.spec.hop,
+        sources = cfg.sources.len(),
+        uplink = cfg.uplink.as_ref().map(|u| format!("{}:{}", u.broker.host, u.broker.port)).unwrap_or_else(|| "none (aggregates are logged)".into()),
+        "outpost starting"
+    );
+    let stop_sources = CancellationToken::new();
+    let stop_all = CancellationToken::new();
+
+    if let Some(addr) = &cfg.metrics.listen {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|error| PipelineError::Metrics {
+                    addr: addr.clone(),
+                    error,
+                })?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            stop_all.clone(),
+        ));
+    }
+
+    // Decisions.
+    let decisions = match &cfg.decisions {
+        Some(d) => {
+            let (tx, rx) = flume::bounded(d.queue_capacity);
+            tokio::spawn(crate::decisions::run_sink(
+                d.clone(),
+                cfg.gateway.id.clone(),
+                rx,
+                metrics.clone(),
+                stop_all.clone(),
+            ));
+            Some((
+                tx,
+                DecisionFilter::new(d.mode, p.model.manifest().labels.clone()),
+            ))
+        }
+        None => None,
+    };
+
+    // Core stages.
+    let (read_tx, read_rx) = flume::bounded(cfg.ingest.channel_capacity);
+    let core = start_core(&p, read_rx, decisions, true)?;
+
+    // Outbox and uplink.
+    let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(cfg.outbox.max_records)));
+    let stop = Stop {
+        drain: CancellationToken::new(),
+        now: stop_all.clone(),
+    };
+    let uplink_task = match &cfg.uplink {
+        Some(u) => {
+            let options = crate::mqtt::options(&u.broker, &cfg.gateway.id, "uplink")?;
+            let state = UplinkState::new(
+                u.max_inflight as usize,
+                Backoff::new(
+                    Duration::from_millis(u.backoff_initial_ms),
+                    Duration::from_millis(u.backoff_max_ms),
+                    crate::reading::now_ms() as u64,
+                ),
+            );
+            let settings = UplinkSettings {
+                topic: u.topic.clone(),
+                gateway: cfg.gateway.id.clone(),
+            };
+            let max_inflight = u.max_inflight;
+            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());
+            tokio::spawn(async move {
+                uplink::run(
+                    RumqttConnector::new(options, max_inflight),
+                    state,
+                    outbox,
+                    settings,
+                    metrics,
+                    stop,
+                )
+                .await
+            })
+        }
+        None => {
+            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());
+            tokio::spawn(async move {
+                uplink::run_log_sink(outbox.clone(), metrics, stop).await;
+                outbox.stats().depth
+            })
+        }
+    };
+
+    // Outbox writer: the end of the core.
+    let writer = {
+        let (outbox, metrics, drain) = (outbox.clone(), metrics.clone(), stop.drain.clone());
+        let aggregates = core.aggregates.clone();
+        tokio::spawn(async move {
+            while let Ok(a) = aggregates.recv_async().await {
+                if let Err(e) = outbox.append(&a) {
+                    tracing::error!(error = %e, id = %a.id, "outbox append failed");
+                }
+                let s = outbox.stats();
+                metrics.outbox_depth.set(s.depth as i64);
+                let dropped = s.dropped.saturating_sub(metrics.outbox_dropped.get());
+                metrics.outbox_dropped.inc_by(dropped);
+            }
+            drain.cancel();
+            outbox.wake();
+        })
+    };
+    drop(core.aggregates);
+
+    // Sources.
+    let validator = p.validator();
+    let mut sources = Vec::new();
+    for s in cfg.sources.clone() {
+        let ctx = IngestCtx::new(
+            s.name(),
+            validator.clone(),
+            read_tx.clone(),
+            metrics.clone(),
+        );
+        let (gateway, stop) = (cfg.gateway.id.clone(), stop_sources.clone());
+        sources.push(tokio::spawn(async move {
+            let name = s.name().to_string();
+            if let Err(e) = ingest::run_source(s, ctx, gateway, stop).await {
+                tracing::error!(source = %name, error = %e, "source failed");
+            }
+        }));
+    }
+    drop(read_tx);
+    metrics.set_ready(true);
+    tracing::info!("outpost ready");
+
+    let summary = spawn_summary(&cfg, metrics.clone(), outbox.clone(), stop_all.clone());
+
+    // Wait for a signal or for every source to end.
+    let all_sources = futures_join_all(sources);
+    tokio::pin!(all_sources);
+    let mut sources_done = false;
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutdown requested: stopping sources and draining");
+        }
+        _ = &mut all_sources => {
+            sources_done = true;
+            tracing::info!("every source has ended: draining");
+        }
+    }
+    stop_sources.cancel();
+    metrics.set_ready(false);
+    let deadline = Duration::from_millis(cfg.gateway.shutdown_timeout_ms);
+    let drained = tokio::time::timeout(deadline, async {
+        if !sources_done {
+            all_sources.await;
+        }
+        for t in core.tasks {
+            let _ = t.await;
+        }
+        let _ = writer.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("pipeline did not drain within gateway.shutdown_timeout_ms");
+    }
+    let undelivered = match tokio::time::timeout(deadline, uplink_task).await {
+        Ok(Ok(n)) => n,
+        _ => {
+            stop_all.cancel();
+            outbox.stats().depth
+        }
+    };
+    stop_all.cancel();
+    if let Some(s) = summary {
+        let _ = s.await;
+    }
+    let inference_result = core.inference.join();
+    if undelivered > 0 {
+        tracing::warn!(undelivered, "aggregates left undelivered in the outbox");
+    }
+    tracing::info!(
+        aggregates = metrics.aggregates.get(),
+        windows = metrics.windows.get(),
+        acked = metrics.uplink_acked.get(),
+        "outpost stopped"
+    );
+    match inference_result {
+        Ok(Ok(())) => Ok(RunReport { undelivered }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(InferenceError::Panicked.into()),
+    }
+}
+
+async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn spawn_summary(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    outbox: SharedOutbox,
+    stop: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let every = cfg.metrics.log_interval_s;
+    if every == 0 {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(every));
+        t.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            let s = outbox.stats();
+            tracing::info!(
+                windows = metrics.windows.get(),
+                inferences = metrics.inferences.get(),
+                aggregates = metrics.aggregates.get(),
+                outbox_depth = s.depth,
+                acked = metrics.uplink_acked.get(),
+                "summary"
+            );
+        }
+    }))
+}
+
+/// Replay recorded readings through the same stages and write the aggregates
+/// as JSON Lines. Deterministic: no wall-clock window closing, batches filled
+/// by count only, sensors and groups in sorted order.
+pub async fn replay(
+    p: Prepared,
+    input: std::path::PathBuf,
+    format: FileFormat,
+    out: &mut dyn Write,
+) -> Result<Arc<Metrics>, PipelineError> {
+    let (read_tx, read_rx) = flume::bounded(p.cfg.ingest.channel_capacity);
+    let core = start_core(&p, read_rx, None, false)?;
+    let ctx = IngestCtx::new("replay", p.validator(), read_tx, p.metrics.clone());
+    let source = SourceConfig::File(FileSourceConfig {
+        name: "replay".into(),
+        path: input,
+        format,
+    });
+    let reader = tokio::spawn(ingest::run_source(
+        source,
+        ctx,
+        p.cfg.gateway.id.clone(),
+        CancellationToken::new(),
+    ));
+    while let Ok(a) = core.aggregates.recv_async().await {
+        let line = serde_json::to_string(&a).map_err(|e| PipelineError::Output(e.into()))?;
+        writeln!(out, "{line}").map_err(PipelineError::Output)?;
+    }
+    out.flush().map_err(PipelineError::Output)?;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {}
+    }
+    for t in core.tasks {
+        let _ = t.await;
+    }
+    match core.inference.join() {
+        Ok(r) => r?,
+        Err(_) => return Err(InferenceError::Panicked.into()),
+    }
+    Ok(p.metrics)
+}

@@ -1,0 +1,335 @@
+//! Windowing and features: per sensor, sliding windows of `size` samples with
+//! hop `hop`, normalized with the model manifest's statistics, or turned into
+//! a feature vector for feature models. Pure state, no I/O.
+//!
+//! Input: [`Reading`] (after privacy) with its aggregation group.
+//! Output: [`Window`], which also carries the timestamps of the readings it
+//! covers for the first time, so aggregation counts every accepted reading
+//! exactly once, including those left over at shutdown (a tail window with no data).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use outpost_models::features::Extractor;
+use outpost_models::manifest::{InputKind, Manifest, Normalization};
+
+use crate::reading::Reading;
+
+/// Errors of building a windower from a model and configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    /// Window size and model input disagree.
+    #[error("windowing.size {size} does not match the model's input length {model} ({name})")]
+    SizeMismatch {
+        /// Configured size.
+        size: usize,
+        /// The model's input length.
+        model: usize,
+        /// The model.
+        name: String,
+    },
+    /// The hop is zero or larger than the window.
+    #[error("windowing.hop {hop} must be in 1..={size}")]
+    Hop {
+        /// Hop.
+        hop: usize,
+        /// Size.
+        size: usize,
+    },
+    /// The model's feature list is invalid.
+    #[error("model features: {0}")]
+    Features(String),
+    /// Feature count and model input disagree.
+    #[error("the model expects {model} features, its extractors give {actual}")]
+    FeatureCount {
+        /// Expected by the model.
+        model: usize,
+        /// Produced by the extractors.
+        actual: usize,
+    },
+}
+
+/// One window ready for inference (or a tail of uncovered readings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// Sensor.
+    pub sensor: Arc<str>,
+    /// Aggregation group.
+    pub group: Arc<str>,
+    /// Event time of the window's first sample.
+    pub start_ms: i64,
+    /// Event time of the window's last sample.
+    pub end_ms: i64,
+    /// Timestamps of the readings this window covers for the first time.
+    pub readings: Vec<i64>,
+    /// Model input (normalized samples `[channels][size]` or features); `None`
+    /// for a tail that only carries reading counts.
+    pub data: Option<Vec<f32>>,
+}
+
+/// Window geometry and preprocessing, derived from the model and the config.
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    /// Samples per window.
+    pub size: usize,
+    /// Samples between window starts.
+    pub hop: usize,
+    /// Values per reading.
+    pub channels: usize,
+    normalization: Normalization,
+    features: Vec<String>,
+    kind: InputKind,
+}
+
+impl WindowSpec {
+    /// Derive the spec from the model; `size` must match a raw model's input length.
+    pub fn new(manifest: &Manifest, size: Option<usize>, hop: usize) -> Result<Self, WindowError> {
+        let kind = manifest.input.kind;
+        let size = match (kind, size) {
+            (InputKind::Raw, Some(s)) if s != manifest.input.length => {
+                return Err(WindowError::SizeMismatch {
+                    size: s,
+                    model: manifest.input.length,
+                    name: manifest.id(),
+                });
+            }
+            (InputKind::Raw, _) => manifest.input.length,
+            (InputKind::Features, Some(s)) => s,
+            (InputKind::Features, None) => 100,
+        };
+        if hop == 0 || hop > size {
+            return Err(WindowError::Hop { hop, size });
+        }
+        let channels = match kind {
+            InputKind::Raw => manifest.input.channels,
+            InputKind::Features => {
+                // For feature models, the reading's channels are the raw channels:
+                // the model's `channels` is the feature count.
+                let ex = Extractor::new(&manifest.input.features, size)
+                    .map_err(WindowError::Features)?;
+                let per = ex.width().max(1);
+                if manifest.input.channels % per != 0 {
+                    return Err(WindowError::FeatureCount {
+                        model: manifest.input.channels,
+                        actual: per,
+                    });
+                }
+                manifest.input.channels / per
+            }
+        };
+        Ok(Self {
+            size,
+            hop,
+            channels,
+            normalization: manifest.normalization.clone(),
+            features: manifest.input.features.clone(),
+            kind,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct SensorBuf {
+    samples: VecDeque<(i64, Vec<f32>)>,
+    since_last: usize,
+    emitted_any: bool,
+    pending: Vec<i64>,
+    group: Option<Arc<str>>,
+}
+
+/// Per-sensor sliding windows. Sensors are kept in a sorted map so that the
+/// order of tail windows at shutdown is deterministic.
+#[derive(Debug)]
+pub struct Windower {
+    spec: WindowSpec,
+    sensors: BTreeMap<Arc<str>, SensorBuf>,
+    extractor: Option<Extractor>,
+}
+
+impl Windower {
+    /// A windower for `spec`.
+    pub fn new(spec: WindowSpec) -> Result<Self, WindowError> {
+        let extractor = match spec.kind {
+            InputKind::Raw => None,
+            InputKind::Features => {
+                Some(Extractor::new(&spec.features, spec.size).map_err(WindowError::Features)?)
+            }
+        };
+        Ok(Self {
+            spec,
+            sensors: BTreeMap::new(),
+            extractor,
+        })
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+
+    /// Sensors with buffered samples.
+    pub fn sensors(&self) -> usize {
+        self.sensors.len()
+    }
+
+    /// Add a reading (its values must have `spec.channels` entries: ingest
+    /// checks that); returns the window it completes, if any.
+    pub fn push(&mut self, r: Reading, group: Arc<str>) -> Option<Window> {
+        let size = self.spec.size;
+        let buf = self.sensors.entry(r.sensor.clone()).or_default();
+        buf.group = Some(group.clone());
+        buf.pending.push(r.ts_ms);
+        buf.samples.push_back((r.ts_ms, r.values));
+        if buf.samples.len() > size {
+            buf.samples.pop_front();
+        }
+        buf.since_last += 1;
+        let due =
+            buf.samples.len() == size && (!buf.emitted_any || buf.since_last >= self.spec.hop);
+        if !due {
+            return None;
+        }
+        buf.emitted_any = true;
+        buf.since_last = 0;
+        let start_ms = buf.samples.front().map(|s| s.0).unwrap_or(r.ts_ms);
+        let end_ms = r.ts_ms;
+        let readings = std::mem::take(&mut buf.pending);
+        // Channel-major [channels][size].
+        let c = self.spec.channels;
+        let mut data = vec![0f32; c * size];
+        for (t, (_, values)) in buf.samples.iter().enumerate() {
+            for (ch, v) in values.iter().enumerate().take(c) {
+                data[ch * size + t] = *v;
+            }
+        }
+        let data = match &mut self.extractor {
+            None => {
+                outpost_models::artifact::normalize(&self.spec.normalization, c, size, &mut data);
+                data
+            }
+            Some(ex) => {
+                let mut f = Vec::with_capacity(c * ex.width());
+                ex.extract(&data, &mut f);
+                outpost_models::artifact::normalize(&self.spec.normalization, f.len(), 1, &mut f);
+                f
+            }
+        };
+        Some(Window {
+            sensor: r.sensor,
+            group,
+            start_ms,
+            end_ms,
+            readings,
+            data: Some(data),
+        })
+    }
+
+    /// At shutdown: one tail per sensor with readings not yet covered by a
+    /// window, so they are still counted. Buffers are emptied.
+    pub fn flush(&mut self) -> Vec<Window> {
+        let mut out = Vec::new();
+        for (sensor, buf) in std::mem::take(&mut self.sensors) {
+            if buf.pending.is_empty() {
+                continue;
+            }
+            let start_ms = buf.pending.iter().copied().min().unwrap_or(0);
+            let end_ms = buf.pending.iter().copied().max().unwrap_or(0);
+            out.push(Window {
+                sensor,
+                group: buf.group.unwrap_or_else(|| Arc::from("unassigned")),
+                start_ms,
+                end_ms,
+                readings: buf.pending,
+                data: None,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_models::manifest::*;
+
+    fn manifest(len: usize) -> Manifest {
+        Manifest {
+            schema: MANIFEST_SCHEMA,
+            name: "t".into(),
+            version: "1.0.0".into(),
+            task: Task::Classifier,
+            architecture: Architecture::Mlp { hidden: vec![] },
+            input: InputSpec {
+                kind: InputKind::Raw,
+                channels: 2,
+                length: len,
+                features: vec![],
+            },
+            normalization: Normalization::PerChannel {
+                mean: vec![1.0, 0.0],
+                std: vec![2.0, 1.0],
+            },
+            labels: vec!["a".into(), "b".into()],
+            anomaly_threshold: None,
+            weights: "w".into(),
+            provenance: None,
+            metrics: Default::default(),
+            created_at: String::new(),
+            files: [("w".to_string(), String::new())].into(),
+        }
+    }
+
+    fn reading(sensor: &str, ts: i64, v: f32) -> Reading {
+        Reading {
+            sensor: Arc::from(sensor),
+            ts_ms: ts,
+            values: vec![v, -v],
+            attrs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn sliding_windows_cover_every_reading_once() {
+        let spec = WindowSpec::new(&manifest(4), None, 2).unwrap();
+        let mut w = Windower::new(spec).unwrap();
+        let g: Arc<str> = Arc::from("g");
+        let mut windows = Vec::new();
+        for t in 0..9 {
+            windows.extend(w.push(reading("s", t, t as f32), g.clone()));
+        }
+        // Windows end at samples 3, 5, 7.
+        assert_eq!(
+            windows.iter().map(|w| w.end_ms).collect::<Vec<_>>(),
+            vec![3, 5, 7]
+        );
+        assert_eq!(windows[0].readings, vec![0, 1, 2, 3]);
+        assert_eq!(windows[1].readings, vec![4, 5]);
+        // Channel-major and normalized: channel 0 = (t - 1) / 2.
+        assert_eq!(
+            &windows[0].data.as_ref().unwrap()[..4],
+            &[-0.5, 0.0, 0.5, 1.0]
+        );
+        assert_eq!(
+            &windows[0].data.as_ref().unwrap()[4..],
+            &[0.0, -1.0, -2.0, -3.0]
+        );
+        let tail = w.flush();
+        assert_eq!(tail.len(), 1);
+        assert_eq!(tail[0].readings, vec![8]);
+        assert!(tail[0].data.is_none());
+        let covered: usize = windows.iter().chain(&tail).map(|w| w.readings.len()).sum();
+        assert_eq!(covered, 9);
+    }
+
+    #[test]
+    fn size_must_match_raw_model() {
+        assert!(matches!(
+            WindowSpec::new(&manifest(4), Some(5), 2),
+            Err(WindowError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            WindowSpec::new(&manifest(4), None, 5),
+            Err(WindowError::Hop { .. })
+        ));
+    }
+}
