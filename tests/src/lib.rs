@@ -1,1 +1,424 @@
+//! Harness for end-to-end tests: real Mosquitto brokers on free ports, the
+//! real `outpost` binary as a child process, a real MQTT client.
+//!
+//! The binary is taken from `$OUTPOST_BIN`, else from the target directory
+//! beside the test executable (`cargo build --bins` first: the test command
+//! in `scripts/test.sh` does).
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding port 0 on loopback always works")
+}
+
+/// Poll `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Mosquitto broker on a free loopback port, killed on drop.
+pub struct Broker {
+    /// Its port.
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Start a broker that queues without limit (so the broker is never the one losing messages).
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed: run scripts/setup.sh");
+        let b = Broker {
+            port,
+            child,
+            _dir: dir,
+        };
+        wait_until("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        b
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+/// The `outpost` binary under test.
+pub fn outpost_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("OUTPOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/outpost
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("outpost");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `outpost` process; killed on drop. Its stderr is collected.
+pub struct Outpost {
+    child: Option<Child>,
+    /// Metrics port.
+    pub metrics_port: u16,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Outpost {
+    /// Start `outpost run` with `config` (TOML); a `[metrics]` table with a
+    /// free port is appended.
+    pub fn run(config: &str) -> Outpost {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics_port = free_port();
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{config}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\nlog_interval_s = 0\n"
+            ),
+        )
+        .expect("write config");
+        let mut child = Command::new(outpost_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let o = Outpost {
+            child: Some(child),
+            metrics_port,
+            log,
+            _dir: dir,
+        };
+        wait_until("outpost to be ready", Duration::from_secs(30), || {
+            o.http("/readyz").starts_with("HTTP/1.1 200")
+        });
+        o
+    }
+
+    /// GET a path of the metrics endpoint (a few tries); empty when it does not answer.
+    pub fn http(&self, path: &str) -> String {
+        for _ in 0..5 {
+            let r = self.http_once(path);
+            if r.starts_with("HTTP/1.1 ") && r.contains("\r\n\r\n") {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        String::new()
+    }
+
+    fn http_once(&self, path: &str) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// A counter or gauge from `/metrics`: the sum of every series of
+    /// `name` whose labels contain all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        self.http("/metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+            })
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Wait until `/metrics` shows `value` for `name` with `labels`; on
+    /// timeout, panic with what it showed and the process log.
+    pub fn wait_metric(&self, name: &str, labels: &[&str], value: f64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(name, labels);
+            if v == value {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?}: {name}{labels:?} = {v}, expected {value}\nmetrics:\n{}\nlog:\n{}",
+                    self.http("/metrics"),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) with the pid of a child we own.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Wait for the process to exit within `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("process still owned");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "outpost did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Outpost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A message received by [`Subscriber`].
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A QoS 1 subscriber collecting every message on a broker.
+pub struct Subscriber {
+    messages: Arc<Mutex<Vec<Message>>>,
+}
+
+impl Subscriber {
+    /// Subscribe to `filter` on the broker at `port`; returns once subscribed.
+    pub fn start(port: u16, filter: &str) -> Subscriber {
+        let mut o = MqttOptions::new(format!("test-sub-{}", free_port()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+        let (client, mut conn) = Client::new(o, 1000);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .expect("queue subscribe");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(Mutex::new(false));
+        let (m, s) = (messages.clone(), subscribed.clone());
+        std::thread::spawn(move || {
+            let _client = client;
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Ok(mut v) = m.lock() {
+                            v.push(Message {
+                                topic: p.topic.clone(),
+                                payload: p.payload.to_vec(),
+                            });
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Ok(mut v) = s.lock() {
+                            *v = true;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        wait_until("SUBACK", Duration::from_secs(10), || {
+            subscribed.lock().map(|v| *v).unwrap_or(false)
+        });
+        Subscriber { messages }
+    }
+
+    /// Messages so far.
+    pub fn messages(&self) -> Vec<Message> {
+        self.messages.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Payloads parsed as JSON.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.messages()
+            .iter()
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect()
+    }
+}
+
+/// A QoS 1 publisher.
+pub struct Publisher {
+    client: Client,
+    acked: Arc<Mutex<u64>>,
+    sent: u64,
+}
+
+impl Publisher {
+    /// Connect to the broker at `port`.
+    pub fn connect(port: u16) -> Publisher {
+        let mut o = MqttOptions::new(format!("test-pub-{}", free_port()), "127.0.0.1", port);
+        o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+        let (client, mut conn) = Client::new(o, 10_000);
+        let acked = Arc::new(Mutex::new(0u64));
+        let a = acked.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        if let Ok(mut n) = a.lock() {
+                            *n += 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            sent: 0,
+        }
+    }
+
+    /// Publish one payload with QoS 1.
+    pub fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .expect("queue publish");
+        self.sent += 1;
+    }
+
+    /// Wait until the broker acknowledged everything published.
+    pub fn flush(&self) {
+        let sent = self.sent;
+        wait_until("PUBACKs", Duration::from_secs(30), || {
+            self.acked.lock().map(|n| *n >= sent).unwrap_or(false)
+        });
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One JSON reading.
+pub fn reading(sensor: &str, ts: i64, values: &[f32]) -> String {
+    serde_json::json!({"sensor": sensor, "ts": ts, "values": values}).to_string()
+}
+
+/// The series of a UCR `.ts` file: (label, channel-major values).
+pub fn load_ts_series(path: &Path) -> Vec<(String, Vec<Vec<f32>>)> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-datasets.sh", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#') && !l.starts_with('@'))
+        .map(|l| {
+            let parts: Vec<&str> = l.trim().split(':').collect();
+            let (label, chans) = parts.split_last().expect("a data line has a label");
+            let chans = chans
+                .iter()
+                .map(|c| {
+                    c.split(',')
+                        .map(|v| v.trim().parse::<f32>().expect("number"))
+                        .collect()
+                })
+                .collect();
+            (label.to_string(), chans)
+        })
+        .collect()
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

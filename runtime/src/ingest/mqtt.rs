@@ -1,7 +1,11 @@
 //! MQTT source: subscribes to the site broker. The sensor id comes from the
-//! payload or from a topic level. QoS 1 messages are acknowledged only after
-//! their readings entered the pipeline; with a persistent session the broker
-//! keeps queueing while the gateway is away.
+//! payload or from a topic level. With a persistent session the broker keeps
+//! queueing while the gateway is away. When the pipeline is full, this source
+//! stops reading the connection, so the broker holds the backlog.
+//!
+//! QoS 1 messages are acknowledged by the client as they are read (rumqttc's
+//! automatic acks): acknowledging from here would queue requests into the same
+//! event loop this task polls, which deadlocks once its queue is full.
 
 use std::time::Duration;
 
@@ -38,7 +42,6 @@ pub async fn run(
             error,
         })?;
     options.set_clean_session(!cfg.persistent_session);
-    options.set_manual_acks(true);
     let qos = if cfg.qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -78,9 +81,9 @@ pub async fn run(
                 if !ctx.deliver(results).await {
                     return Ok(());
                 }
-                if let Err(e) = client.ack(&p).await {
-                    tracing::warn!(source = %ctx.name, error = %e, "ack failed");
-                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!(source = %ctx.name, topics = ?cfg.topics, "subscribed to site topics");
             }
             Ok(_) => {}
             Err(e) => {

@@ -1,0 +1,341 @@
+//! End to end: sensors publish to a real site broker, `outpost` runs as a
+//! process, aggregates arrive at a real cloud broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use outpost_tests::*;
+use serde_json::Value;
+
+const WINDOW_MS: i64 = 10_000;
+
+fn config(site: u16, cloud: u16, extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw-test"
+shutdown_timeout_ms = 10000
+
+[[sources]]
+type = "mqtt"
+name = "site"
+broker = {{ host = "127.0.0.1", port = {site} }}
+topics = ["sensors/+/data"]
+sensor_from = "topic:1"
+
+[aggregation]
+window_ms = {WINDOW_MS}
+allowed_lateness_ms = 0
+
+[uplink]
+broker = {{ host = "127.0.0.1", port = {cloud} }}
+allow_plaintext = true
+topic = "outpost/{{gateway}}/agg/{{group}}"
+{extra}
+"#
+    )
+}
+
+/// A base time in the past, aligned to the aggregation window.
+fn base_ts() -> i64 {
+    let t = now_ms() - 10 * 60_000;
+    t - t.rem_euclid(WINDOW_MS)
+}
+
+fn sum(aggs: &[Value], field: &str) -> u64 {
+    aggs.iter().map(|a| a[field].as_u64().unwrap_or(0)).sum()
+}
+
+struct Rig {
+    _site: Broker,
+    _cloud: Broker,
+    outpost: Outpost,
+    cloud_sub: Subscriber,
+    publisher: Publisher,
+}
+
+fn rig(extra: &str) -> Rig {
+    let site = Broker::start();
+    let cloud = Broker::start();
+    let cloud_sub = Subscriber::start(cloud.port, "outpost/#");
+    let outpost = Outpost::run(&config(site.port, cloud.port, extra));
+    let publisher = Publisher::connect(site.port);
+    // The source subscribes right after it connects; wait for that before publishing.
+    wait_until(
+        "the site source to subscribe",
+        Duration::from_secs(20),
+        || outpost.log().contains("subscribed to site topics"),
+    );
+    Rig {
+        _site: site,
+        _cloud: cloud,
+        outpost,
+        cloud_sub,
+        publisher,
+    }
+}
+
+impl Rig {
+    /// SIGTERM, wait for exit 0, and return the aggregates received.
+    fn stop(mut self) -> Vec<Value> {
+        self.outpost.signal(libc::SIGTERM);
+        let status = self.outpost.wait(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "exit {status:?}; log:\n{}",
+            self.outpost.log()
+        );
+        let acked = self.outpost.log();
+        assert!(acked.contains("outpost stopped"), "{acked}");
+        // Everything the runtime reports as delivered was acknowledged by the
+        // broker, and the subscriber (QoS 1) gets it shortly after.
+        let produced: usize = acked
+            .lines()
+            .find(|l| l.contains("outpost stopped"))
+            .and_then(|l| l.split("aggregates=").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+            .unwrap_or(0);
+        wait_until(
+            "aggregates at the cloud broker",
+            Duration::from_secs(10),
+            || self.cloud_sub.messages().len() >= produced,
+        );
+        self.cloud_sub.json()
+    }
+}
+
+#[test]
+fn aggregates_from_real_sensor_data_reach_the_cloud() {
+    let series =
+        load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
+    let mut r = rig("");
+    let base = base_ts();
+    // Two sensors, each wearing three recordings of one activity back to back (30 s at 10 Hz).
+    let plan = [("walker", "Walking"), ("runner", "Running")];
+    let mut sent = 0u64;
+    for (sensor, activity) in plan {
+        let recs: Vec<_> = series
+            .iter()
+            .filter(|(l, _)| l == activity)
+            .take(3)
+            .collect();
+        assert_eq!(recs.len(), 3);
+        let mut k = 0i64;
+        for (_, chans) in recs {
+            for t in 0..chans[0].len() {
+                let values: Vec<f32> = chans.iter().map(|c| c[t]).collect();
+                r.publisher.publish(
+                    &format!("sensors/{sensor}/data"),
+                    reading(sensor, base + k * 100, &values),
+                );
+                k += 1;
+                sent += 1;
+            }
+        }
+    }
+    r.publisher.flush();
+    let o = &r.outpost;
+    o.wait_metric(
+        "outpost_readings_total",
+        &[],
+        sent as f64,
+        Duration::from_secs(30),
+    );
+    let aggs = r.stop();
+
+    let ids: BTreeSet<&str> = aggs.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), aggs.len(), "aggregate ids are unique");
+    assert_eq!(sum(&aggs, "readings"), sent, "every reading counted once");
+    // 300 readings per sensor, windows of 100 with hop 50: 5 inferences each.
+    assert_eq!(sum(&aggs, "inferences"), 10);
+    let mut per_group: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for a in &aggs {
+        assert_eq!(a["gateway"], "gw-test");
+        assert_eq!(a["schema"], 1);
+        assert_eq!(a["model"]["name"], "basicmotions-fcn");
+        let classes = a["classes"].as_object().unwrap();
+        let total: u64 = classes.values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(total, a["inferences"].as_u64().unwrap());
+        let g = per_group
+            .entry(a["group"].as_str().unwrap().to_string())
+            .or_default();
+        for (c, n) in classes {
+            *g.entry(c.clone()).or_default() += n.as_u64().unwrap();
+        }
+    }
+    // 30 s of readings over 10 s windows: 3 aggregates per sensor.
+    assert_eq!(aggs.len(), 6, "{aggs:#?}");
+    assert!(per_group["walker"]["Walking"] >= 4, "{per_group:?}");
+    assert!(per_group["runner"]["Running"] >= 4, "{per_group:?}");
+}
+
+#[test]
+fn sigterm_publishes_the_last_partial_window() {
+    let mut r = rig("");
+    let base = base_ts();
+    for k in 0..30 {
+        r.publisher.publish(
+            "sensors/s1/data",
+            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+        );
+    }
+    r.publisher.flush();
+    let o = &r.outpost;
+    o.wait_metric("outpost_readings_total", &[], 30.0, Duration::from_secs(20));
+    assert_eq!(
+        r.cloud_sub.messages().len(),
+        0,
+        "nothing closed before the signal"
+    );
+    let aggs = r.stop();
+    assert_eq!(aggs.len(), 1, "{aggs:?}");
+    assert_eq!(aggs[0]["partial"], true);
+    assert_eq!(aggs[0]["readings"], 30);
+    assert_eq!(aggs[0]["inferences"], 0);
+}
+
+/// Publish one bad payload among 150 good readings: the bad one is counted
+/// under `reason`, the good ones all make it into aggregates.
+fn bad_input(extra: &str, payload: &[u8], reason: &str) {
+    let mut r = rig(extra);
+    let base = base_ts();
+    for k in 0..150 {
+        if k == 75 {
+            r.publisher.publish("sensors/s1/data", payload.to_vec());
+        }
+        r.publisher.publish(
+            "sensors/s1/data",
+            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+        );
+    }
+    r.publisher.flush();
+    let o = &r.outpost;
+    let label = format!("reason=\"{reason}\"");
+    o.wait_metric(
+        "outpost_rejected_total",
+        &[&label],
+        1.0,
+        Duration::from_secs(20),
+    );
+    o.wait_metric(
+        "outpost_readings_total",
+        &[],
+        150.0,
+        Duration::from_secs(20),
+    );
+    let total_rejected = o.metric("outpost_rejected_total", &[]);
+    assert_eq!(total_rejected, 1.0, "only one rejection");
+    let aggs = r.stop();
+    assert_eq!(sum(&aggs, "readings"), 150);
+    assert_eq!(
+        sum(&aggs, "inferences"),
+        2,
+        "the pipeline kept going after the bad input"
+    );
+}
+
+#[test]
+fn bad_input_malformed_json() {
+    bad_input("", b"{\"sensor\": \"s1\", \"ts\": ", "malformed");
+}
+
+#[test]
+fn bad_input_wrong_channel_count() {
+    bad_input(
+        "",
+        reading("s1", now_ms() - 1000, &[1.0, 2.0]).as_bytes(),
+        "wrong_channels",
+    );
+}
+
+#[test]
+fn bad_input_non_finite_values() {
+    bad_input(
+        "",
+        br#"{"sensor":"s1","ts":1700000000000,"values":[1,2,1e39,4,5,6]}"#,
+        "non_finite",
+    );
+}
+
+#[test]
+fn bad_input_nan_as_null() {
+    bad_input(
+        "",
+        br#"{"sensor":"s1","ts":1700000000000,"values":[1,2,null,4,5,6]}"#,
+        "non_finite",
+    );
+}
+
+#[test]
+fn bad_input_timestamp_far_in_the_future() {
+    let ts = now_ms() + 24 * 3600 * 1000;
+    bad_input(
+        "",
+        reading("s1", ts, &[0.0; 6]).as_bytes(),
+        "future_timestamp",
+    );
+}
+
+#[test]
+fn bad_input_payload_over_the_size_limit() {
+    let big = format!(
+        "{{\"sensor\":\"s1\",\"ts\":1,\"values\":[0,0,0,0,0,0],\"attrs\":{{\"pad\":\"{}\"}}}}",
+        "x".repeat(5000)
+    );
+    bad_input(
+        "[ingest]\nmax_payload_bytes = 4096\n",
+        big.as_bytes(),
+        "payload_too_large",
+    );
+}
+
+#[test]
+fn bad_input_unknown_sensor() {
+    // The sensor id comes from the topic, so publish the unknown one on its own topic.
+    let mut r = rig("[ingest]\nsensors = [\"s1\"]\n");
+    let base = base_ts();
+    r.publisher
+        .publish("sensors/intruder/data", reading("x", base, &[0.0; 6]));
+    for k in 0..150 {
+        r.publisher.publish(
+            "sensors/s1/data",
+            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+        );
+    }
+    r.publisher.flush();
+    let o = &r.outpost;
+    o.wait_metric(
+        "outpost_rejected_total",
+        &["reason=\"unknown_sensor\""],
+        1.0,
+        Duration::from_secs(20),
+    );
+    o.wait_metric(
+        "outpost_readings_total",
+        &[],
+        150.0,
+        Duration::from_secs(20),
+    );
+    let aggs = r.stop();
+    assert_eq!(sum(&aggs, "readings"), 150);
+    assert!(aggs.iter().all(|a| a["group"] == "s1"));
+}
+
+#[test]
+fn bad_input_invalid_timestamp() {
+    bad_input(
+        "",
+        br#"{"sensor":"s1","ts":"last tuesday","values":[1,2,3,4,5,6]}"#,
+        "invalid_timestamp",
+    );
+}
+
+#[test]
+fn bad_input_missing_field() {
+    bad_input(
+        "",
+        br#"{"sensor":"s1","values":[1,2,3,4,5,6]}"#,
+        "invalid_field",
+    );
+}
