@@ -592,8 +592,8 @@ mod tests {
 
             let mut a: Vec<_> = out.iter().map(key).collect();
             let mut b: Vec<_> = whole.iter().map(key).collect();
-            a.sort_by(|x, y| (x.0.clone(), x.1).cmp(&(y.0.clone(), y.1)));
-            b.sort_by(|x, y| (x.0.clone(), x.1).cmp(&(y.0.clone(), y.1)));
+            a.sort_by_key(|x| (x.0.clone(), x.1));
+            b.sort_by_key(|x| (x.0.clone(), x.1));
             prop_assert_eq!(a, b);
         }
     }

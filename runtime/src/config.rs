@@ -143,7 +143,7 @@ impl Default for GatewayConfig {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Subscribe to the site's MQTT broker.
-    Mqtt(MqttSourceConfig),
+    Mqtt(Box<MqttSourceConfig>),
     /// Read JSON Lines or CSV from a file or stdin.
     File(FileSourceConfig),
     /// Built-in accelerometer/vibration generator with injected faults.
@@ -671,22 +671,75 @@ impl Collector {
         });
     }
 
-    /// Deserialize one section; on failure record the problem with its full path.
-    fn section<T: DeserializeOwned>(&mut self, path: &str, value: toml::Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let inner = e.path().to_string();
-                let full = if inner == "." || inner.is_empty() {
-                    path.to_string()
-                } else {
-                    format!("{path}.{inner}")
-                };
-                self.push(full, e.into_inner().to_string());
-                None
+    /// Deserialize one section; record every problem with its full path.
+    /// An unknown field is recorded, removed, and the section parsed again,
+    /// so that one typo does not hide the section's other problems.
+    fn section<T: DeserializeOwned>(&mut self, path: &str, mut value: toml::Value) -> Option<T> {
+        for _ in 0..32 {
+            match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let inner: Vec<String> = e
+                        .path()
+                        .iter()
+                        .filter_map(|seg| match seg {
+                            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                            serde_path_to_error::Segment::Seq { index } => {
+                                Some(format!("[{index}]"))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let message = e.into_inner().to_string().trim().replace('\n', " ");
+                    let unknown = message
+                        .strip_prefix("unknown field `")
+                        .and_then(|m| m.split('`').next())
+                        .map(str::to_string);
+                    let mut full = path.to_string();
+                    for seg in &inner {
+                        if !seg.starts_with('[') {
+                            full.push('.');
+                        }
+                        full.push_str(seg);
+                    }
+                    match unknown {
+                        Some(field) => {
+                            // Some deserializers point at the field itself, some at its table.
+                            let (table, field_path) = if inner.last() == Some(&field) {
+                                (&inner[..inner.len() - 1], full)
+                            } else {
+                                (&inner[..], format!("{full}.{field}"))
+                            };
+                            self.push(field_path, message);
+                            let removed = table_at(&mut value, table)
+                                .and_then(|t| t.remove(&field))
+                                .is_some();
+                            if !removed {
+                                return None;
+                            }
+                        }
+                        None => {
+                            self.push(full, message);
+                            return None;
+                        }
+                    }
+                }
             }
         }
+        None
     }
+}
+
+/// The table at `path` (keys and `[i]` indices) inside `v`.
+fn table_at<'a>(v: &'a mut toml::Value, path: &[String]) -> Option<&'a mut toml::Table> {
+    let mut cur = v;
+    for seg in path {
+        cur = match seg.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            Some(i) => cur.as_array_mut()?.get_mut(i.parse::<usize>().ok()?)?,
+            None => cur.as_table_mut()?.get_mut(seg)?,
+        };
+    }
+    cur.as_table_mut()
 }
 
 impl Config {
@@ -714,8 +767,11 @@ impl Config {
         let mut c = Collector {
             problems: Vec::new(),
         };
+        // A file starts from each section's defaults (the embedded default's
+        // simulated source and short aggregation windows are for demos only).
         let mut cfg = Config {
             sources: Vec::new(),
+            aggregation: AggregationConfig::default(),
             ..Config::default()
         };
         let mut saw_sources = false;

@@ -144,13 +144,13 @@ impl Validator {
         match value {
             Value::Array(items) => items
                 .into_iter()
-                .map(|v| self.from_value(v, sensor_override, now_ms))
+                .map(|v| self.reading_from_value(v, sensor_override, now_ms))
                 .collect(),
-            v => vec![self.from_value(v, sensor_override, now_ms)],
+            v => vec![self.reading_from_value(v, sensor_override, now_ms)],
         }
     }
 
-    fn from_value(
+    fn reading_from_value(
         &self,
         v: Value,
         sensor_override: Option<&str>,

@@ -108,7 +108,7 @@ impl WindowSpec {
                 let ex = Extractor::new(&manifest.input.features, size)
                     .map_err(WindowError::Features)?;
                 let per = ex.width().max(1);
-                if manifest.input.channels % per != 0 {
+                if !manifest.input.channels.is_multiple_of(per) {
                     return Err(WindowError::FeatureCount {
                         model: manifest.input.channels,
                         actual: per,

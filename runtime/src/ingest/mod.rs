@@ -155,7 +155,7 @@ pub async fn run_source(
             Ok(())
         }
         SourceConfig::File(c) => file::run(c, ctx, shutdown).await,
-        SourceConfig::Mqtt(c) => mqtt::run(c, ctx, &gateway, shutdown).await,
+        SourceConfig::Mqtt(c) => mqtt::run(*c, ctx, &gateway, shutdown).await,
     }
 }
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: system packages and
+# datasets (scripts/setup.sh), then format, build, lint and every test.
+# `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+start=$(date +%s)
+step() { echo "== $* ($(($(date +%s) - start)) s)"; }
+
+step "setup: system packages and datasets"
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo build --bins (the end-to-end tests run the real binaries)"
+cargo build --workspace --bins --locked
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "done"
