@@ -14,8 +14,10 @@ scripts/setup.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo build --bins (the end-to-end tests run the real binaries)"
-cargo build --workspace --bins --locked
+# --all-targets: the binaries the end-to-end tests run are built with the
+# same feature set as the tests, so `cargo test` reuses every artifact.
+step "cargo build --all-targets"
+cargo build --workspace --all-targets --locked
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -71,6 +71,36 @@ impl Mlp {
     }
 }
 
+/// 1D convolutional autoencoder: "same"-padded convolutions narrowing the
+/// channels to a bottleneck and widening them back, ReLU between layers and
+/// a linear last layer.
+#[derive(Module, Debug)]
+pub struct Autoencoder {
+    layers: Vec<Conv1d>,
+}
+
+impl Autoencoder {
+    /// Reconstruction of `[batch, channels, length]`.
+    pub fn reconstruct(&self, x: Tensor<3>) -> Tensor<3> {
+        let mut h = x;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(h);
+            if i < last {
+                h = relu(h);
+            }
+        }
+        h
+    }
+
+    /// Mean squared reconstruction error per window: `[batch, 1]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        let err = self.reconstruct(x.clone()) - x;
+        let [b, c, l] = err.dims();
+        (err.clone() * err).reshape([b, c * l]).mean_dim(1)
+    }
+}
+
 /// Any network Outpost can run.
 #[derive(Module, Debug)]
 pub enum Network {
@@ -78,6 +108,8 @@ pub enum Network {
     Fcn(Fcn),
     /// See [`Mlp`].
     Mlp(Mlp),
+    /// See [`Autoencoder`].
+    Autoencoder(Autoencoder),
 }
 
 impl Network {
@@ -115,6 +147,24 @@ impl Network {
                     head: LinearConfig::new(din, outputs).init(device),
                 })
             }
+            Architecture::Autoencoder {
+                channels: widths,
+                kernel,
+            } => {
+                let mut sizes = vec![channels];
+                sizes.extend(widths.iter().copied());
+                sizes.extend(widths.iter().rev().skip(1).copied());
+                sizes.push(channels);
+                let layers = sizes
+                    .windows(2)
+                    .map(|w| {
+                        Conv1dConfig::new(w[0], w[1], *kernel)
+                            .with_padding(PaddingConfig1d::Same)
+                            .init(device)
+                    })
+                    .collect();
+                Network::Autoencoder(Autoencoder { layers })
+            }
         }
     }
 
@@ -123,6 +173,7 @@ impl Network {
         match self {
             Network::Fcn(n) => n.forward(x),
             Network::Mlp(n) => n.forward(x),
+            Network::Autoencoder(n) => n.forward(x),
         }
     }
 }

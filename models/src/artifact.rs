@@ -350,3 +350,63 @@ pub fn save_artifact(
     })?;
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_bundled(dir: &Path) {
+        for f in ["manifest.json", "model.bpk"] {
+            std::fs::copy(Path::new(crate::bundled::DIR).join(f), dir.join(f)).unwrap();
+        }
+    }
+
+    #[test]
+    fn bundled_directory_and_embedded_copy_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_bundled(dir.path());
+        let device = Device::flex();
+        let a = LoadedModel::load_dir(dir.path(), &device).unwrap();
+        let b =
+            LoadedModel::load_static(crate::bundled::MANIFEST, crate::bundled::WEIGHTS, &device)
+                .unwrap();
+        let mut x: Vec<f32> = (0..1200).map(|i| (i as f32 * 0.37).sin()).collect();
+        a.normalize(&mut x);
+        assert_eq!(a.predict(&x, 2).unwrap(), b.predict(&x, 2).unwrap());
+        assert!(matches!(
+            a.predict(&x, 3),
+            Err(ModelError::InputShape { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_weights_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_bundled(dir.path());
+        let path = dir.path().join("model.bpk");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let err = LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap_err();
+        assert!(matches!(err, ModelError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn manifest_problems_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_bundled(dir.path());
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        m["version"] = "one".into();
+        m["labels"] = serde_json::json!(["only"]);
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        match LoadedModel::load_dir(dir.path(), &Device::flex()) {
+            Err(ModelError::ManifestInvalid { problems, .. }) => {
+                assert_eq!(problems.len(), 2, "{problems:?}")
+            }
+            other => panic!("expected ManifestInvalid, got {other:?}"),
+        }
+    }
+}

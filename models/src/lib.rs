@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod artifact;
 pub mod dataset;
+pub mod eval;
 pub mod features;
 pub mod manifest;
 #[cfg(feature = "train")]

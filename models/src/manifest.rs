@@ -78,6 +78,15 @@ pub enum Architecture {
         /// Widths of the hidden layers.
         hidden: Vec<usize>,
     },
+    /// 1D convolutional autoencoder; the score is the mean squared
+    /// reconstruction error of the normalized window.
+    Autoencoder {
+        /// Channels of the encoder's layers, narrowing to the bottleneck; the
+        /// decoder mirrors them back to the input channels.
+        channels: Vec<usize>,
+        /// Kernel size of every layer.
+        kernel: usize,
+    },
 }
 
 impl Architecture {
@@ -86,6 +95,7 @@ impl Architecture {
         match self {
             Architecture::Fcn { .. } => "fcn",
             Architecture::Mlp { .. } => "mlp",
+            Architecture::Autoencoder { .. } => "autoencoder",
         }
     }
 }
@@ -218,6 +228,17 @@ impl Manifest {
             Architecture::Mlp { hidden } => {
                 if hidden.contains(&0) {
                     p.push("mlp hidden widths must be at least 1".into());
+                }
+            }
+            Architecture::Autoencoder { channels, kernel } => {
+                if channels.is_empty() || channels.contains(&0) || *kernel == 0 {
+                    p.push(
+                        "autoencoder needs at least one layer, channels and kernel at least 1"
+                            .into(),
+                    );
+                }
+                if self.task != Task::Detector {
+                    p.push("an autoencoder is a detector (task = \"detector\")".into());
                 }
             }
         }

@@ -329,3 +329,177 @@ pub fn accuracy(model: &LoadedModel, ds: &Dataset) -> Result<(f64, Vec<usize>), 
     let correct = preds.iter().zip(&ds.y).filter(|(p, y)| p == y).count();
     Ok((correct as f64 / ds.len().max(1) as f64, preds))
 }
+
+/// Detector training settings.
+#[derive(Debug, Clone)]
+pub struct DetectorConfig {
+    /// The shared settings (architecture must be an autoencoder).
+    pub base: TrainConfig,
+    /// Quantile of the training windows' scores used as the anomaly threshold.
+    pub threshold_quantile: f64,
+    /// Label of normal windows; only they are trained on (all windows when no label matches).
+    pub normal_label: String,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            base: TrainConfig {
+                architecture: Architecture::Autoencoder {
+                    channels: vec![16, 4],
+                    kernel: 7,
+                },
+                epochs: 60,
+                patience: 10,
+                batch_size: 32,
+                learning_rate: 1e-3,
+                validation_fraction: 0.2,
+                seed: 42,
+                normalization: NormalizationKind::PerChannel,
+            },
+            threshold_quantile: 0.99,
+            normal_label: "0".into(),
+        }
+    }
+}
+
+/// Anomaly scores of `net` (validation mode) over every window of `ds`.
+pub fn detector_scores(
+    net: &Network,
+    ds: &Dataset,
+    norm: &Normalization,
+    device: &Device,
+) -> Vec<f32> {
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let mut out = Vec::with_capacity(ds.len());
+    for chunk in idx.chunks(64) {
+        let (x, _) = batch_tensors(ds, chunk, norm, device);
+        let s: Vec<f32> = net
+            .forward(x)
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .unwrap_or_default();
+        out.extend(s);
+    }
+    out
+}
+
+/// Train an autoencoder on the normal windows of `ds`; the threshold is the
+/// configured quantile of the training windows' reconstruction errors.
+pub fn train_detector(
+    ds: &Dataset,
+    cfg: &DetectorConfig,
+    name: &str,
+    version: &str,
+    mut progress: impl FnMut(&EpochStats),
+) -> Result<Trained, ModelError> {
+    let normal: Vec<usize> = match ds.labels.iter().position(|l| *l == cfg.normal_label) {
+        Some(c) => (0..ds.len()).filter(|&i| ds.y[i] == c).collect(),
+        None => (0..ds.len()).collect(),
+    };
+    let normal_ds = ds.subset(&normal);
+    let (train, val) = normal_ds.split_stratified(cfg.base.validation_fraction, cfg.base.seed);
+    let normalization = match cfg.base.normalization {
+        NormalizationKind::PerChannel => {
+            let (mean, std) = channel_stats(&train);
+            Normalization::PerChannel { mean, std }
+        }
+        NormalizationKind::PerWindow => Normalization::PerWindow,
+    };
+    let device = Device::flex().autodiff();
+    device.seed(cfg.base.seed);
+    let plain = Device::flex();
+    let mut net = Network::init(&cfg.base.architecture, ds.channels, ds.length, 1, &device);
+    let mut optim = AdamConfig::new().init();
+    let mut rng = SplitMix(cfg.base.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut best: Option<(f64, Network)> = None;
+    let mut since_best = 0;
+    let mut history = Vec::new();
+    for epoch in 1..=cfg.base.epochs {
+        rng.shuffle(&mut order);
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(cfg.base.batch_size.max(1)) {
+            let (x, _) = batch_tensors(&train, chunk, &normalization, &device);
+            let loss = net.forward(x).mean();
+            loss_sum += loss.clone().into_scalar::<f32>() as f64 * chunk.len() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optim.step(cfg.base.learning_rate, net, grads);
+        }
+        let valid = net.valid();
+        let val_scores = detector_scores(
+            &valid,
+            if val.is_empty() { &train } else { &val },
+            &normalization,
+            &plain,
+        );
+        let val_loss =
+            val_scores.iter().map(|&s| s as f64).sum::<f64>() / val_scores.len().max(1) as f64;
+        let stats = EpochStats {
+            epoch,
+            train_loss: loss_sum / train.len().max(1) as f64,
+            train_accuracy: f64::NAN,
+            validation_accuracy: f64::NAN,
+            validation_loss: val_loss,
+        };
+        progress(&stats);
+        history.push(stats);
+        if best.as_ref().is_none_or(|(l, _)| val_loss < *l) {
+            best = Some((val_loss, valid));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.base.patience {
+                break;
+            }
+        }
+    }
+    let network = match best {
+        Some((_, n)) => n,
+        None => net.valid(),
+    };
+    let train_scores = detector_scores(&network, &train, &normalization, &plain);
+    let threshold = crate::eval::quantile(&train_scores, cfg.threshold_quantile);
+    let mut settings = BTreeMap::new();
+    settings.insert("learning_rate".into(), cfg.base.learning_rate.to_string());
+    settings.insert("batch_size".into(), cfg.base.batch_size.to_string());
+    settings.insert(
+        "threshold_quantile".into(),
+        cfg.threshold_quantile.to_string(),
+    );
+    settings.insert("optimizer".into(), "adam".into());
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        name: name.to_string(),
+        version: version.to_string(),
+        task: Task::Detector,
+        architecture: cfg.base.architecture.clone(),
+        input: InputSpec {
+            kind: InputKind::Raw,
+            channels: ds.channels,
+            length: ds.length,
+            features: Vec::new(),
+        },
+        normalization,
+        labels: Vec::new(),
+        anomaly_threshold: Some(threshold),
+        weights: "model.bpk".into(),
+        provenance: Some(Provenance {
+            dataset: ds.name.clone(),
+            data_fingerprint: ds.fingerprint(),
+            train_samples: train.len(),
+            validation_samples: val.len(),
+            seed: cfg.base.seed,
+            epochs: history.len(),
+            settings,
+        }),
+        metrics: BTreeMap::new(),
+        created_at: String::new(),
+        files: BTreeMap::new(),
+    };
+    Ok(Trained {
+        network,
+        manifest,
+        history,
+    })
+}

@@ -206,3 +206,63 @@ fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(i: usize, data: bool) -> Window {
+        Window {
+            sensor: Arc::from(format!("s{}", i % 3)),
+            group: Arc::from("g"),
+            start_ms: i as i64,
+            end_ms: i as i64 * 10,
+            readings: vec![i as i64],
+            data: data.then(|| {
+                (0..600)
+                    .map(|k| ((k * (i + 1)) % 17) as f32 / 17.0)
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn batches_by_count_keep_order_and_pass_tails_through() {
+        let model = Arc::new(load_model(&ModelSource::Bundled).expect("bundled model loads"));
+        let metrics = Arc::new(Metrics::new());
+        let (win_tx, win_rx) = flume::bounded(64);
+        let (inf_tx, inf_rx) = flume::bounded(64);
+        let handle = spawn(
+            model.clone(),
+            win_rx,
+            inf_tx,
+            Batching {
+                max_batch: 4,
+                max_wait: None,
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        let inputs: Vec<Window> = (0..12).map(|i| window(i, i % 5 != 4)).collect();
+        for w in inputs.clone() {
+            win_tx.send(w).unwrap();
+        }
+        drop(win_tx);
+        let out: Vec<Inferred> = inf_rx.iter().collect();
+        handle.join().unwrap().unwrap();
+        assert_eq!(out.len(), 12);
+        for (w, r) in inputs.iter().zip(&out) {
+            assert_eq!(w.end_ms, r.ts_ms, "results come out in input order");
+            assert_eq!(w.data.is_some(), r.prediction.is_some());
+        }
+        // 10 windows with data in batches of 4, 4, 2.
+        assert_eq!(metrics.inferences.get(), 10);
+        // Batching does not change a window's prediction.
+        let mut scratch = Vec::new();
+        let alone = infer_batch(&model, &inputs[0..1], &mut scratch).unwrap();
+        let p1 = alone[0].prediction.as_ref().unwrap();
+        let p2 = out[0].prediction.as_ref().unwrap();
+        assert_eq!(p1.class, p2.class);
+        assert!((p1.score - p2.score).abs() < 1e-5);
+    }
+}

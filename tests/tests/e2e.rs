@@ -195,14 +195,14 @@ fn sigterm_publishes_the_last_partial_window() {
     assert_eq!(aggs[0]["inferences"], 0);
 }
 
-/// Publish one bad payload among 150 good readings: the bad one is counted
-/// under `reason`, the good ones all make it into aggregates.
-fn bad_input(extra: &str, payload: &[u8], reason: &str) {
+/// Publish one bad payload (on `topic`) among 150 good readings: the bad one
+/// is counted under `reason`, the good ones all make it into aggregates.
+fn bad_input_on(extra: &str, topic: &str, payload: &[u8], reason: &str) -> Vec<Value> {
     let mut r = rig(extra);
     let base = base_ts();
     for k in 0..150 {
         if k == 75 {
-            r.publisher.publish("sensors/s1/data", payload.to_vec());
+            r.publisher.publish(topic, payload.to_vec());
         }
         r.publisher.publish(
             "sensors/s1/data",
@@ -224,8 +224,11 @@ fn bad_input(extra: &str, payload: &[u8], reason: &str) {
         150.0,
         Duration::from_secs(20),
     );
-    let total_rejected = o.metric("outpost_rejected_total", &[]);
-    assert_eq!(total_rejected, 1.0, "only one rejection");
+    assert_eq!(
+        o.metric("outpost_rejected_total", &[]),
+        1.0,
+        "only one rejection"
+    );
     let aggs = r.stop();
     assert_eq!(sum(&aggs, "readings"), 150);
     assert_eq!(
@@ -233,6 +236,11 @@ fn bad_input(extra: &str, payload: &[u8], reason: &str) {
         2,
         "the pipeline kept going after the bad input"
     );
+    aggs
+}
+
+fn bad_input(extra: &str, payload: &[u8], reason: &str) {
+    bad_input_on(extra, "sensors/s1/data", payload, reason);
 }
 
 #[test]
@@ -292,33 +300,14 @@ fn bad_input_payload_over_the_size_limit() {
 
 #[test]
 fn bad_input_unknown_sensor() {
-    // The sensor id comes from the topic, so publish the unknown one on its own topic.
-    let mut r = rig("[ingest]\nsensors = [\"s1\"]\n");
-    let base = base_ts();
-    r.publisher
-        .publish("sensors/intruder/data", reading("x", base, &[0.0; 6]));
-    for k in 0..150 {
-        r.publisher.publish(
-            "sensors/s1/data",
-            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
-        );
-    }
-    r.publisher.flush();
-    let o = &r.outpost;
-    o.wait_metric(
-        "outpost_rejected_total",
-        &["reason=\"unknown_sensor\""],
-        1.0,
-        Duration::from_secs(20),
+    // The sensor id comes from the topic, so the unknown one has its own topic.
+    let payload = reading("x", base_ts(), &[0.0; 6]);
+    let aggs = bad_input_on(
+        "[ingest]\nsensors = [\"s1\"]\n",
+        "sensors/intruder/data",
+        payload.as_bytes(),
+        "unknown_sensor",
     );
-    o.wait_metric(
-        "outpost_readings_total",
-        &[],
-        150.0,
-        Duration::from_secs(20),
-    );
-    let aggs = r.stop();
-    assert_eq!(sum(&aggs, "readings"), 150);
     assert!(aggs.iter().all(|a| a["group"] == "s1"));
 }
 
@@ -337,5 +326,59 @@ fn bad_input_missing_field() {
         "",
         br#"{"sensor":"s1","values":[1,2,3,4,5,6]}"#,
         "invalid_field",
+    );
+}
+
+#[test]
+fn decisions_go_to_the_site_broker_and_never_to_the_cloud() {
+    let site = Broker::start();
+    let cloud = Broker::start();
+    let cloud_sub = Subscriber::start(cloud.port, "#");
+    let site_sub = Subscriber::start(site.port, "outpost/+/decision/#");
+    let extra = format!(
+        "[decisions]\nbroker = {{ host = \"127.0.0.1\", port = {} }}\nmode = \"all\"\n",
+        site.port
+    );
+    let mut outpost = Outpost::run(&config(site.port, cloud.port, &extra));
+    wait_until(
+        "the site source to subscribe",
+        Duration::from_secs(20),
+        || outpost.log().contains("subscribed to site topics"),
+    );
+    let mut publisher = Publisher::connect(site.port);
+    let base = base_ts();
+    for k in 0..150 {
+        publisher.publish(
+            "sensors/s1/data",
+            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+        );
+    }
+    publisher.flush();
+    // 150 readings, windows of 100 with hop 50: two decisions, within moments.
+    wait_until("two decisions on site", Duration::from_secs(20), || {
+        site_sub.messages().len() >= 2
+    });
+    let d: Value = serde_json::from_slice(&site_sub.messages()[0].payload).unwrap();
+    assert_eq!(site_sub.messages()[0].topic, "outpost/gw-test/decision/s1");
+    assert_eq!(d["sensor"], "s1");
+    assert!(d["class"].is_string());
+    outpost.signal(libc::SIGTERM);
+    assert!(outpost.wait(Duration::from_secs(20)).success());
+    wait_until(
+        "the aggregate at the cloud",
+        Duration::from_secs(10),
+        || !cloud_sub.messages().is_empty(),
+    );
+    assert!(
+        cloud_sub
+            .messages()
+            .iter()
+            .all(|m| m.topic.starts_with("outpost/gw-test/agg/")),
+        "only aggregates reach the cloud: {:?}",
+        cloud_sub
+            .messages()
+            .iter()
+            .map(|m| &m.topic)
+            .collect::<Vec<_>>()
     );
 }
