@@ -306,12 +306,14 @@ pub fn normalize(norm: &Normalization, channels: usize, length: usize, windows: 
     }
 }
 
-/// Write an artifact: the network's weights as burnpack and a manifest that
-/// lists their sha256. `manifest.files` is filled in here.
+/// Write an artifact: the network's weights as burnpack, any `extras`
+/// (name, bytes) beside them, and a manifest that lists the sha256 of every
+/// file. `manifest.files` is filled in here.
 pub fn save_artifact(
     dir: &Path,
     mut manifest: Manifest,
     net: &Network,
+    extras: &[(&str, &[u8])],
 ) -> Result<Manifest, ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_path_buf(),
@@ -329,9 +331,15 @@ pub fn save_artifact(
         path: weights_path,
         source,
     })?;
+    manifest.files.clear();
     manifest
         .files
         .insert(manifest.weights.clone(), sha256_hex(&bytes));
+    for (name, data) in extras {
+        let path = dir.join(name);
+        std::fs::write(&path, data).map_err(|source| ModelError::Io { path, source })?;
+        manifest.files.insert(name.to_string(), sha256_hex(data));
+    }
     let problems = manifest.problems();
     if !problems.is_empty() {
         return Err(ModelError::ManifestInvalid {

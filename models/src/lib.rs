@@ -11,6 +11,8 @@ pub mod eval;
 pub mod features;
 pub mod manifest;
 #[cfg(feature = "train")]
+pub mod report;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use artifact::{LoadedModel, ModelError, Prediction};

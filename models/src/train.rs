@@ -64,7 +64,7 @@ impl Default for TrainConfig {
 }
 
 /// One epoch of the training curve.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EpochStats {
     /// 1-based epoch.
     pub epoch: usize,
@@ -136,6 +136,71 @@ pub fn channel_stats(ds: &Dataset) -> (Vec<f32>, Vec<f32>) {
     (mean, std)
 }
 
+/// The normalization of `kind`, with statistics from `train`.
+pub fn fit_normalization(kind: NormalizationKind, train: &Dataset) -> Normalization {
+    match kind {
+        NormalizationKind::PerChannel => {
+            let (mean, std) = channel_stats(train);
+            Normalization::PerChannel { mean, std }
+        }
+        NormalizationKind::PerWindow => Normalization::PerWindow,
+    }
+}
+
+/// The manifest of a freshly trained model (no file hashes, no creation time yet).
+#[allow(clippy::too_many_arguments)]
+fn manifest_for(
+    name: &str,
+    version: &str,
+    task: Task,
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    normalization: Normalization,
+    anomaly_threshold: Option<f32>,
+    split: (usize, usize),
+    epochs: usize,
+    mut settings: BTreeMap<String, String>,
+) -> Manifest {
+    settings.insert("learning_rate".into(), cfg.learning_rate.to_string());
+    settings.insert("batch_size".into(), cfg.batch_size.to_string());
+    settings.insert("patience".into(), cfg.patience.to_string());
+    settings.insert("max_epochs".into(), cfg.epochs.to_string());
+    settings.insert("optimizer".into(), "adam".into());
+    Manifest {
+        schema: MANIFEST_SCHEMA,
+        name: name.to_string(),
+        version: version.to_string(),
+        task,
+        architecture: cfg.architecture.clone(),
+        input: InputSpec {
+            kind: InputKind::Raw,
+            channels: ds.channels,
+            length: ds.length,
+            features: Vec::new(),
+        },
+        normalization,
+        labels: if task == Task::Classifier {
+            ds.labels.clone()
+        } else {
+            Vec::new()
+        },
+        anomaly_threshold,
+        weights: "model.bpk".into(),
+        provenance: Some(Provenance {
+            dataset: ds.name.clone(),
+            data_fingerprint: ds.fingerprint(),
+            train_samples: split.0,
+            validation_samples: split.1,
+            seed: cfg.seed,
+            epochs,
+            settings,
+        }),
+        metrics: BTreeMap::new(),
+        created_at: String::new(),
+        files: BTreeMap::new(),
+    }
+}
+
 fn batch_tensors(
     ds: &Dataset,
     idx: &[usize],
@@ -196,13 +261,7 @@ pub fn train_classifier(
     } else {
         (ds.clone(), ds.clone())
     };
-    let normalization = match cfg.normalization {
-        NormalizationKind::PerChannel => {
-            let (mean, std) = channel_stats(&train);
-            Normalization::PerChannel { mean, std }
-        }
-        NormalizationKind::PerWindow => Normalization::PerWindow,
-    };
+    let normalization = fit_normalization(cfg.normalization, &train);
     let device = Device::flex().autodiff();
     device.seed(cfg.seed);
     let plain = Device::flex();
@@ -272,41 +331,18 @@ pub fn train_classifier(
         Some((_, _, n)) => n,
         None => net.valid(),
     };
-    let mut settings = BTreeMap::new();
-    settings.insert("learning_rate".into(), cfg.learning_rate.to_string());
-    settings.insert("batch_size".into(), cfg.batch_size.to_string());
-    settings.insert("patience".into(), cfg.patience.to_string());
-    settings.insert("max_epochs".into(), cfg.epochs.to_string());
-    settings.insert("optimizer".into(), "adam".into());
-    let manifest = Manifest {
-        schema: MANIFEST_SCHEMA,
-        name: name.to_string(),
-        version: version.to_string(),
-        task: Task::Classifier,
-        architecture: cfg.architecture.clone(),
-        input: InputSpec {
-            kind: InputKind::Raw,
-            channels: ds.channels,
-            length: ds.length,
-            features: Vec::new(),
-        },
+    let manifest = manifest_for(
+        name,
+        version,
+        Task::Classifier,
+        cfg,
+        ds,
         normalization,
-        labels: ds.labels.clone(),
-        anomaly_threshold: None,
-        weights: "model.bpk".into(),
-        provenance: Some(Provenance {
-            dataset: ds.name.clone(),
-            data_fingerprint: ds.fingerprint(),
-            train_samples: train.len(),
-            validation_samples: val.len(),
-            seed: cfg.seed,
-            epochs: history.len(),
-            settings,
-        }),
-        metrics: BTreeMap::new(),
-        created_at: String::new(),
-        files: BTreeMap::new(),
-    };
+        None,
+        (train.len(), val.len()),
+        history.len(),
+        BTreeMap::new(),
+    );
     Ok(Trained {
         network,
         manifest,
@@ -399,13 +435,7 @@ pub fn train_detector(
     };
     let normal_ds = ds.subset(&normal);
     let (train, val) = normal_ds.split_stratified(cfg.base.validation_fraction, cfg.base.seed);
-    let normalization = match cfg.base.normalization {
-        NormalizationKind::PerChannel => {
-            let (mean, std) = channel_stats(&train);
-            Normalization::PerChannel { mean, std }
-        }
-        NormalizationKind::PerWindow => Normalization::PerWindow,
-    };
+    let normalization = fit_normalization(cfg.base.normalization, &train);
     let device = Device::flex().autodiff();
     device.seed(cfg.base.seed);
     let plain = Device::flex();
@@ -461,42 +491,22 @@ pub fn train_detector(
     let train_scores = detector_scores(&network, &train, &normalization, &plain);
     let threshold = crate::eval::quantile(&train_scores, cfg.threshold_quantile);
     let mut settings = BTreeMap::new();
-    settings.insert("learning_rate".into(), cfg.base.learning_rate.to_string());
-    settings.insert("batch_size".into(), cfg.base.batch_size.to_string());
     settings.insert(
         "threshold_quantile".into(),
         cfg.threshold_quantile.to_string(),
     );
-    settings.insert("optimizer".into(), "adam".into());
-    let manifest = Manifest {
-        schema: MANIFEST_SCHEMA,
-        name: name.to_string(),
-        version: version.to_string(),
-        task: Task::Detector,
-        architecture: cfg.base.architecture.clone(),
-        input: InputSpec {
-            kind: InputKind::Raw,
-            channels: ds.channels,
-            length: ds.length,
-            features: Vec::new(),
-        },
+    let manifest = manifest_for(
+        name,
+        version,
+        Task::Detector,
+        &cfg.base,
+        ds,
         normalization,
-        labels: Vec::new(),
-        anomaly_threshold: Some(threshold),
-        weights: "model.bpk".into(),
-        provenance: Some(Provenance {
-            dataset: ds.name.clone(),
-            data_fingerprint: ds.fingerprint(),
-            train_samples: train.len(),
-            validation_samples: val.len(),
-            seed: cfg.base.seed,
-            epochs: history.len(),
-            settings,
-        }),
-        metrics: BTreeMap::new(),
-        created_at: String::new(),
-        files: BTreeMap::new(),
-    };
+        Some(threshold),
+        (train.len(), val.len()),
+        history.len(),
+        settings,
+    );
     Ok(Trained {
         network,
         manifest,

@@ -1,15 +1,23 @@
 //! `outpost-train`: train and evaluate Outpost models on the CPU.
 //!
 //! A separate binary so that the gateway's `outpost` carries no training code.
+//! A `.ts` dataset trains a classifier (FCN by default); a `.csv` dataset with
+//! an `is_anomaly` column trains an anomaly detector (autoencoder).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use outpost_models::artifact::save_artifact;
-use outpost_models::dataset::{Dataset, DatasetError, load_ts};
-use outpost_models::manifest::Architecture;
-use outpost_models::train::{NormalizationKind, TrainConfig, accuracy, train_classifier};
+use outpost_models::dataset::{Dataset, DatasetError, load_csv_windows, load_ts};
+use outpost_models::eval::{classifier_metrics, detector_metrics, quantile};
+use outpost_models::manifest::{Architecture, Task};
+use outpost_models::report::{Findings, ReportError, write_report};
+use outpost_models::train::{
+    DetectorConfig, EpochStats, NormalizationKind, TrainConfig, Trained, train_classifier,
+    train_detector,
+};
 use outpost_models::{LoadedModel, ModelError};
 
 #[derive(Parser)]
@@ -27,6 +35,7 @@ struct Cli {
 enum Arch {
     Fcn,
     Mlp,
+    Autoencoder,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -35,20 +44,34 @@ enum Norm {
     PerWindow,
 }
 
+/// How a CSV time series becomes windows.
+#[derive(Args, Clone)]
+struct CsvWindows {
+    /// Samples per window (CSV datasets).
+    #[arg(long, default_value_t = 128)]
+    window: usize,
+    /// Samples between window starts (CSV datasets).
+    #[arg(long, default_value_t = 64)]
+    hop: usize,
+    /// Label column (CSV datasets); `is_anomaly` marks a window anomalous if any row is.
+    #[arg(long, default_value = "is_anomaly")]
+    label_column: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model on a `.ts` dataset (the `_TRAIN` file) and write an artifact.
+    /// Train a model and write an artifact.
     Train {
-        /// Training data: a UCR/UEA `.ts` file.
+        /// Training data: a UCR/UEA `.ts` file or a CSV time series.
         #[arg(long)]
         dataset: PathBuf,
         /// Test data, evaluated into the manifest's metrics (default: the
         /// `_TEST` file beside a `_TRAIN` file, when it exists).
         #[arg(long)]
         test: Option<PathBuf>,
-        /// Architecture.
-        #[arg(long, value_enum, default_value = "fcn")]
-        arch: Arch,
+        /// Architecture (default: fcn for `.ts`, autoencoder for `.csv`).
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
         /// Output artifact directory.
         #[arg(long)]
         out: PathBuf,
@@ -67,18 +90,28 @@ enum Command {
         /// Normalization.
         #[arg(long, value_enum, default_value = "per-channel")]
         normalization: Norm,
+        /// Anomaly threshold: this quantile of the training windows' scores (detectors).
+        #[arg(long, default_value_t = 0.99)]
+        threshold_quantile: f64,
         /// Creation time to record (RFC 3339); default: now.
         #[arg(long)]
         created_at: Option<String>,
+        #[command(flatten)]
+        csv: CsvWindows,
     },
-    /// Evaluate an artifact on a `.ts` dataset.
+    /// Evaluate an artifact on a dataset and write a report.
     Eval {
         /// Artifact directory.
         #[arg(long)]
         model: PathBuf,
-        /// Dataset.
+        /// Dataset (`.ts` or CSV).
         #[arg(long)]
         dataset: PathBuf,
+        /// Directory for report.md and its plots.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        csv: CsvWindows,
     },
 }
 
@@ -88,6 +121,22 @@ enum CliError {
     Dataset(#[from] DatasetError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn is_csv(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+fn load(path: &Path, csv: &CsvWindows) -> Result<Dataset, DatasetError> {
+    if is_csv(path) {
+        load_csv_windows(path, csv.window, csv.hop, &csv.label_column)
+    } else {
+        load_ts(path)
+    }
 }
 
 fn default_test(train: &Path) -> Option<PathBuf> {
@@ -97,13 +146,11 @@ fn default_test(train: &Path) -> Option<PathBuf> {
 }
 
 fn now_rfc3339() -> String {
-    // Seconds since the epoch rendered as a UTC timestamp without extra crates.
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
@@ -127,6 +174,152 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+fn progress_bar(epochs: usize) -> ProgressBar {
+    let pb = ProgressBar::new(epochs as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn epoch_message(s: &EpochStats) -> String {
+    if s.train_accuracy.is_finite() {
+        format!(
+            "loss {:.4} acc {:.3} | val loss {:.4} acc {:.3}",
+            s.train_loss, s.train_accuracy, s.validation_loss, s.validation_accuracy
+        )
+    } else {
+        format!(
+            "loss {:.5} | val loss {:.5}",
+            s.train_loss, s.validation_loss
+        )
+    }
+}
+
+/// Window RMS of normalized-free raw samples: the trivial anomaly score.
+fn rms_scores(ds: &Dataset) -> Vec<f32> {
+    (0..ds.len())
+        .map(|i| {
+            let s = ds.sample(i);
+            (s.iter().map(|v| v * v).sum::<f32>() / s.len().max(1) as f32).sqrt()
+        })
+        .collect()
+}
+
+fn predict_all(
+    model: &LoadedModel,
+    ds: &Dataset,
+) -> Result<Vec<outpost_models::Prediction>, ModelError> {
+    let per = ds.channels * ds.length;
+    let mut out = Vec::with_capacity(ds.len());
+    for start in (0..ds.len()).step_by(64) {
+        let end = (start + 64).min(ds.len());
+        let mut x = ds.x[start * per..end * per].to_vec();
+        model.normalize(&mut x);
+        out.extend(model.predict(&x, end - start)?);
+    }
+    Ok(out)
+}
+
+/// Evaluate; returns the headline metrics for the manifest.
+fn evaluate(
+    model: &LoadedModel,
+    ds: &Dataset,
+    report: Option<&Path>,
+    history: Option<&[EpochStats]>,
+) -> Result<Vec<(String, f64)>, CliError> {
+    let m = model.manifest();
+    let preds = predict_all(model, ds)?;
+    match m.task {
+        Task::Classifier => {
+            // Map the dataset's labels onto the model's by name.
+            let truth: Vec<usize> =
+                ds.y.iter()
+                    .map(|&y| {
+                        m.labels
+                            .iter()
+                            .position(|l| *l == ds.labels[y])
+                            .unwrap_or(usize::MAX)
+                    })
+                    .collect();
+            let predicted: Vec<usize> = preds
+                .iter()
+                .map(|p| p.class.unwrap_or(usize::MAX))
+                .collect();
+            let cm = classifier_metrics(&truth, &predicted, m.labels.len());
+            println!(
+                "accuracy {:.4}  macro-F1 {:.4}  ({} samples)",
+                cm.accuracy, cm.macro_f1, cm.samples
+            );
+            if let Some(dir) = report {
+                let path = write_report(dir, m, &ds.name, Findings::Classifier(&cm), history)?;
+                println!("report {}", path.display());
+            }
+            Ok(vec![
+                ("test_accuracy".into(), cm.accuracy),
+                ("test_macro_f1".into(), cm.macro_f1),
+            ])
+        }
+        Task::Detector => {
+            let anomalous = ds.labels.iter().position(|l| l == "1");
+            let truth: Vec<bool> = ds.y.iter().map(|&y| Some(y) == anomalous).collect();
+            let scores: Vec<f32> = preds.iter().map(|p| p.score).collect();
+            let threshold = m.anomaly_threshold.unwrap_or(f32::INFINITY);
+            let dm = detector_metrics(&truth, &scores, threshold);
+            // Baseline: window RMS, thresholded at the same quantile of the normal windows.
+            let rms = rms_scores(ds);
+            let normal_rms: Vec<f32> = rms
+                .iter()
+                .zip(&truth)
+                .filter(|(_, t)| !**t)
+                .map(|(s, _)| *s)
+                .collect();
+            let q = m
+                .provenance
+                .as_ref()
+                .and_then(|p| p.settings.get("threshold_quantile"))
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(0.99);
+            let baseline = detector_metrics(&truth, &rms, quantile(&normal_rms, q));
+            let flagged = scores.iter().filter(|s| **s > threshold).count();
+            println!(
+                "precision {:.4} recall {:.4} F1 {:.4} ROC-AUC {}  flagged {flagged}/{} (anomalous {})",
+                dm.precision,
+                dm.recall,
+                dm.f1,
+                dm.roc_auc
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "n/a".into()),
+                dm.samples,
+                dm.positives
+            );
+            println!("baseline (window RMS) F1 {:.4}", baseline.f1);
+            if let Some(dir) = report {
+                let path = write_report(
+                    dir,
+                    m,
+                    &ds.name,
+                    Findings::Detector {
+                        model: &dm,
+                        baseline: &baseline,
+                    },
+                    history,
+                )?;
+                println!("report {}", path.display());
+            }
+            Ok(vec![
+                ("test_f1".into(), dm.f1),
+                (
+                    "test_flagged_fraction".into(),
+                    flagged as f64 / scores.len().max(1) as f64,
+                ),
+            ])
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Train {
@@ -139,10 +332,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
             epochs,
             seed,
             normalization,
+            threshold_quantile,
             created_at,
+            csv,
         } => {
-            let ds = load_ts(&dataset)?;
-            let mut cfg = TrainConfig {
+            let ds = load(&dataset, &csv)?;
+            let arch = arch.unwrap_or(if is_csv(&dataset) {
+                Arch::Autoencoder
+            } else {
+                Arch::Fcn
+            });
+            let mut base = TrainConfig {
                 seed,
                 normalization: match normalization {
                     Norm::PerChannel => NormalizationKind::PerChannel,
@@ -150,56 +350,79 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 },
                 ..TrainConfig::default()
             };
-            if let Arch::Mlp = arch {
-                cfg.architecture = Architecture::Mlp {
-                    hidden: vec![128, 64],
-                };
+            let detector = matches!(arch, Arch::Autoencoder);
+            let mut det = DetectorConfig {
+                threshold_quantile,
+                ..DetectorConfig::default()
+            };
+            match arch {
+                Arch::Fcn => {}
+                Arch::Mlp => {
+                    base.architecture = Architecture::Mlp {
+                        hidden: vec![128, 64],
+                    }
+                }
+                Arch::Autoencoder => {
+                    det.base.seed = base.seed;
+                    det.base.normalization = base.normalization;
+                    base = det.base.clone();
+                }
             }
             if let Some(e) = epochs {
-                cfg.epochs = e;
+                base.epochs = e;
             }
+            det.base = base.clone();
             let name = name.unwrap_or_else(|| {
-                format!("{}-{}", ds.name.to_lowercase(), cfg.architecture.name())
+                format!("{}-{}", ds.name.to_lowercase(), base.architecture.name())
             });
             eprintln!(
-                "training {name} on {} ({} samples, {}×{}, {} classes)",
+                "training {name} on {} ({} samples, {}×{}, {} labels)",
                 dataset.display(),
                 ds.len(),
                 ds.channels,
                 ds.length,
                 ds.labels.len()
             );
-            let trained = train_classifier(&ds, &cfg, &name, &model_version, |s| {
-                eprintln!(
-                    "epoch {:>4}  loss {:.4}  train acc {:.3}  val loss {:.4}  val acc {:.3}",
-                    s.epoch,
-                    s.train_loss,
-                    s.train_accuracy,
-                    s.validation_loss,
-                    s.validation_accuracy
-                );
-            })?;
+            let pb = progress_bar(base.epochs);
+            let on_epoch = |s: &EpochStats| {
+                pb.set_position(s.epoch as u64);
+                pb.set_message(epoch_message(s));
+            };
+            let trained: Trained = if detector {
+                train_detector(&ds, &det, &name, &model_version, on_epoch)?
+            } else {
+                train_classifier(&ds, &base, &name, &model_version, on_epoch)?
+            };
+            pb.finish();
+            let history = serde_json::to_vec_pretty(&trained.history)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
             let mut manifest = trained.manifest;
             manifest.created_at = created_at.unwrap_or_else(now_rfc3339);
-            let saved = save_artifact(&out, manifest.clone(), &trained.network)?;
+            let extras: [(&str, &[u8]); 1] = [("training.json", &history)];
+            save_artifact(&out, manifest.clone(), &trained.network, &extras)?;
             if let Some(test) = test.or_else(|| default_test(&dataset)) {
-                let test_ds = load_ts(&test)?;
+                let test_ds = load(&test, &csv)?;
                 let model = LoadedModel::load_dir(&out, &burn::tensor::Device::flex())?;
-                let (acc, _) = accuracy(&model, &test_ds)?;
-                eprintln!("test accuracy {acc:.4} on {}", test.display());
-                let mut manifest = saved;
-                manifest.metrics.insert("test_accuracy".into(), acc);
-                manifest.files.clear();
-                save_artifact(&out, manifest, &trained.network)?;
+                for (k, v) in evaluate(&model, &test_ds, None, None)? {
+                    manifest.metrics.insert(k, v);
+                }
+                save_artifact(&out, manifest, &trained.network, &extras)?;
             }
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::Eval { model, dataset } => {
-            let model = LoadedModel::load_dir(&model, &burn::tensor::Device::flex())?;
-            let ds: Dataset = load_ts(&dataset)?;
-            let (acc, _) = accuracy(&model, &ds)?;
-            println!("accuracy {acc:.4} ({} samples)", ds.len());
+        Command::Eval {
+            model,
+            dataset,
+            report,
+            csv,
+        } => {
+            let loaded = LoadedModel::load_dir(&model, &burn::tensor::Device::flex())?;
+            let ds = load(&dataset, &csv)?;
+            let history: Option<Vec<EpochStats>> = std::fs::read(model.join("training.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            evaluate(&loaded, &ds, report.as_deref(), history.as_deref())?;
             Ok(())
         }
     }
