@@ -89,18 +89,23 @@ fn mosquitto() -> PathBuf {
     PathBuf::from("mosquitto")
 }
 
-/// The `outpost` binary under test.
+/// The `outpost` binary under test (`$OUTPOST_BIN` overrides).
 pub fn outpost_bin() -> PathBuf {
     if let Ok(p) = std::env::var("OUTPOST_BIN") {
         return PathBuf::from(p);
     }
+    bin("outpost")
+}
+
+/// A binary of the workspace, from the target directory beside the test executable.
+pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/outpost
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("outpost");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
         bin.display()
     );
     bin

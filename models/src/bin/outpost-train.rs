@@ -110,6 +110,10 @@ enum Command {
         /// Directory for report.md and its plots.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write each sample's prediction as JSON Lines here
+        /// (`{"sample","truth","class","score","anomaly"}`).
+        #[arg(long)]
+        predictions: Option<PathBuf>,
         #[command(flatten)]
         csv: CsvWindows,
     },
@@ -320,6 +324,23 @@ fn evaluate(
     }
 }
 
+fn write_predictions(model: &LoadedModel, ds: &Dataset, path: &Path) -> Result<(), CliError> {
+    let labels = &model.manifest().labels;
+    let mut out = String::new();
+    for (i, p) in predict_all(model, ds)?.iter().enumerate() {
+        let line = serde_json::json!({
+            "sample": i,
+            "truth": ds.labels[ds.y[i]],
+            "class": p.class.and_then(|c| labels.get(c)),
+            "score": p.score,
+            "anomaly": p.anomaly,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+}
+
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Train {
@@ -415,10 +436,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             model,
             dataset,
             report,
+            predictions,
             csv,
         } => {
             let loaded = LoadedModel::load_dir(&model, &burn::tensor::Device::flex())?;
             let ds = load(&dataset, &csv)?;
+            if let Some(path) = predictions {
+                write_predictions(&loaded, &ds, &path)?;
+            }
             let history: Option<Vec<EpochStats>> = std::fs::read(model.join("training.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
