@@ -306,6 +306,43 @@ pub fn normalize(norm: &Normalization, channels: usize, length: usize, windows: 
     }
 }
 
+/// Bring your own weights: build the network `manifest` describes, load its
+/// parameters from a safetensors file written by PyTorch (`state_dict`
+/// names; linear weights transposed and batch-norm names mapped by burn's
+/// PyTorch adapter), and write a verified Outpost artifact to `out`.
+#[cfg(feature = "train")]
+pub fn import_safetensors(
+    manifest: Manifest,
+    safetensors: &Path,
+    out: &Path,
+) -> Result<Manifest, ModelError> {
+    use burn::store::{PyTorchToBurnAdapter, SafetensorsStore};
+    let device = Device::flex();
+    let mut net = Network::init(
+        &manifest.architecture,
+        manifest.input.channels,
+        manifest.input.length,
+        manifest.outputs(),
+        &device,
+    );
+    let mut store = SafetensorsStore::from_file(safetensors)
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .skip_enum_variants(true);
+    let applied = net
+        .load_from(&mut store)
+        .map_err(|e| ModelError::Weights(format!("{}: {e}", safetensors.display())))?;
+    if !applied.missing.is_empty() || !applied.errors.is_empty() {
+        return Err(ModelError::Weights(format!(
+            "{}: missing tensors {:?}, errors {:?} (unused in the file: {:?})",
+            safetensors.display(),
+            applied.missing.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            applied.errors,
+            applied.unused
+        )));
+    }
+    save_artifact(out, manifest, &net.valid(), &[])
+}
+
 /// Write an artifact: the network's weights as burnpack, any `extras`
 /// (name, bytes) beside them, and a manifest that lists the sha256 of every
 /// file. `manifest.files` is filled in here.

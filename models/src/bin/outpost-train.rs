@@ -99,6 +99,19 @@ enum Command {
         #[command(flatten)]
         csv: CsvWindows,
     },
+    /// Bring your own weights: turn a PyTorch safetensors file for one of
+    /// Outpost's architectures into a verified artifact.
+    Import {
+        /// Manifest describing the network (its `files` are filled in here).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Weights saved from PyTorch (`safetensors.torch.save_file(model.state_dict(), ...)`).
+        #[arg(long)]
+        safetensors: PathBuf,
+        /// Output artifact directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Evaluate an artifact on a dataset and write a report.
     Eval {
         /// Artifact directory.
@@ -430,6 +443,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 save_artifact(&out, manifest, &trained.network, &extras)?;
             }
             eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Import {
+            manifest,
+            safetensors,
+            out,
+        } => {
+            let text = std::fs::read(&manifest)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", manifest.display())))?;
+            let mut m: outpost_models::Manifest = serde_json::from_slice(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", manifest.display())))?;
+            if m.created_at.is_empty() {
+                m.created_at = now_rfc3339();
+            }
+            let saved = outpost_models::artifact::import_safetensors(m, &safetensors, &out)?;
+            eprintln!("wrote {} ({})", out.display(), saved.id());
             Ok(())
         }
         Command::Eval {
