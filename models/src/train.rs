@@ -49,7 +49,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             architecture: Architecture::Fcn {
-                filters: vec![32, 64, 32],
+                filters: vec![64, 128, 64],
                 kernels: vec![8, 5, 3],
             },
             epochs: 200,

@@ -84,6 +84,12 @@ enum Command {
         /// Maximum epochs.
         #[arg(long)]
         epochs: Option<usize>,
+        /// FCN filters per block, e.g. `128,256,128` (default 64,128,64).
+        #[arg(long, value_delimiter = ',')]
+        filters: Option<Vec<usize>>,
+        /// FCN kernel sizes per block, e.g. `8,5,3`.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Option<Vec<usize>>,
         /// Seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -364,6 +370,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             name,
             model_version,
             epochs,
+            filters,
+            kernels,
             seed,
             normalization,
             threshold_quantile,
@@ -390,7 +398,19 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 ..DetectorConfig::default()
             };
             match arch {
-                Arch::Fcn => {}
+                Arch::Fcn => {
+                    if let Architecture::Fcn { filters: f, kernels: k } = &mut base.architecture {
+                        if let Some(v) = filters {
+                            *f = v;
+                        }
+                        if let Some(v) = kernels {
+                            *k = v;
+                        }
+                        if f.len() != k.len() {
+                            return Err(CliError::Usage(format!("{} filters but {} kernels", f.len(), k.len())));
+                        }
+                    }
+                }
                 Arch::Mlp => {
                     base.architecture = Architecture::Mlp {
                         hidden: vec![128, 64],
