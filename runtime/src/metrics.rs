@@ -287,12 +287,24 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read up to the end of the request head; it may arrive in pieces.
+            let mut buf = Vec::with_capacity(512);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            if tokio::time::timeout(Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body, ctype) = match path {
                 "/metrics" => (
@@ -316,5 +328,36 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_a_request_that_arrives_in_pieces() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.reject("s", RejectReason::Malformed);
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, metrics.clone(), stop.clone()));
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"GET /metr").await.unwrap();
+        sock.flush().await.unwrap();
+        tokio::task::yield_now().await;
+        sock.write_all(b"ics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(
+            out.contains("outpost_rejected_total{source=\"s\",reason=\"malformed\"} 1"),
+            "{out}"
+        );
+        assert_eq!(metrics.rejected_total(RejectReason::Malformed), 1);
+        stop.cancel();
     }
 }

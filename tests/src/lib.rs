@@ -182,10 +182,15 @@ impl Outpost {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        if s.write_all(request.as_bytes()).is_err() {
+            return String::new();
+        }
         let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        match s.read_to_string(&mut out) {
+            Ok(_) => out,
+            Err(_) => String::new(),
+        }
     }
 
     /// A counter or gauge from `/metrics`: the sum of every series of

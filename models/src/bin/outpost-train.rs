@@ -399,7 +399,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             };
             match arch {
                 Arch::Fcn => {
-                    if let Architecture::Fcn { filters: f, kernels: k } = &mut base.architecture {
+                    if let Architecture::Fcn {
+                        filters: f,
+                        kernels: k,
+                    } = &mut base.architecture
+                    {
                         if let Some(v) = filters {
                             *f = v;
                         }
@@ -407,7 +411,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                             *k = v;
                         }
                         if f.len() != k.len() {
-                            return Err(CliError::Usage(format!("{} filters but {} kernels", f.len(), k.len())));
+                            return Err(CliError::Usage(format!(
+                                "{} filters but {} kernels",
+                                f.len(),
+                                k.len()
+                            )));
                         }
                     }
                 }
