@@ -195,3 +195,19 @@ fn run_on_the_embedded_default_logs_aggregates_and_exits_on_sigint() {
     assert!(saw_aggregate, "no aggregate logged within 40 s");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn the_annotated_example_config_is_valid() {
+    let cfg = workspace().join("deploy/examples/full.toml");
+    let out = Command::new(outpost_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 source(s)"));
+}
