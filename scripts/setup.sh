@@ -29,6 +29,7 @@ PACKAGES=(
     mosquitto-clients # mosquitto_pub / mosquitto_sub
     python3           # scripts/fetch-datasets.sh
     python3-pip       # scripts/fetch-datasets.sh (aeon wheel download fallback)
+    openssl           # the TLS end-to-end test makes its own CA and certificates
 )
 
 # ---------------------------------------------------------------------------

@@ -44,13 +44,18 @@ pub struct Broker {
 impl Broker {
     /// Start a broker that queues without limit (so the broker is never the one losing messages).
     pub fn start() -> Broker {
+        Self::start_with("")
+    }
+
+    /// Start a broker with `extra` appended to its configuration (more listeners, TLS).
+    pub fn start_with(extra: &str) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\n"
+                "allow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -431,4 +436,131 @@ pub fn load_ts_series(path: &Path) -> Vec<(String, Vec<Vec<f32>>)> {
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Config for a gateway `gateway` reading `sensors/<sensor>/data` from the site
+/// broker on `site`, with 10 s aggregation windows and no lateness. Append an
+/// `[uplink]` table (and anything else) to it.
+pub fn site_config(gateway: &str, site: u16) -> String {
+    format!(
+        r#"
+[gateway]
+id = "{gateway}"
+shutdown_timeout_ms = 10000
+
+[[sources]]
+type = "mqtt"
+name = "site"
+broker = {{ host = "127.0.0.1", port = {site} }}
+topics = ["sensors/+/data"]
+sensor_from = "topic:1"
+
+[aggregation]
+window_ms = 10000
+allowed_lateness_ms = 0
+"#
+    )
+}
+
+/// A throwaway PKI made with the `openssl` command: a CA, a server
+/// certificate for `localhost`/127.0.0.1 and a client certificate.
+pub struct Pki {
+    /// Directory holding `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// Make the CA and both certificates.
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl must be installed: run scripts/setup.sh");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=outpost test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]);
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ]);
+            std::fs::write(d.join(format!("{name}.ext")), ext).expect("write ext");
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        // Mosquitto started as root reads its certificates after dropping to
+        // the `mosquitto` user: make this throwaway PKI readable to it.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+        for entry in std::fs::read_dir(d).expect("read pki dir").flatten() {
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+        }
+        Pki { dir }
+    }
+
+    /// Path of a file of the PKI.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
 }

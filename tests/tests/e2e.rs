@@ -11,28 +11,14 @@ const WINDOW_MS: i64 = 10_000;
 
 fn config(site: u16, cloud: u16, extra: &str) -> String {
     format!(
-        r#"
-[gateway]
-id = "gw-test"
-shutdown_timeout_ms = 10000
-
-[[sources]]
-type = "mqtt"
-name = "site"
-broker = {{ host = "127.0.0.1", port = {site} }}
-topics = ["sensors/+/data"]
-sensor_from = "topic:1"
-
-[aggregation]
-window_ms = {WINDOW_MS}
-allowed_lateness_ms = 0
-
+        r#"{}
 [uplink]
 broker = {{ host = "127.0.0.1", port = {cloud} }}
 allow_plaintext = true
 topic = "outpost/{{gateway}}/agg/{{group}}"
 {extra}
-"#
+"#,
+        site_config("gw-test", site)
     )
 }
 
