@@ -511,6 +511,77 @@ mod tests {
     }
 
     #[test]
+    fn grouping_rules() {
+        let r = |sensor: &str, attrs: serde_json::Value| Reading {
+            sensor: Arc::from(sensor),
+            ts_ms: 0,
+            values: vec![],
+            attrs: attrs
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        };
+        let mut cfg = AggregationConfig {
+            group_by: GroupBy::Attr("line".into()),
+            ..Default::default()
+        };
+        cfg.groups.insert("pump-7".into(), "line-z".into());
+        let g = Grouper::new(&cfg, "gw");
+        assert_eq!(
+            &*g.group_of(&r("a", serde_json::json!({"line": "L1"}))),
+            "L1"
+        );
+        assert_eq!(&*g.group_of(&r("a", serde_json::json!({"line": 4}))), "4");
+        assert_eq!(&*g.group_of(&r("a", serde_json::json!({}))), "unassigned");
+        assert_eq!(
+            &*g.group_of(&r("pump-7", serde_json::json!({"line": "L1"}))),
+            "line-z",
+            "fixed assignments first"
+        );
+        let g = Grouper::new(
+            &AggregationConfig {
+                group_by: GroupBy::Gateway,
+                ..Default::default()
+            },
+            "gw",
+        );
+        assert_eq!(&*g.group_of(&r("a", serde_json::json!({}))), "gw");
+    }
+
+    #[test]
+    fn detector_aggregates_count_anomalies() {
+        let mut m = manifest();
+        m.task = Task::Detector;
+        m.labels.clear();
+        m.anomaly_threshold = Some(0.5);
+        let mut a = Aggregator::new(&cfg(1000, 0), "gw", &m);
+        let mut out = Vec::new();
+        for (ts, anomaly) in [(10, true), (20, false), (30, true), (40, false)] {
+            a.push(
+                Inferred {
+                    sensor: Arc::from("s"),
+                    group: Arc::from("g"),
+                    ts_ms: ts,
+                    readings: vec![ts],
+                    prediction: Some(Prediction {
+                        class: None,
+                        score: if anomaly { 0.9 } else { 0.1 },
+                        anomaly,
+                    }),
+                },
+                &mut out,
+            );
+        }
+        a.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].anomalies, Some(2));
+        assert_eq!(out[0].anomaly_rate, Some(0.5));
+        assert!(out[0].classes.is_none());
+    }
+
+    #[test]
     fn tick_closes_idle_windows() {
         let m = manifest();
         let mut a = Aggregator::new(

@@ -113,3 +113,47 @@ pub async fn run_sink(
     poller.abort();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_models::Prediction;
+
+    fn inf(sensor: &str, class: usize, anomaly: bool) -> Inferred {
+        Inferred {
+            sensor: Arc::from(sensor),
+            group: Arc::from("g"),
+            ts_ms: 1,
+            readings: vec![1],
+            prediction: Some(Prediction {
+                class: Some(class),
+                score: 0.9,
+                anomaly,
+            }),
+        }
+    }
+
+    #[test]
+    fn modes() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let mut changes = DecisionFilter::new(DecisionMode::Changes, labels.clone());
+        let seq = [
+            inf("s", 0, false),
+            inf("s", 0, false),
+            inf("s", 1, false),
+            inf("t", 1, false),
+            inf("s", 1, true),
+        ];
+        let got: Vec<bool> = seq.iter().map(|i| changes.decide(i).is_some()).collect();
+        assert_eq!(got, vec![true, false, true, true, true]);
+        let mut anomalies = DecisionFilter::new(DecisionMode::Anomalies, labels.clone());
+        assert!(anomalies.decide(&inf("s", 0, false)).is_none());
+        assert!(anomalies.decide(&inf("s", 0, true)).is_some());
+        let mut all = DecisionFilter::new(DecisionMode::All, labels);
+        let d = all.decide(&inf("s", 1, false)).unwrap();
+        assert_eq!(d.class.as_deref(), Some("b"));
+        let mut tail = inf("s", 0, false);
+        tail.prediction = None;
+        assert!(all.decide(&tail).is_none(), "tails carry no decision");
+    }
+}

@@ -322,6 +322,33 @@ mod tests {
     }
 
     #[test]
+    fn feature_models_get_feature_vectors() {
+        let mut m = manifest(4);
+        m.input = InputSpec {
+            kind: InputKind::Features,
+            channels: 2 * 3,
+            length: 1,
+            features: vec!["rms".into(), "peak".into(), "crest".into()],
+        };
+        m.normalization = Normalization::None;
+        let spec = WindowSpec::new(&m, Some(4), 4).unwrap();
+        assert_eq!(spec.channels, 2, "readings keep their raw channels");
+        let mut w = Windower::new(spec).unwrap();
+        let mut out = None;
+        for (t, v) in [3.0f32, -3.0, 3.0, -3.0].into_iter().enumerate() {
+            out = w.push(reading("s", t as i64, v), Arc::from("g"));
+        }
+        let f = out.unwrap().data.unwrap();
+        // Channel 0 is ±3, channel 1 its negation: rms 3, peak 3, crest 1 for both.
+        assert_eq!(f, vec![3.0, 3.0, 1.0, 3.0, 3.0, 1.0]);
+        m.input.channels = 5;
+        assert!(matches!(
+            WindowSpec::new(&m, Some(4), 4),
+            Err(WindowError::FeatureCount { .. })
+        ));
+    }
+
+    #[test]
     fn size_must_match_raw_model() {
         assert!(matches!(
             WindowSpec::new(&manifest(4), Some(5), 2),
