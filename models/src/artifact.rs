@@ -271,6 +271,23 @@ impl LoadedModel {
     }
 }
 
+/// Predictions for every sample of a dataset (normalized as the model says),
+/// in batches of 64.
+pub fn predict_dataset(
+    model: &LoadedModel,
+    ds: &crate::dataset::Dataset,
+) -> Result<Vec<Prediction>, ModelError> {
+    let per = ds.channels * ds.length;
+    let mut out = Vec::with_capacity(ds.len());
+    for start in (0..ds.len()).step_by(64) {
+        let end = (start + 64).min(ds.len());
+        let mut x = ds.x[start * per..end * per].to_vec();
+        model.normalize(&mut x);
+        out.extend(model.predict(&x, end - start)?);
+    }
+    Ok(out)
+}
+
 /// Index and value of the largest element; the first one on ties. NaN never wins.
 fn argmax(row: &[f32]) -> (usize, f32) {
     let mut best = (0, f32::NEG_INFINITY);

@@ -9,7 +9,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::arch::Network;
-use crate::artifact::{LoadedModel, ModelError, normalize};
+use crate::artifact::{ModelError, normalize};
 use crate::dataset::Dataset;
 use crate::manifest::{
     Architecture, InputKind, InputSpec, MANIFEST_SCHEMA, Manifest, Normalization, Provenance, Task,
@@ -348,22 +348,6 @@ pub fn train_classifier(
         manifest,
         history,
     })
-}
-
-/// Accuracy of a loaded model on a dataset, with its predictions.
-pub fn accuracy(model: &LoadedModel, ds: &Dataset) -> Result<(f64, Vec<usize>), ModelError> {
-    let mut preds = Vec::with_capacity(ds.len());
-    let per = ds.channels * ds.length;
-    for start in (0..ds.len()).step_by(64) {
-        let end = (start + 64).min(ds.len());
-        let mut x = ds.x[start * per..end * per].to_vec();
-        model.normalize(&mut x);
-        for p in model.predict(&x, end - start)? {
-            preds.push(p.class.unwrap_or(usize::MAX));
-        }
-    }
-    let correct = preds.iter().zip(&ds.y).filter(|(p, y)| p == y).count();
-    Ok((correct as f64 / ds.len().max(1) as f64, preds))
 }
 
 /// Detector training settings.

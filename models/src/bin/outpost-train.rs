@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use outpost_models::artifact::save_artifact;
+use outpost_models::artifact::{predict_dataset, save_artifact};
 use outpost_models::dataset::{Dataset, DatasetError, load_csv_windows, load_ts};
 use outpost_models::eval::{classifier_metrics, detector_metrics, quantile};
 use outpost_models::manifest::{Architecture, Task};
@@ -231,21 +231,6 @@ fn rms_scores(ds: &Dataset) -> Vec<f32> {
         .collect()
 }
 
-fn predict_all(
-    model: &LoadedModel,
-    ds: &Dataset,
-) -> Result<Vec<outpost_models::Prediction>, ModelError> {
-    let per = ds.channels * ds.length;
-    let mut out = Vec::with_capacity(ds.len());
-    for start in (0..ds.len()).step_by(64) {
-        let end = (start + 64).min(ds.len());
-        let mut x = ds.x[start * per..end * per].to_vec();
-        model.normalize(&mut x);
-        out.extend(model.predict(&x, end - start)?);
-    }
-    Ok(out)
-}
-
 /// Evaluate; returns the headline metrics for the manifest.
 fn evaluate(
     model: &LoadedModel,
@@ -254,7 +239,7 @@ fn evaluate(
     history: Option<&[EpochStats]>,
 ) -> Result<Vec<(String, f64)>, CliError> {
     let m = model.manifest();
-    let preds = predict_all(model, ds)?;
+    let preds = predict_dataset(model, ds)?;
     match m.task {
         Task::Classifier => {
             // Map the dataset's labels onto the model's by name.
@@ -346,7 +331,7 @@ fn evaluate(
 fn write_predictions(model: &LoadedModel, ds: &Dataset, path: &Path) -> Result<(), CliError> {
     let labels = &model.manifest().labels;
     let mut out = String::new();
-    for (i, p) in predict_all(model, ds)?.iter().enumerate() {
+    for (i, p) in predict_dataset(model, ds)?.iter().enumerate() {
         let line = serde_json::json!({
             "sample": i,
             "truth": ds.labels[ds.y[i]],
