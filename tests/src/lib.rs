@@ -116,6 +116,20 @@ pub fn bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Run a command to completion and assert it succeeded (its stderr in the
+/// failure message); returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A running `outpost` process; killed on drop. Its stderr is collected.
 pub struct Outpost {
     child: Option<Child>,

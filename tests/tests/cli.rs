@@ -33,17 +33,11 @@ fn replay_is_deterministic_and_counts_every_reading() {
     let input = dir.path().join("rec.jsonl");
     let n = write_recording(&input);
     let run = || {
-        let out = Command::new(outpost_bin())
-            .args(["replay", "--input"])
-            .arg(&input)
-            .output()
-            .expect("run replay");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        run_ok(
+            Command::new(outpost_bin())
+                .args(["replay", "--input"])
+                .arg(&input),
+        )
     };
     let a = run();
     let b = run();
@@ -112,15 +106,10 @@ hop = 0
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[[sources]]\ntype = \"simulated\"\n").unwrap();
-    let out = Command::new(outpost_bin())
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(outpost_bin())
+            .args(["check", "--config"])
+            .arg(&good),
     );
 }
 
@@ -199,15 +188,10 @@ fn run_on_the_embedded_default_logs_aggregates_and_exits_on_sigint() {
 #[test]
 fn the_annotated_example_config_is_valid() {
     let cfg = workspace().join("deploy/examples/full.toml");
-    let out = Command::new(outpost_bin())
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        Command::new(outpost_bin())
+            .args(["check", "--config"])
+            .arg(&cfg),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 source(s)"));
+    assert!(String::from_utf8_lossy(&stdout).contains("3 source(s)"));
 }

@@ -15,19 +15,14 @@ fn replay_reproduces_eval_predictions() {
 
     // eval's per-sample predictions.
     let preds = dir.path().join("preds.jsonl");
-    let out = Command::new(bin("outpost-train"))
-        .args(["eval", "--model"])
-        .arg(&model)
-        .arg("--dataset")
-        .arg(&dataset)
-        .arg("--predictions")
-        .arg(&preds)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(bin("outpost-train"))
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--dataset")
+            .arg(&dataset)
+            .arg("--predictions")
+            .arg(&preds),
     );
     let eval: Vec<Value> = std::fs::read_to_string(&preds)
         .unwrap()
@@ -62,19 +57,14 @@ fn replay_reproduces_eval_predictions() {
         ),
     )
     .unwrap();
-    let out = Command::new(outpost_bin())
-        .args(["replay", "--config"])
-        .arg(&cfg)
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        Command::new(outpost_bin())
+            .args(["replay", "--config"])
+            .arg(&cfg)
+            .arg("--input")
+            .arg(&input),
     );
-    let aggs: Vec<Value> = String::from_utf8(out.stdout)
+    let aggs: Vec<Value> = String::from_utf8(stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
