@@ -74,6 +74,9 @@ pub enum ModelError {
     /// The backend failed to return the output.
     #[error("inference failed: {0}")]
     Backend(String),
+    /// Data given to the model does not fit it.
+    #[error("{0}")]
+    Data(String),
 }
 
 /// The output of the network for one window.
@@ -277,6 +280,22 @@ pub fn predict_dataset(
     model: &LoadedModel,
     ds: &crate::dataset::Dataset,
 ) -> Result<Vec<Prediction>, ModelError> {
+    let input = &model.manifest().input;
+    let converted;
+    let ds = match input.kind {
+        crate::manifest::InputKind::Raw => ds,
+        crate::manifest::InputKind::Features => {
+            if let Some(w) = input.window.filter(|&w| w != ds.length) {
+                return Err(ModelError::Data(format!(
+                    "the model's features were computed over {w}-sample windows, the data has {}",
+                    ds.length
+                )));
+            }
+            converted =
+                crate::features::dataset_features(ds, &input.features).map_err(ModelError::Data)?;
+            &converted
+        }
+    };
     let per = ds.channels * ds.length;
     let mut out = Vec::with_capacity(ds.len());
     for start in (0..ds.len()).step_by(64) {

@@ -42,6 +42,10 @@ pub struct InputSpec {
     /// Names of the feature extractors, in order, when `kind` is `features`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// For `features`: the raw window length (samples) the extractors were
+    /// trained on; the runtime's windows must have this size. Absent: any size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
 }
 
 /// How a window is normalized before it enters the network.
@@ -193,6 +197,22 @@ impl Manifest {
         }
         if self.input.channels == 0 || self.input.length == 0 {
             p.push("input.channels and input.length must be at least 1".into());
+        }
+        match self.input.kind {
+            InputKind::Raw if !self.input.features.is_empty() || self.input.window.is_some() => {
+                p.push("input.features and input.window belong to feature models only".into())
+            }
+            InputKind::Features if self.input.features.is_empty() => {
+                p.push("a feature model needs input.features".into())
+            }
+            InputKind::Features if self.input.window.is_some_and(|w| w < 2) => {
+                p.push("input.window must be at least 2 samples".into())
+            }
+            InputKind::Features if self.normalization == Normalization::PerWindow => p.push(
+                "per_window normalization does not apply to feature vectors (use per_channel)"
+                    .into(),
+            ),
+            _ => {}
         }
         match self.task {
             Task::Classifier if self.labels.len() < 2 => {

@@ -441,6 +441,7 @@ mod tests {
                 channels: 1,
                 length: 4,
                 features: vec![],
+                window: None,
             },
             normalization: Normalization::None,
             labels: vec!["a".into(), "b".into(), "c".into()],

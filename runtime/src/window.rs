@@ -94,8 +94,17 @@ impl WindowSpec {
                 });
             }
             (InputKind::Raw, _) => manifest.input.length,
-            (InputKind::Features, Some(s)) => s,
-            (InputKind::Features, None) => 100,
+            (InputKind::Features, Some(s)) => match manifest.input.window {
+                Some(w) if w != s => {
+                    return Err(WindowError::SizeMismatch {
+                        size: s,
+                        model: w,
+                        name: manifest.id(),
+                    });
+                }
+                _ => s,
+            },
+            (InputKind::Features, None) => manifest.input.window.unwrap_or(100),
         };
         if hop == 0 || hop > size {
             return Err(WindowError::Hop { hop, size });
@@ -264,6 +273,7 @@ mod tests {
                 channels: 2,
                 length: len,
                 features: vec![],
+                window: None,
             },
             normalization: Normalization::PerChannel {
                 mean: vec![1.0, 0.0],
@@ -329,6 +339,7 @@ mod tests {
             channels: 2 * 3,
             length: 1,
             features: vec!["rms".into(), "peak".into(), "crest".into()],
+            window: Some(4),
         };
         m.normalization = Normalization::None;
         let spec = WindowSpec::new(&m, Some(4), 4).unwrap();
@@ -341,6 +352,15 @@ mod tests {
         let f = out.unwrap().data.unwrap();
         // Channel 0 is ±3, channel 1 its negation: rms 3, peak 3, crest 1 for both.
         assert_eq!(f, vec![3.0, 3.0, 1.0, 3.0, 3.0, 1.0]);
+        assert_eq!(
+            WindowSpec::new(&m, None, 4).unwrap().size,
+            4,
+            "trained window"
+        );
+        assert!(matches!(
+            WindowSpec::new(&m, Some(8), 4),
+            Err(WindowError::SizeMismatch { model: 4, .. })
+        ));
         m.input.channels = 5;
         assert!(matches!(
             WindowSpec::new(&m, Some(4), 4),

@@ -9,8 +9,36 @@ use serde_json::Value;
 #[test]
 fn replay_reproduces_eval_predictions() {
     let ws = workspace();
-    let dataset = ws.join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts");
-    let model = ws.join("models/artifacts/basicmotions-fcn");
+    assert_replay_matches_eval(
+        &ws.join("models/artifacts/basicmotions-fcn"),
+        &ws.join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"),
+    );
+}
+
+/// A feature model: the runtime's windower and `eval` run the same extractors.
+#[test]
+fn replay_reproduces_eval_predictions_of_a_feature_mlp() {
+    let ws = workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mlp");
+    run_ok(
+        Command::new(bin("outpost-train"))
+            .args(["train", "--arch", "mlp", "--epochs", "20", "--dataset"])
+            .arg(ws.join(".cache/datasets/BasicMotions/BasicMotions_TRAIN.ts"))
+            .arg("--out")
+            .arg(&model),
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(model.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["input"]["kind"], "features");
+    assert_eq!(manifest["input"]["window"], 100);
+    assert_replay_matches_eval(
+        &model,
+        &ws.join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"),
+    );
+}
+
+fn assert_replay_matches_eval(model: &std::path::Path, dataset: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
 
     // eval's per-sample predictions.
@@ -18,9 +46,9 @@ fn replay_reproduces_eval_predictions() {
     run_ok(
         Command::new(bin("outpost-train"))
             .args(["eval", "--model"])
-            .arg(&model)
+            .arg(model)
             .arg("--dataset")
-            .arg(&dataset)
+            .arg(dataset)
             .arg("--predictions")
             .arg(&preds),
     );
@@ -32,7 +60,7 @@ fn replay_reproduces_eval_predictions() {
 
     // The same series as readings: sample i is sensor bm-i, 100 readings at 10 Hz,
     // so each sensor has exactly one window and one inference.
-    let series = load_ts_series(&dataset);
+    let series = load_ts_series(dataset);
     assert_eq!(series.len(), eval.len());
     let base = 1_700_000_040_000i64; // aligned to the 60 s aggregation window
     let mut lines = Vec::new();

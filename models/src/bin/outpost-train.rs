@@ -58,6 +58,8 @@ struct CsvWindows {
     label_column: String,
 }
 
+// Parsed once at start-up; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Train a model and write an artifact.
@@ -84,12 +86,29 @@ enum Command {
         /// Maximum epochs.
         #[arg(long)]
         epochs: Option<usize>,
-        /// FCN filters per block, e.g. `128,256,128` (default 64,128,64).
+        /// FCN filters per block, e.g. `128,256,128` (default 64,128,64; 16,32,16
+        /// for series over 512 samples).
         #[arg(long, value_delimiter = ',')]
         filters: Option<Vec<usize>>,
-        /// FCN kernel sizes per block, e.g. `8,5,3`.
+        /// FCN kernel sizes per block (default 8,5,3; 16,8,4 for series over 512 samples).
         #[arg(long, value_delimiter = ',')]
         kernels: Option<Vec<usize>>,
+        /// MLP hidden widths, e.g. `128,64` (default 128,64).
+        #[arg(long, value_delimiter = ',')]
+        hidden: Option<Vec<usize>>,
+        /// Feature extractors of an MLP, e.g. `rms,peak,bands:8`
+        /// (default rms,peak,crest,kurtosis,bands:8).
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        /// Adam learning rate (default 1e-3).
+        #[arg(long)]
+        learning_rate: Option<f64>,
+        /// Mini-batch size (default 16; 32 for autoencoders).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Early stopping: epochs without a better validation result (default 40; 10 for autoencoders).
+        #[arg(long)]
+        patience: Option<usize>,
         /// Seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -357,6 +376,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             epochs,
             filters,
             kernels,
+            hidden,
+            features,
+            learning_rate,
+            batch_size,
+            patience,
             seed,
             normalization,
             threshold_quantile,
@@ -375,7 +399,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     Norm::PerChannel => NormalizationKind::PerChannel,
                     Norm::PerWindow => NormalizationKind::PerWindow,
                 },
-                ..TrainConfig::default()
+                ..TrainConfig::for_length(ds.length)
             };
             let detector = matches!(arch, Arch::Autoencoder);
             let mut det = DetectorConfig {
@@ -406,8 +430,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 Arch::Mlp => {
                     base.architecture = Architecture::Mlp {
-                        hidden: vec![128, 64],
-                    }
+                        hidden: hidden.unwrap_or_else(|| vec![128, 64]),
+                    };
+                    base.features = features.unwrap_or_else(|| {
+                        outpost_models::features::DEFAULT_FEATURES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect()
+                    });
                 }
                 Arch::Autoencoder => {
                     det.base.seed = base.seed;
@@ -417,6 +447,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             if let Some(e) = epochs {
                 base.epochs = e;
+            }
+            if let Some(v) = learning_rate {
+                base.learning_rate = v;
+            }
+            if let Some(v) = batch_size {
+                base.batch_size = v;
+            }
+            if let Some(v) = patience {
+                base.patience = v;
             }
             det.base = base.clone();
             let name = name.unwrap_or_else(|| {
