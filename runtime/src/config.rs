@@ -122,7 +122,8 @@ pub struct Config {
 pub struct GatewayConfig {
     /// Gateway id, carried in every aggregate and in topic templates.
     pub id: String,
-    /// Directory for state (outbox, registry, audit log).
+    /// Directory for state (outbox, registry, audit log); default
+    /// `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`) or `/var/lib/outpost`.
     pub state_dir: PathBuf,
     /// Longest time a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
@@ -132,7 +133,10 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             id: "outpost-dev".into(),
-            state_dir: PathBuf::from("/var/lib/outpost"),
+            // systemd's StateDirectory= sets STATE_DIRECTORY.
+            state_dir: std::env::var_os("STATE_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/outpost")),
             shutdown_timeout_ms: 10_000,
         }
     }
@@ -499,15 +503,53 @@ impl Default for AggregationConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    /// Most records held; when full, the oldest is dropped and counted.
+    /// `disk` (durable segment log, the default) or `memory` (lost at exit).
+    pub kind: OutboxKind,
+    /// Directory of the disk outbox; absent: `<gateway.state_dir>/outbox`.
+    pub dir: Option<PathBuf>,
+    /// Bytes on disk at most.
+    pub max_bytes: u64,
+    /// Bytes per segment file.
+    pub segment_bytes: u64,
+    /// When full: `drop_oldest` or `reject_new`.
+    pub policy: crate::outbox::FullPolicy,
+    /// Group commit: appends are synced to disk at most this long after they
+    /// are written (0: every aggregate is synced on its own).
+    pub fsync_interval_ms: u64,
+    /// Most records held by the memory outbox; when full, the oldest is dropped and counted.
     pub max_records: usize,
+}
+
+/// Where the outbox keeps aggregates.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxKind {
+    /// The segment log under `outbox.dir`.
+    Disk,
+    /// In memory (the embedded demo; tests).
+    Memory,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
+            kind: OutboxKind::Disk,
+            dir: None,
+            max_bytes: 1 << 30,
+            segment_bytes: 8 << 20,
+            policy: crate::outbox::FullPolicy::DropOldest,
+            fsync_interval_ms: 100,
             max_records: 100_000,
         }
+    }
+}
+
+impl OutboxConfig {
+    /// The disk outbox's directory.
+    pub fn dir(&self, gateway: &GatewayConfig) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| gateway.state_dir.join("outbox"))
     }
 }
 
@@ -896,6 +938,18 @@ impl Config {
             if cap == 0 {
                 c.push(path, "must be at least 1");
             }
+        }
+        if self.outbox.segment_bytes < 4096 {
+            c.push("outbox.segment_bytes", "must be at least 4096");
+        }
+        if self.outbox.max_bytes < self.outbox.segment_bytes.saturating_mul(2) {
+            c.push(
+                "outbox.max_bytes",
+                format!(
+                    "must be at least twice outbox.segment_bytes ({})",
+                    self.outbox.segment_bytes
+                ),
+            );
         }
         if self.windowing.hop == 0 {
             c.push("windowing.hop", "must be at least 1");

@@ -61,7 +61,12 @@ enum Command {
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => Config::load(p),
-        None => Ok(Config::default()),
+        None => {
+            // The embedded demo only logs its aggregates: nothing to keep on disk.
+            let mut cfg = Config::default();
+            cfg.outbox.kind = outpost::config::OutboxKind::Memory;
+            Ok(cfg)
+        }
     }
 }
 

@@ -62,6 +62,16 @@ pub struct Metrics {
     pub outbox_depth: Gauge,
     /// Records dropped from a full outbox.
     pub outbox_dropped: Counter,
+    /// Bytes the outbox holds on disk.
+    pub outbox_bytes: Gauge,
+    /// Aggregates refused by a full outbox (`reject_new`).
+    pub outbox_rejected: Counter,
+    /// Corrupt outbox spans moved to quarantine.
+    pub outbox_quarantined: Counter,
+    /// Outbox records lost to corruption.
+    pub outbox_lost: Counter,
+    /// Outbox group commits.
+    pub outbox_commits: Counter,
     /// Aggregates published to the cloud (sent, not yet acknowledged).
     pub uplink_sent: Counter,
     /// Aggregates acknowledged by the cloud broker.
@@ -108,6 +118,11 @@ impl Metrics {
             late_readings: Counter::default(),
             outbox_depth: Gauge::default(),
             outbox_dropped: Counter::default(),
+            outbox_bytes: Gauge::default(),
+            outbox_rejected: Counter::default(),
+            outbox_quarantined: Counter::default(),
+            outbox_lost: Counter::default(),
+            outbox_commits: Counter::default(),
             uplink_sent: Counter::default(),
             uplink_acked: Counter::default(),
             uplink_reconnects: Counter::default(),
@@ -166,6 +181,31 @@ impl Metrics {
             "outbox_dropped",
             "Records dropped from a full outbox",
             m.outbox_dropped.clone(),
+        );
+        registry.register(
+            "outbox_bytes",
+            "Bytes the outbox holds on disk",
+            m.outbox_bytes.clone(),
+        );
+        registry.register(
+            "outbox_rejected",
+            "Aggregates refused by a full outbox (reject_new)",
+            m.outbox_rejected.clone(),
+        );
+        registry.register(
+            "outbox_quarantined",
+            "Corrupt outbox spans moved to quarantine",
+            m.outbox_quarantined.clone(),
+        );
+        registry.register(
+            "outbox_lost",
+            "Outbox records lost to corruption",
+            m.outbox_lost.clone(),
+        );
+        registry.register(
+            "outbox_commits",
+            "Outbox group commits",
+            m.outbox_commits.clone(),
         );
         registry.register(
             "uplink_sent",
@@ -236,6 +276,20 @@ impl Metrics {
         self.batch_size.observe(windows as f64);
         self.inference_latency.observe(wall.as_secs_f64());
         self.inference_cpu_us.inc_by(cpu.as_micros() as u64);
+    }
+
+    /// Mirror the outbox's counters (they only grow, so the difference is added).
+    pub fn observe_outbox(&self, s: &crate::outbox::OutboxStats) {
+        self.outbox_depth.set(s.depth as i64);
+        self.outbox_bytes.set(s.bytes as i64);
+        for (c, v) in [
+            (&self.outbox_dropped, s.dropped),
+            (&self.outbox_rejected, s.rejected),
+            (&self.outbox_quarantined, s.quarantined),
+            (&self.outbox_lost, s.lost),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
     }
 
     /// Mark the runtime ready (model loaded, stages running).

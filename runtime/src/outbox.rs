@@ -5,8 +5,10 @@
 //! uplink, which publishes records, can only ever send aggregates).
 //! Output: [`OutboxRecord`]s read in sequence order by the uplink.
 //!
-//! This module defines the interface and an in-memory implementation bounded
-//! by record count (when full, the oldest record is dropped and counted).
+//! This module defines the interface, the durable segment log
+//! ([`DiskOutbox`], the default; its on-disk format is documented in
+//! `outbox/disk.rs`) and an in-memory implementation bounded by record count
+//! ([`MemoryOutbox`], for the embedded demo and tests).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::aggregate::Aggregate;
+
+mod disk;
+pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD};
 
 /// Errors of an outbox.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,9 @@ pub enum OutboxError {
     /// The storage failed.
     #[error("outbox storage: {0}")]
     Storage(String),
+    /// The outbox is full and its policy is `reject_new`.
+    #[error("outbox full (policy reject_new): aggregate rejected")]
+    Full,
 }
 
 /// One stored aggregate, serialized.
@@ -69,14 +77,26 @@ pub struct OutboxStats {
     pub appended: u64,
     /// Records acknowledged since start.
     pub acked: u64,
+    /// Aggregates refused because the outbox was full (`reject_new`).
+    pub rejected: u64,
+    /// Corrupt spans found and moved to quarantine.
+    pub quarantined: u64,
+    /// Bytes moved to quarantine.
+    pub quarantined_bytes: u64,
+    /// Records lost to corruption (their sequences were not readable).
+    pub lost: u64,
 }
 
 /// Storage of aggregates awaiting delivery.
 pub trait Outbox: Send {
-    /// Store an aggregate; when this returns, it is accepted.
+    /// Store an aggregate; it is accepted (durable, visible to readers) at
+    /// the next [`Outbox::commit`].
     fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError>;
-    /// Up to `max` records with `seq >= from`, oldest first.
-    fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError>;
+    /// Make every append so far durable and readable (group commit), and
+    /// persist acknowledgements.
+    fn commit(&mut self) -> Result<(), OutboxError>;
+    /// Up to `max` committed, unacknowledged records with `seq >= from`, oldest first.
+    fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError>;
     /// The cloud acknowledged this record: remove it.
     fn ack(&mut self, seq: u64) -> Result<(), OutboxError>;
     /// The smallest sequence still held, if any.
@@ -123,7 +143,11 @@ impl Outbox for MemoryOutbox {
         Ok(seq)
     }
 
-    fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+    fn commit(&mut self) -> Result<(), OutboxError> {
+        Ok(())
+    }
+
+    fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
         Ok(self
             .records
             .range(from..)
@@ -183,11 +207,16 @@ impl SharedOutbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Append and wake the uplink.
+    /// Append (accepted at the next [`SharedOutbox::commit`]).
     pub fn append(&self, agg: &Aggregate) -> Result<u64, OutboxError> {
-        let seq = self.lock().append(agg)?;
+        self.lock().append(agg)
+    }
+
+    /// Commit and wake the uplink.
+    pub fn commit(&self) -> Result<(), OutboxError> {
+        self.lock().commit()?;
         self.notify.notify_one();
-        Ok(seq)
+        Ok(())
     }
 
     /// See [`Outbox::read_from`].
@@ -226,7 +255,7 @@ mod tests {
     use super::*;
     use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef};
 
-    fn agg(i: i64) -> Aggregate {
+    pub(super) fn agg(i: i64) -> Aggregate {
         let mut a = Aggregate {
             schema: AGGREGATE_SCHEMA,
             id: String::new(),

@@ -8,7 +8,8 @@
 //! | inference → aggregation  | `inference.channel_capacity` | the inference thread waits         |
 //! | aggregation → outbox     | 256                          | aggregation waits                  |
 //! | aggregation → decisions  | `decisions.queue_capacity`   | the decision is dropped, counted   |
-//! | outbox                   | `outbox.max_records`         | oldest dropped, counted            |
+//! | outbox (disk)            | `outbox.max_bytes`           | `outbox.policy`: oldest segment dropped or new aggregate rejected, counted |
+//! | outbox (memory)          | `outbox.max_records`         | oldest dropped, counted            |
 //!
 //! Shutdown is a drain: sources stop, and each stage finishes what it holds
 //! and closes its output when its input closes, down to the uplink, which
@@ -23,12 +24,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregate, Aggregator, Grouper, Inferred};
-use crate::config::{Config, FileFormat, FileSourceConfig, SourceConfig};
+use crate::config::{Config, FileFormat, FileSourceConfig, OutboxKind, SourceConfig};
 use crate::decisions::{Decision, DecisionFilter};
 use crate::inference::{self, Batching, InferenceError, ModelSource};
 use crate::ingest::{self, IngestCtx};
 use crate::metrics::Metrics;
-use crate::outbox::{MemoryOutbox, SharedOutbox};
+use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox};
 use crate::privacy::Privacy;
 use crate::reading::{Reading, Validator};
 use crate::uplink::{self, Backoff, RumqttConnector, Stop, UplinkSettings, UplinkState};
@@ -285,7 +286,31 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     let core = start_core(&p, read_rx, decisions, true)?;
 
     // Outbox and uplink.
-    let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(cfg.outbox.max_records)));
+    let outbox: Box<dyn crate::outbox::Outbox> = match cfg.outbox.kind {
+        OutboxKind::Memory => Box::new(MemoryOutbox::new(cfg.outbox.max_records)),
+        OutboxKind::Disk => {
+            let dir = cfg.outbox.dir(&cfg.gateway);
+            let started = std::time::Instant::now();
+            let o = DiskOutbox::open(DiskSettings {
+                dir: dir.clone(),
+                segment_bytes: cfg.outbox.segment_bytes,
+                max_bytes: cfg.outbox.max_bytes,
+                policy: cfg.outbox.policy,
+            })?;
+            let s = crate::outbox::Outbox::stats(&o);
+            tracing::info!(
+                dir = %dir.display(),
+                pending = s.depth,
+                bytes = s.bytes,
+                quarantined = s.quarantined,
+                open_ms = started.elapsed().as_millis() as u64,
+                "outbox opened"
+            );
+            Box::new(o)
+        }
+    };
+    let outbox = SharedOutbox::new(outbox);
+    metrics.observe_outbox(&outbox.stats());
     let stop = Stop {
         drain: CancellationToken::new(),
         now: stop_all.clone(),
@@ -328,20 +353,15 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         }
     };
 
-    // Outbox writer: the end of the core.
+    // Outbox writer: the end of the core, on a blocking thread (file I/O and
+    // fsync). Appends are committed as a group every `fsync_interval_ms`;
+    // the uplink only sees committed records.
     let writer = {
         let (outbox, metrics, drain) = (outbox.clone(), metrics.clone(), stop.drain.clone());
         let aggregates = core.aggregates.clone();
-        tokio::spawn(async move {
-            while let Ok(a) = aggregates.recv_async().await {
-                if let Err(e) = outbox.append(&a) {
-                    tracing::error!(error = %e, id = %a.id, "outbox append failed");
-                }
-                let s = outbox.stats();
-                metrics.outbox_depth.set(s.depth as i64);
-                let dropped = s.dropped.saturating_sub(metrics.outbox_dropped.get());
-                metrics.outbox_dropped.inc_by(dropped);
-            }
+        let interval = Duration::from_millis(cfg.outbox.fsync_interval_ms);
+        tokio::task::spawn_blocking(move || {
+            write_outbox(&aggregates, &outbox, &metrics, interval);
             drain.cancel();
             outbox.wake();
         })
@@ -433,6 +453,43 @@ async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
     }
+}
+
+/// Append aggregates as they come and commit them as a group every
+/// `interval`; returns when the aggregation stage has ended, after a final commit.
+fn write_outbox(
+    aggregates: &flume::Receiver<Aggregate>,
+    outbox: &SharedOutbox,
+    metrics: &Metrics,
+    interval: Duration,
+) {
+    let commit = |outbox: &SharedOutbox| {
+        if let Err(e) = outbox.commit() {
+            tracing::error!(error = %e, "outbox commit failed");
+        }
+        metrics.outbox_commits.inc();
+        metrics.observe_outbox(&outbox.stats());
+    };
+    let mut last_commit = std::time::Instant::now();
+    loop {
+        let wait = interval.saturating_sub(last_commit.elapsed());
+        match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
+            Ok(a) => match outbox.append(&a) {
+                Ok(_) => {}
+                Err(OutboxError::Full) => {
+                    tracing::warn!(id = %a.id, group = %a.group, "outbox full: aggregate rejected");
+                }
+                Err(e) => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
+            },
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+        }
+        if interval.is_zero() || last_commit.elapsed() >= interval {
+            commit(outbox);
+            last_commit = std::time::Instant::now();
+        }
+    }
+    commit(outbox);
 }
 
 fn spawn_summary(

@@ -144,6 +144,17 @@ impl Outpost {
     /// free port is appended.
     pub fn run(config: &str) -> Outpost {
         let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state");
+        Self::start(config, dir, &state)
+    }
+
+    /// Like [`Outpost::run`], with its state (the outbox) in `state`, which
+    /// outlives the process: for restarts.
+    pub fn run_with_state(config: &str, state: &Path) -> Outpost {
+        Self::start(config, tempfile::tempdir().expect("temp dir"), state)
+    }
+
+    fn start(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
         let metrics_port = free_port();
         let path = dir.path().join("outpost.toml");
         std::fs::write(
@@ -157,6 +168,7 @@ impl Outpost {
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .env("STATE_DIRECTORY", state)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
