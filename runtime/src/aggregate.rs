@@ -170,6 +170,10 @@ struct GroupState {
     closed_before: i64,
     open: BTreeMap<i64, Bucket>,
     late_pending: u64,
+    /// `max_ts` at the previous [`Aggregator::tick`].
+    tick_max_ts: i64,
+    /// Wall-clock time since which the group has made no progress.
+    idle_since: Option<i64>,
 }
 
 /// Counters the aggregator reports for metrics.
@@ -242,6 +246,8 @@ impl Aggregator {
             closed_before: i64::MIN,
             open: BTreeMap::new(),
             late_pending: 0,
+            tick_max_ts: i64::MIN,
+            idle_since: None,
         });
         for &ts in &ev.readings {
             let start = start_of(ts);
@@ -381,25 +387,34 @@ impl Aggregator {
         agg
     }
 
-    /// Live runs: close buckets whose end + lateness + idle_close has passed
-    /// on the wall clock, even if no newer reading came.
+    /// Live runs, called periodically with the wall clock: a group whose
+    /// event time has not advanced for `idle_close_ms` of wall-clock time
+    /// (its sensors went quiet) has its open buckets closed, so its last
+    /// window is not held back until the next reading. Event times are never
+    /// compared with the wall clock, so backfilled or replayed data with old
+    /// timestamps aggregates exactly like live data.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Aggregate>) {
-        let horizon = now_ms
-            .saturating_sub(self.lateness_ms)
-            .saturating_sub(self.idle_close_ms);
-        let groups: Vec<Arc<str>> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| {
-                g.open
-                    .keys()
-                    .next()
-                    .is_some_and(|s| s + self.window_ms <= horizon)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for g in groups {
-            self.close_group(&g, horizon, false, out);
+        let idle_close_ms = self.idle_close_ms;
+        let mut idle = Vec::new();
+        for (k, g) in &mut self.groups {
+            if g.max_ts != g.tick_max_ts {
+                g.tick_max_ts = g.max_ts;
+                g.idle_since = Some(now_ms);
+                continue;
+            }
+            let since = *g.idle_since.get_or_insert(now_ms);
+            if !g.open.is_empty() && now_ms.saturating_sub(since) >= idle_close_ms {
+                idle.push(k.clone());
+            }
+        }
+        for g in idle {
+            let until = self
+                .groups
+                .get(&g)
+                .and_then(|gs| gs.open.keys().next_back())
+                .map(|s| s + self.window_ms)
+                .unwrap_or(i64::MIN);
+            self.close_group(&g, until, false, out);
         }
     }
 
@@ -596,12 +611,19 @@ mod tests {
             &m,
         );
         let mut out = Vec::new();
+        // Event times an hour before the wall clock: only idleness counts.
         a.push(ev("g", "s", 100, 1, 0, 0.5), &mut out);
-        a.tick(1400, &mut out);
-        assert!(out.is_empty());
-        a.tick(1500, &mut out);
+        a.tick(3_600_000, &mut out);
+        assert!(out.is_empty(), "progress since the last tick");
+        a.tick(3_600_400, &mut out);
+        assert!(out.is_empty(), "idle for 400 ms only");
+        a.push(ev("g", "s", 200, 1, 0, 0.5), &mut out);
+        a.tick(3_600_800, &mut out);
+        assert!(out.is_empty(), "a new reading restarts the idle time");
+        a.tick(3_601_300, &mut out);
         assert_eq!(out.len(), 1);
         assert!(!out[0].partial);
+        assert_eq!(out[0].readings, 2);
     }
 
     /// Key of an aggregate for comparison, without id and partial flag.

@@ -478,8 +478,8 @@ pub struct AggregationConfig {
     pub window_ms: i64,
     /// How long after a window's end readings may still arrive for it.
     pub allowed_lateness_ms: i64,
-    /// Live runs only: close a window this long (wall clock) after its end plus
-    /// the lateness even if no newer reading advanced event time.
+    /// Live runs only: close a group's open windows once its event time has
+    /// not advanced for this long on the wall clock (its sensors went quiet).
     pub idle_close_ms: i64,
     /// Grouping rule.
     pub group_by: GroupBy,

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub uplink_reconnects: Counter,
     /// 1 while connected to the cloud broker.
     pub uplink_connected: Gauge,
+    /// Publishes handed to the client and not yet acknowledged.
+    pub uplink_inflight: Gauge,
     /// Decisions published to the site broker.
     pub decisions_published: Counter,
     /// Decisions dropped because the site queue was full or the broker down.
@@ -127,6 +129,7 @@ impl Metrics {
             uplink_acked: Counter::default(),
             uplink_reconnects: Counter::default(),
             uplink_connected: Gauge::default(),
+            uplink_inflight: Gauge::default(),
             decisions_published: Counter::default(),
             decisions_dropped: Counter::default(),
             ready: AtomicBool::new(false),
@@ -228,6 +231,11 @@ impl Metrics {
             m.uplink_connected.clone(),
         );
         registry.register(
+            "uplink_inflight",
+            "Publishes sent and not yet acknowledged",
+            m.uplink_inflight.clone(),
+        );
+        registry.register(
             "decisions_published",
             "Decisions published on site",
             m.decisions_published.clone(),
@@ -278,7 +286,8 @@ impl Metrics {
         self.inference_cpu_us.inc_by(cpu.as_micros() as u64);
     }
 
-    /// Mirror the outbox's counters (they only grow, so the difference is added).
+    /// Mirror the outbox's counters (they only grow, so the difference is
+    /// added). Called by one thread only (the outbox writer).
     pub fn observe_outbox(&self, s: &crate::outbox::OutboxStats) {
         self.outbox_depth.set(s.depth as i64);
         self.outbox_bytes.set(s.bytes as i64);

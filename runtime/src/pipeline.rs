@@ -429,6 +429,10 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         }
     };
     stop_all.cancel();
+    // Persist the acknowledgements of the drain.
+    if let Err(e) = outbox.commit() {
+        tracing::error!(error = %e, "outbox commit at exit failed");
+    }
     if let Some(s) = summary {
         let _ = s.await;
     }

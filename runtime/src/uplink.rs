@@ -358,6 +358,7 @@ pub async fn run<C: Connector>(
                     break;
                 }
             }
+            metrics.uplink_inflight.set(state.unacked() as i64);
             if stop.drain.is_cancelled() && state.unacked() == 0 && outbox.oldest().is_none() {
                 session.disconnect().await;
                 metrics.uplink_connected.set(0);
@@ -377,6 +378,7 @@ pub async fn run<C: Connector>(
                                 tracing::error!(error = %e, seq, "outbox ack failed");
                             }
                             metrics.uplink_acked.inc();
+                            metrics.uplink_inflight.set(state.unacked() as i64);
                             metrics.outbox_depth.set(outbox.stats().depth as i64);
                         }
                     }
@@ -391,6 +393,7 @@ pub async fn run<C: Connector>(
         };
         drop(session);
         metrics.uplink_connected.set(0);
+        metrics.uplink_inflight.set(0);
         let delay = state.on_disconnected(outbox.oldest());
         tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink disconnected; reconnecting");
         tokio::select! {

@@ -33,11 +33,12 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A Mosquitto broker on a free loopback port, killed on drop.
+/// A Mosquitto broker on a loopback port, killed on drop.
 pub struct Broker {
     /// Its port.
     pub port: u16,
-    child: Child,
+    child: Option<Child>,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -49,39 +50,80 @@ impl Broker {
 
     /// Start a broker with `extra` appended to its configuration (more listeners, TLS).
     pub fn start_with(extra: &str) -> Broker {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Start a broker on `port` that keeps sessions across [`Broker::restart`]
+    /// (persistence on), for subscribers made with [`Subscriber::start_persistent`].
+    pub fn start_persistent() -> Broker {
+        Self::start_on(free_port(), "persistence true\n")
+    }
+
+    /// Start a broker on a given port.
+    pub fn start_on(port: u16, extra: &str) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if extra.contains("persistence true") {
+            // Mosquitto started as root drops to its own user: let it write here.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("chmod broker dir");
+            format!("persistence_location {}/\n", dir.path().display())
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "allow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n{extra}"
+                "allow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nlog_type error\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
+        let mut b = Broker {
+            port,
+            child: None,
+            conf,
+            _dir: dir,
+        };
+        b.restart();
+        b
+    }
+
+    /// Stop the broker (SIGTERM: a persistent broker saves its sessions).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) with the pid of a child we own.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same port with the same configuration.
+    pub fn restart(&mut self) {
+        self.stop();
         let child = Command::new(mosquitto())
             .arg("-c")
-            .arg(&conf)
+            .arg(&self.conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto must be installed: run scripts/setup.sh");
-        let b = Broker {
-            port,
-            child,
-            _dir: dir,
-        };
+        self.child = Some(child);
+        let port = self.port;
         wait_until("mosquitto to listen", Duration::from_secs(10), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        b
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -154,7 +196,21 @@ impl Outpost {
         Self::start(config, tempfile::tempdir().expect("temp dir"), state)
     }
 
+    /// Start with its state in `state`, without waiting for readiness (for
+    /// runs that may end before anyone asks).
+    pub fn spawn_with_state(config: &str, state: &Path) -> Outpost {
+        Self::spawn(config, tempfile::tempdir().expect("temp dir"), state)
+    }
+
     fn start(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
+        let o = Self::spawn(config, dir, state);
+        wait_until("outpost to be ready", Duration::from_secs(30), || {
+            o.http("/readyz").starts_with("HTTP/1.1 200")
+        });
+        o
+    }
+
+    fn spawn(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
         let metrics_port = free_port();
         let path = dir.path().join("outpost.toml");
         std::fs::write(
@@ -184,16 +240,45 @@ impl Outpost {
                 }
             }
         });
-        let o = Outpost {
+        Outpost {
             child: Some(child),
             metrics_port,
             log,
             _dir: dir,
-        };
-        wait_until("outpost to be ready", Duration::from_secs(30), || {
-            o.http("/readyz").starts_with("HTTP/1.1 200")
-        });
-        o
+        }
+    }
+
+    /// Resident memory of the process in KiB (Linux `/proc`), 0 once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        let Some(c) = &self.child else { return 0 };
+        std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The `aggregates=` count of the final "outpost stopped" log line.
+    pub fn produced_aggregates(&self) -> u64 {
+        let log = self.log();
+        log.lines()
+            .find(|l| l.contains("outpost stopped"))
+            .and_then(|l| l.split("aggregates=").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no \"outpost stopped\" summary line:\n{log}"))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// GET a path of the metrics endpoint (a few tries); empty when it does not answer.
@@ -320,7 +405,19 @@ pub struct Subscriber {
 impl Subscriber {
     /// Subscribe to `filter` on the broker at `port`; returns once subscribed.
     pub fn start(port: u16, filter: &str) -> Subscriber {
+        Self::start_session(port, filter, true)
+    }
+
+    /// Like [`Subscriber::start`] with a persistent session (clean session
+    /// off): with [`Broker::start_persistent`], the subscription and queued
+    /// messages survive a broker restart, and the subscriber reconnects.
+    pub fn start_persistent(port: u16, filter: &str) -> Subscriber {
+        Self::start_session(port, filter, false)
+    }
+
+    fn start_session(port: u16, filter: &str, clean: bool) -> Subscriber {
         let mut o = MqttOptions::new(format!("test-sub-{}", free_port()), "127.0.0.1", port);
+        o.set_clean_session(clean);
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         let (client, mut conn) = Client::new(o, 1000);

@@ -75,13 +75,7 @@ impl Rig {
         assert!(acked.contains("outpost stopped"), "{acked}");
         // Everything the runtime reports as delivered was acknowledged by the
         // broker, and the subscriber (QoS 1) gets it shortly after.
-        let produced: usize = acked
-            .lines()
-            .find(|l| l.contains("outpost stopped"))
-            .and_then(|l| l.split("aggregates=").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-            .unwrap_or(0);
+        let produced = self.outpost.produced_aggregates() as usize;
         wait_until(
             "aggregates at the cloud broker",
             Duration::from_secs(10),
