@@ -574,6 +574,46 @@ pub struct UplinkConfig {
     /// Largest reconnect delay.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// After a reconnect, send aggregates produced since before the backlog
+    /// (which drains oldest first at `backlog_rate`). `false`: strictly in
+    /// order, oldest first, at full speed.
+    #[serde(default = "default_true")]
+    pub live_first: bool,
+    /// Backlog records per second at most (0, the default: no cap beyond
+    /// `max_publish_rate`; live data goes first either way).
+    #[serde(default = "default_backlog_rate")]
+    pub backlog_rate: f64,
+    /// Publishes per second at most, everything included (0: no cap). AWS
+    /// IoT Core allows 100 per connection.
+    #[serde(default)]
+    pub max_publish_rate: f64,
+    /// Several aggregates per message (a JSON array) up to this many bytes
+    /// before compression; 0 (default): one aggregate per message. Runs of
+    /// one group per message when the topic names `{group}`.
+    #[serde(default)]
+    pub batch_max_bytes: usize,
+    /// `none` (default) or `zstd` (the topic gets a `/zstd` suffix).
+    #[serde(default = "default_compression")]
+    pub compression: crate::uplink::Compression,
+    /// Circuit breaker: after this many connection failures in a row ...
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// ... wait this long before trying again (then back to the backoff).
+    #[serde(default = "default_breaker_open")]
+    pub breaker_open_ms: u64,
+}
+
+fn default_compression() -> crate::uplink::Compression {
+    crate::uplink::Compression::None
+}
+fn default_backlog_rate() -> f64 {
+    0.0
+}
+fn default_breaker_failures() -> u32 {
+    10
+}
+fn default_breaker_open() -> u64 {
+    300_000
 }
 
 fn default_agg_topic() -> String {
@@ -990,6 +1030,23 @@ impl Config {
                 c.push(
                     "uplink.backoff_initial_ms",
                     "must be at least 1 and at most uplink.backoff_max_ms",
+                );
+            }
+            for (path, v) in [
+                ("uplink.backlog_rate", u.backlog_rate),
+                ("uplink.max_publish_rate", u.max_publish_rate),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    c.push(path, "must be a finite number, 0 or more (0: no cap)");
+                }
+            }
+            if u.breaker_failures == 0 {
+                c.push("uplink.breaker_failures", "must be at least 1");
+            }
+            if u.batch_max_bytes > 512 * 1024 {
+                c.push(
+                    "uplink.batch_max_bytes",
+                    "must be at most 524288 (brokers limit message size: AWS IoT Core 128 KiB)",
                 );
             }
         }

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub uplink_connected: Gauge,
     /// Publishes handed to the client and not yet acknowledged.
     pub uplink_inflight: Gauge,
+    /// 1 while the uplink's circuit breaker is open.
+    pub uplink_breaker_open: Gauge,
+    /// MQTT messages published to the cloud (a batch is one message).
+    pub uplink_messages: Counter,
     /// Decisions published to the site broker.
     pub decisions_published: Counter,
     /// Decisions dropped because the site queue was full or the broker down.
@@ -130,6 +134,8 @@ impl Metrics {
             uplink_reconnects: Counter::default(),
             uplink_connected: Gauge::default(),
             uplink_inflight: Gauge::default(),
+            uplink_breaker_open: Gauge::default(),
+            uplink_messages: Counter::default(),
             decisions_published: Counter::default(),
             decisions_dropped: Counter::default(),
             ready: AtomicBool::new(false),
@@ -234,6 +240,16 @@ impl Metrics {
             "uplink_inflight",
             "Publishes sent and not yet acknowledged",
             m.uplink_inflight.clone(),
+        );
+        registry.register(
+            "uplink_breaker_open",
+            "1 while the uplink circuit breaker is open",
+            m.uplink_breaker_open.clone(),
+        );
+        registry.register(
+            "uplink_messages",
+            "MQTT messages published to the cloud (a batch is one)",
+            m.uplink_messages.clone(),
         );
         registry.register(
             "decisions_published",

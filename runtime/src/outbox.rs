@@ -101,6 +101,9 @@ pub trait Outbox: Send {
     fn ack(&mut self, seq: u64) -> Result<(), OutboxError>;
     /// The smallest sequence still held, if any.
     fn oldest(&self) -> Option<u64>;
+    /// One past the newest committed record's sequence: records appended
+    /// from now on have this sequence or more.
+    fn committed_end(&self) -> u64;
     /// Counters.
     fn stats(&self) -> OutboxStats;
 }
@@ -166,6 +169,10 @@ impl Outbox for MemoryOutbox {
 
     fn oldest(&self) -> Option<u64> {
         self.records.keys().next().copied()
+    }
+
+    fn committed_end(&self) -> u64 {
+        self.next_seq
     }
 
     fn stats(&self) -> OutboxStats {
@@ -234,6 +241,11 @@ impl SharedOutbox {
         self.lock().oldest()
     }
 
+    /// See [`Outbox::committed_end`].
+    pub fn committed_end(&self) -> u64 {
+        self.lock().committed_end()
+    }
+
     /// See [`Outbox::stats`].
     pub fn stats(&self) -> OutboxStats {
         self.lock().stats()
@@ -251,11 +263,12 @@ impl SharedOutbox {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef};
 
-    pub(super) fn agg(i: i64) -> Aggregate {
+    /// A small aggregate of group `x`, window `i`.
+    pub(crate) fn agg(i: i64) -> Aggregate {
         let mut a = Aggregate {
             schema: AGGREGATE_SCHEMA,
             id: String::new(),

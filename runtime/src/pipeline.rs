@@ -32,7 +32,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox};
 use crate::privacy::Privacy;
 use crate::reading::{Reading, Validator};
-use crate::uplink::{self, Backoff, RumqttConnector, Stop, UplinkSettings, UplinkState};
+use crate::uplink::{
+    self, Backoff, RumqttConnector, Stop, UplinkPolicy, UplinkSettings, UplinkState,
+};
 use crate::window::{Window, WindowError, WindowSpec, Windower};
 
 /// Errors of starting or running the pipeline.
@@ -318,8 +320,15 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     let uplink_task = match &cfg.uplink {
         Some(u) => {
             let options = crate::mqtt::options(&u.broker, &cfg.gateway.id, "uplink")?;
-            let state = UplinkState::new(
-                u.max_inflight as usize,
+            let state = UplinkState::with_policy(
+                UplinkPolicy {
+                    max_inflight: u.max_inflight as usize,
+                    live_first: u.live_first,
+                    backlog_rate: u.backlog_rate,
+                    max_publish_rate: u.max_publish_rate,
+                    breaker_failures: u.breaker_failures,
+                    breaker_open: Duration::from_millis(u.breaker_open_ms),
+                },
                 Backoff::new(
                     Duration::from_millis(u.backoff_initial_ms),
                     Duration::from_millis(u.backoff_max_ms),
@@ -329,6 +338,8 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
             let settings = UplinkSettings {
                 topic: u.topic.clone(),
                 gateway: cfg.gateway.id.clone(),
+                batch_max_bytes: u.batch_max_bytes,
+                compression: u.compression,
             };
             let max_inflight = u.max_inflight;
             let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::render_topic;
 use crate::metrics::Metrics;
-use crate::outbox::SharedOutbox;
+use crate::outbox::{OutboxRecord, SharedOutbox};
 
 /// Errors of the uplink.
 #[derive(Debug, thiserror::Error)]
@@ -76,37 +76,180 @@ impl Backoff {
     }
 }
 
-/// The uplink protocol state, free of I/O.
+/// A token bucket: `per_s` tokens a second, at most one second's worth
+/// banked. Time comes in as milliseconds, so it is testable without a clock.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    per_s: f64,
+    tokens: f64,
+    last_ms: Option<u64>,
+}
+
+impl RateLimit {
+    /// `per_s` tokens a second; 0 means no limit.
+    pub fn new(per_s: f64) -> Self {
+        Self {
+            per_s,
+            tokens: per_s.max(1.0),
+            last_ms: None,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        if let Some(last) = self.last_ms {
+            let dt = now_ms.saturating_sub(last) as f64 / 1000.0;
+            self.tokens = (self.tokens + dt * self.per_s).min(self.per_s.max(1.0));
+        }
+        self.last_ms = Some(now_ms);
+    }
+
+    /// Whole tokens available now.
+    pub fn available(&mut self, now_ms: u64) -> usize {
+        if self.per_s <= 0.0 {
+            return usize::MAX;
+        }
+        self.refill(now_ms);
+        self.tokens.floor() as usize
+    }
+
+    /// Spend one token.
+    pub fn take(&mut self) {
+        if self.per_s > 0.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    /// Milliseconds until a token is available (0 when one is).
+    pub fn wait_ms(&mut self, now_ms: u64) -> u64 {
+        if self.available(now_ms) > 0 {
+            return 0;
+        }
+        (((1.0 - self.tokens) / self.per_s) * 1000.0)
+            .ceil()
+            .max(1.0) as u64
+    }
+}
+
+/// Where the next records to publish come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Read up to `max` records from `from` (all of them live or in order).
+    Live {
+        /// First sequence.
+        from: u64,
+        /// Most records.
+        max: usize,
+    },
+    /// Read up to `max` backlog records from `from`, below `end`.
+    Backlog {
+        /// First sequence.
+        from: u64,
+        /// Backlog end (exclusive).
+        end: u64,
+        /// Most records.
+        max: usize,
+    },
+    /// Nothing may be sent now; ask again after this many milliseconds
+    /// (`None`: when something changes).
+    Wait(Option<u64>),
+}
+
+/// Uplink policy settings.
+#[derive(Debug, Clone)]
+pub struct UplinkPolicy {
+    /// Unacknowledged publishes at most.
+    pub max_inflight: usize,
+    /// Fresh aggregates before the backlog after a reconnect.
+    pub live_first: bool,
+    /// Backlog records per second while live first (0: no cap).
+    pub backlog_rate: f64,
+    /// Publishes per second in all (0: no cap).
+    pub max_publish_rate: f64,
+    /// Failed connections in a row that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits.
+    pub breaker_open: Duration,
+}
+
+impl UplinkPolicy {
+    /// In order, no caps, breaker after 10 failures for 5 minutes.
+    pub fn simple(max_inflight: usize) -> Self {
+        Self {
+            max_inflight,
+            live_first: false,
+            backlog_rate: 0.0,
+            max_publish_rate: 0.0,
+            breaker_failures: 10,
+            breaker_open: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The uplink protocol state, free of I/O: in-flight window, packet id ↔
+/// outbox sequence, live and backlog cursors, rate limits, backoff and
+/// circuit breaker.
 #[derive(Debug)]
 pub struct UplinkState {
-    max_inflight: usize,
-    /// Next outbox sequence to send.
-    cursor: u64,
-    /// Handed to the client, packet id not yet known (in order).
-    awaiting_pkid: VecDeque<u64>,
-    /// Sent with a packet id, not yet acknowledged.
-    inflight: HashMap<u16, u64>,
+    policy: UplinkPolicy,
+    /// Records from here on are live (produced since the connection began).
+    live_from: u64,
+    /// Next live sequence to read.
+    live_cursor: u64,
+    /// Next backlog sequence to read (below `live_from`).
+    backlog_cursor: u64,
+    /// Messages handed to the client, packet id not yet known (in order),
+    /// each with the records it carries.
+    awaiting_pkid: VecDeque<Vec<u64>>,
+    /// Messages sent with a packet id, not yet acknowledged.
+    inflight: HashMap<u16, Vec<u64>>,
     connected: bool,
     backoff: Backoff,
+    failures: u32,
+    breaker_tripped: bool,
+    publish_limit: RateLimit,
+    backlog_limit: RateLimit,
 }
 
 impl UplinkState {
-    /// A disconnected state.
+    /// A disconnected state with a plain policy (in order, no caps).
     pub fn new(max_inflight: usize, backoff: Backoff) -> Self {
+        Self::with_policy(UplinkPolicy::simple(max_inflight), backoff)
+    }
+
+    /// A disconnected state.
+    pub fn with_policy(mut policy: UplinkPolicy, backoff: Backoff) -> Self {
+        policy.max_inflight = policy.max_inflight.max(1);
+        policy.breaker_failures = policy.breaker_failures.max(1);
         Self {
-            max_inflight: max_inflight.max(1),
-            cursor: 0,
+            publish_limit: RateLimit::new(policy.max_publish_rate),
+            backlog_limit: RateLimit::new(policy.backlog_rate),
+            policy,
+            live_from: 0,
+            live_cursor: 0,
+            backlog_cursor: 0,
             awaiting_pkid: VecDeque::new(),
             inflight: HashMap::new(),
             connected: false,
             backoff,
+            failures: 0,
+            breaker_tripped: false,
         }
     }
 
-    /// The broker accepted the connection.
-    pub fn on_connected(&mut self) {
+    /// The broker accepted the connection. `committed_end` is the outbox's
+    /// [`crate::outbox::Outbox::committed_end`]: with live first, everything
+    /// before it is backlog.
+    pub fn on_connected(&mut self, committed_end: u64) {
         self.connected = true;
         self.backoff.reset();
+        self.failures = 0;
+        self.breaker_tripped = false;
+        if self.policy.live_first {
+            self.live_from = committed_end.max(self.backlog_cursor);
+        } else {
+            self.live_from = self.backlog_cursor;
+        }
+        self.live_cursor = self.live_from;
     }
 
     /// Whether the broker accepted the current connection.
@@ -114,51 +257,113 @@ impl UplinkState {
         self.connected
     }
 
-    /// The connection is gone: everything unacknowledged will be re-sent
-    /// from `oldest_unacked`. Returns the delay before reconnecting.
+    /// Whether the circuit breaker is open (the last delay was its wait).
+    pub fn breaker_open(&self) -> bool {
+        self.breaker_tripped
+    }
+
+    /// The connection is gone (or never came): everything unacknowledged
+    /// will be re-sent from `oldest_unacked`. Returns the delay before
+    /// reconnecting: the backoff, or the breaker's wait after too many
+    /// failures in a row.
     pub fn on_disconnected(&mut self, oldest_unacked: Option<u64>) -> Duration {
+        if !self.connected {
+            self.failures = self.failures.saturating_add(1);
+        }
         self.connected = false;
         self.awaiting_pkid.clear();
         self.inflight.clear();
-        if let Some(o) = oldest_unacked {
-            self.cursor = self.cursor.min(o);
+        let restart = oldest_unacked.unwrap_or(self.live_cursor.max(self.backlog_cursor));
+        self.backlog_cursor = restart;
+        self.live_cursor = restart;
+        self.live_from = restart;
+        self.breaker_tripped = self.failures >= self.policy.breaker_failures;
+        if self.breaker_tripped {
+            self.failures = 0;
+            self.backoff.reset();
+            return self.policy.breaker_open;
         }
         self.backoff.next_delay()
     }
 
-    /// How many more records may be sent now.
+    /// How many more records the in-flight window allows.
     pub fn room(&self) -> usize {
         if !self.connected {
             return 0;
         }
-        self.max_inflight
+        self.policy
+            .max_inflight
             .saturating_sub(self.awaiting_pkid.len() + self.inflight.len())
     }
 
-    /// The next outbox sequence to read.
-    pub fn cursor(&self) -> u64 {
-        self.cursor
+    /// What to read next at `now_ms`. `live_pending`: the caller's last
+    /// live read came back empty (so the backlog may go).
+    pub fn next(&mut self, now_ms: u64, live_empty: bool) -> Next {
+        let room = self.room();
+        if room == 0 {
+            return Next::Wait(None);
+        }
+        let total = self.publish_limit.available(now_ms);
+        if total == 0 {
+            return Next::Wait(Some(self.publish_limit.wait_ms(now_ms)));
+        }
+        let max = room.min(total);
+        let backlog = self.backlog_cursor < self.live_from;
+        if !live_empty || !backlog {
+            return Next::Live {
+                from: self.live_cursor,
+                max,
+            };
+        }
+        let b = self.backlog_limit.available(now_ms);
+        if b == 0 {
+            return Next::Wait(Some(self.backlog_limit.wait_ms(now_ms)));
+        }
+        Next::Backlog {
+            from: self.backlog_cursor,
+            end: self.live_from,
+            max: max.min(b),
+        }
     }
 
-    /// Record `seq` was handed to the client.
+    /// The backlog has nothing left below its end.
+    pub fn backlog_done(&mut self) {
+        self.backlog_cursor = self.live_from;
+    }
+
+    /// Record `seq` was handed to the client in a message of its own.
     pub fn on_sent(&mut self, seq: u64) {
-        self.awaiting_pkid.push_back(seq);
-        self.cursor = seq + 1;
+        self.on_sent_batch(vec![seq]);
+    }
+
+    /// One message carrying these records (in sequence order) was handed
+    /// to the client.
+    pub fn on_sent_batch(&mut self, seqs: Vec<u64>) {
+        self.publish_limit.take();
+        for &seq in &seqs {
+            if seq >= self.live_from {
+                self.live_cursor = self.live_cursor.max(seq + 1);
+            } else {
+                self.backlog_cursor = self.backlog_cursor.max(seq + 1);
+                self.backlog_limit.take();
+            }
+        }
+        self.awaiting_pkid.push_back(seqs);
     }
 
     /// The client wrote a publish with this packet id (in hand-over order).
     pub fn on_outgoing(&mut self, pkid: u16) {
-        if let Some(seq) = self.awaiting_pkid.pop_front() {
-            self.inflight.insert(pkid, seq);
+        if let Some(seqs) = self.awaiting_pkid.pop_front() {
+            self.inflight.insert(pkid, seqs);
         }
     }
 
-    /// A PUBACK: the acknowledged record's sequence, if it was ours.
-    pub fn on_puback(&mut self, pkid: u16) -> Option<u64> {
+    /// A PUBACK: the acknowledged records' sequences, if the message was ours.
+    pub fn on_puback(&mut self, pkid: u16) -> Option<Vec<u64>> {
         self.inflight.remove(&pkid)
     }
 
-    /// Records handed to the client and not yet acknowledged.
+    /// Messages handed to the client and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.awaiting_pkid.len() + self.inflight.len()
     }
@@ -289,6 +494,97 @@ pub struct UplinkSettings {
     pub topic: String,
     /// Gateway id.
     pub gateway: String,
+    /// Several aggregates per message, as a JSON array, up to this many
+    /// bytes (before compression); 0: one aggregate per message, as an object.
+    pub batch_max_bytes: usize,
+    /// Payload compression.
+    pub compression: Compression,
+}
+
+/// Payload compression of the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Plain JSON.
+    None,
+    /// zstd (level 3); the topic gets [`ZSTD_TOPIC_SUFFIX`].
+    Zstd,
+}
+
+/// Appended to the topic of a zstd-compressed message.
+pub const ZSTD_TOPIC_SUFFIX: &str = "/zstd";
+
+impl UplinkSettings {
+    /// Plain settings: one aggregate per message, no compression.
+    pub fn new(topic: impl Into<String>, gateway: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            gateway: gateway.into(),
+            batch_max_bytes: 0,
+            compression: Compression::None,
+        }
+    }
+
+    /// Records to read for `messages` messages.
+    fn records_for(&self, messages: usize) -> usize {
+        if self.batch_max_bytes == 0 {
+            messages
+        } else {
+            messages.saturating_mul(64).min(4096)
+        }
+    }
+
+    /// Split records (in sequence order) into messages: runs of records that
+    /// share a topic (the same group, when the template names it), each
+    /// within `batch_max_bytes`. A record larger than the limit goes alone.
+    pub fn batches<'a>(&self, records: &'a [OutboxRecord]) -> Vec<&'a [OutboxRecord]> {
+        if self.batch_max_bytes == 0 {
+            return records.chunks(1).collect();
+        }
+        let by_group = self.topic.contains("{group}");
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut bytes = 2;
+        for (i, r) in records.iter().enumerate() {
+            let len = r.payload().len() + 1;
+            let split = i > start
+                && (bytes + len > self.batch_max_bytes
+                    || (by_group && r.group != records[start].group));
+            if split {
+                out.push(&records[start..i]);
+                start = i;
+                bytes = 2;
+            }
+            bytes += len;
+        }
+        if start < records.len() {
+            out.push(&records[start..]);
+        }
+        out
+    }
+
+    /// The payload of one message.
+    pub fn encode(&self, batch: &[OutboxRecord]) -> std::io::Result<Vec<u8>> {
+        let json = if self.batch_max_bytes == 0 && batch.len() == 1 {
+            batch[0].payload().to_vec()
+        } else {
+            let mut v =
+                Vec::with_capacity(batch.iter().map(|r| r.payload().len() + 1).sum::<usize>() + 2);
+            v.push(b'[');
+            for (i, r) in batch.iter().enumerate() {
+                if i > 0 {
+                    v.push(b',');
+                }
+                v.extend_from_slice(r.payload());
+            }
+            v.push(b']');
+            v
+        };
+        match self.compression {
+            Compression::None => Ok(json),
+            Compression::Zstd => zstd::bulk::compress(&json, 3),
+        }
+    }
 }
 
 /// Shutdown signals of the uplink.
@@ -320,44 +616,13 @@ pub async fn run<C: Connector>(
         first = false;
         let mut session = connector.connect();
         let err = loop {
-            // Send as much as the in-flight window allows.
-            while state.room() > 0 {
-                let records = match outbox.read_from(state.cursor(), state.room()) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "outbox read failed");
-                        break;
-                    }
-                };
-                if records.is_empty() {
-                    break;
+            let wait = send_ready(&mut session, &mut state, &outbox, &settings, &metrics);
+            let rate_wait = async {
+                match wait {
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => std::future::pending().await,
                 }
-                let mut full = false;
-                for r in records {
-                    let topic = render_topic(
-                        &settings.topic,
-                        &[("gateway", &settings.gateway), ("group", &r.group)],
-                    );
-                    match session.try_publish(topic, r.payload().to_vec()) {
-                        Ok(true) => {
-                            state.on_sent(r.seq);
-                            metrics.uplink_sent.inc();
-                        }
-                        Ok(false) => {
-                            full = true;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "publish refused");
-                            full = true;
-                            break;
-                        }
-                    }
-                }
-                if full {
-                    break;
-                }
-            }
+            };
             metrics.uplink_inflight.set(state.unacked() as i64);
             if stop.drain.is_cancelled() && state.unacked() == 0 && outbox.oldest().is_none() {
                 session.disconnect().await;
@@ -369,15 +634,18 @@ pub async fn run<C: Connector>(
                     Ok(SessionEvent::Connected) => {
                         tracing::info!("uplink connected");
                         metrics.uplink_connected.set(1);
-                        state.on_connected();
+                        metrics.uplink_breaker_open.set(0);
+                        state.on_connected(outbox.committed_end());
                     }
                     Ok(SessionEvent::Published(pkid)) => state.on_outgoing(pkid),
                     Ok(SessionEvent::Acked(pkid)) => {
-                        if let Some(seq) = state.on_puback(pkid) {
-                            if let Err(e) = outbox.ack(seq) {
-                                tracing::error!(error = %e, seq, "outbox ack failed");
+                        if let Some(seqs) = state.on_puback(pkid) {
+                            for &seq in &seqs {
+                                if let Err(e) = outbox.ack(seq) {
+                                    tracing::error!(error = %e, seq, "outbox ack failed");
+                                }
                             }
-                            metrics.uplink_acked.inc();
+                            metrics.uplink_acked.inc_by(seqs.len() as u64);
                             metrics.uplink_inflight.set(state.unacked() as i64);
                             metrics.outbox_depth.set(outbox.stats().depth as i64);
                         }
@@ -385,6 +653,7 @@ pub async fn run<C: Connector>(
                     Err(e) => break e,
                 },
                 _ = outbox.appended() => {}
+                _ = rate_wait => {}
                 _ = stop.drain.cancelled(), if !stop.drain.is_cancelled() => {}
                 _ = stop.now.cancelled() => {
                     return outbox.stats().depth;
@@ -395,12 +664,105 @@ pub async fn run<C: Connector>(
         metrics.uplink_connected.set(0);
         metrics.uplink_inflight.set(0);
         let delay = state.on_disconnected(outbox.oldest());
-        tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink disconnected; reconnecting");
+        if state.breaker_open() {
+            metrics.uplink_breaker_open.set(1);
+            tracing::error!(error = %err, wait_ms = delay.as_millis() as u64, "uplink: too many failed connections in a row; circuit breaker open");
+        } else {
+            tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink disconnected; reconnecting");
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.now.cancelled() => return outbox.stats().depth,
         }
     }
+}
+
+/// Hand the session everything the policy allows now. Returns how long to
+/// wait for a rate limit, if one is what stops sending.
+fn send_ready<S: Session>(
+    session: &mut S,
+    state: &mut UplinkState,
+    outbox: &SharedOutbox,
+    settings: &UplinkSettings,
+    metrics: &Metrics,
+) -> Option<u64> {
+    let mut live_empty = false;
+    loop {
+        let budget;
+        let (records, end) = match state.next(now_ms(), live_empty) {
+            Next::Wait(w) => return w,
+            Next::Live { from, max } => {
+                budget = max;
+                if live_empty {
+                    // Live read came back empty and there is no backlog left.
+                    return None;
+                }
+                match outbox.read_from(from, settings.records_for(max)) {
+                    Ok(r) if r.is_empty() => {
+                        live_empty = true;
+                        continue;
+                    }
+                    Ok(r) => (r, u64::MAX),
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox read failed");
+                        return None;
+                    }
+                }
+            }
+            Next::Backlog { from, end, max } => {
+                match outbox.read_from(from, settings.records_for(max)) {
+                    Ok(r) => {
+                        budget = max;
+                        let r: Vec<_> = r.into_iter().filter(|r| r.seq < end).collect();
+                        if r.is_empty() {
+                            state.backlog_done();
+                            continue;
+                        }
+                        (r, end)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox read failed");
+                        return None;
+                    }
+                }
+            }
+        };
+        debug_assert!(records.iter().all(|r| r.seq < end));
+        for batch in settings.batches(&records).into_iter().take(budget) {
+            let first = &batch[0];
+            let mut topic = render_topic(
+                &settings.topic,
+                &[("gateway", &settings.gateway), ("group", &first.group)],
+            );
+            let payload = match settings.encode(batch) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot compress a batch");
+                    return None;
+                }
+            };
+            if settings.compression == Compression::Zstd {
+                topic.push_str(ZSTD_TOPIC_SUFFIX);
+            }
+            match session.try_publish(topic, payload) {
+                Ok(true) => {
+                    state.on_sent_batch(batch.iter().map(|r| r.seq).collect());
+                    metrics.uplink_sent.inc_by(batch.len() as u64);
+                    metrics.uplink_messages.inc();
+                }
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish refused");
+                    return None;
+                }
+            }
+        }
+        live_empty = false;
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::reading::now_ms().max(0) as u64
 }
 
 /// No cloud configured: log each aggregate and acknowledge it.
@@ -451,22 +813,115 @@ mod tests {
             Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 1),
         );
         assert_eq!(s.room(), 0, "no sending before CONNACK");
-        s.on_connected();
+        s.on_connected(1);
         assert_eq!(s.room(), 2);
+        // In order: from the start of the outbox.
+        assert_eq!(s.next(0, false), Next::Live { from: 0, max: 2 });
         s.on_sent(1);
         s.on_sent(2);
         assert_eq!(s.room(), 0);
+        assert_eq!(s.next(0, false), Next::Wait(None));
         s.on_outgoing(7);
         s.on_outgoing(8);
-        assert_eq!(s.on_puback(7), Some(1));
+        assert_eq!(s.on_puback(7), Some(vec![1]));
         assert_eq!(s.on_puback(99), None);
         assert_eq!(s.room(), 1);
-        assert_eq!(s.cursor(), 3);
-        // Record 2 never acknowledged: after a disconnect the cursor goes back to it.
+        assert_eq!(s.next(0, false), Next::Live { from: 3, max: 1 });
+        // Record 2 never acknowledged: after a disconnect it is read again.
         let _ = s.on_disconnected(Some(2));
-        assert_eq!(s.cursor(), 2);
         assert_eq!(s.unacked(), 0);
         assert_eq!(s.room(), 0);
+        s.on_connected(3);
+        assert_eq!(s.next(0, false), Next::Live { from: 2, max: 2 });
+    }
+
+    fn policy(live_first: bool, backlog_rate: f64, max_publish_rate: f64) -> UplinkPolicy {
+        UplinkPolicy {
+            max_inflight: 8,
+            live_first,
+            backlog_rate,
+            max_publish_rate,
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(60),
+        }
+    }
+
+    fn backoff() -> Backoff {
+        Backoff::new(Duration::from_millis(10), Duration::from_millis(100), 1)
+    }
+
+    #[test]
+    fn live_first_then_backlog_at_its_rate() {
+        let mut s = UplinkState::with_policy(policy(true, 2.0, 0.0), backoff());
+        // 100 records were waiting (1..=100) when the connection came up.
+        s.on_disconnected(Some(1));
+        s.on_connected(101);
+        // Live first: from 101.
+        assert_eq!(s.next(0, false), Next::Live { from: 101, max: 8 });
+        s.on_sent(101);
+        // The live read came back empty: now the backlog, 2 per second.
+        assert_eq!(
+            s.next(0, true),
+            Next::Backlog {
+                from: 1,
+                end: 101,
+                max: 2
+            }
+        );
+        s.on_sent(1);
+        s.on_sent(2);
+        match s.next(0, true) {
+            Next::Wait(Some(ms)) => assert!((1..=500).contains(&ms), "{ms}"),
+            other => panic!("{other:?}"),
+        }
+        // Fresh data still goes at once while the backlog waits.
+        assert_eq!(s.next(0, false), Next::Live { from: 102, max: 5 });
+        assert_eq!(
+            s.next(1000, true),
+            Next::Backlog {
+                from: 3,
+                end: 101,
+                max: 2
+            }
+        );
+        s.backlog_done();
+        assert_eq!(s.next(1000, true), Next::Live { from: 102, max: 5 });
+    }
+
+    #[test]
+    fn in_order_without_live_first() {
+        let mut s = UplinkState::with_policy(policy(false, 2.0, 0.0), backoff());
+        s.on_disconnected(Some(1));
+        s.on_connected(101);
+        assert_eq!(s.next(0, false), Next::Live { from: 1, max: 8 });
+    }
+
+    #[test]
+    fn publish_rate_caps_everything() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 3.0), backoff());
+        s.on_connected(1);
+        assert_eq!(s.next(0, false), Next::Live { from: 0, max: 3 });
+        for q in 1..=3 {
+            s.on_sent(q);
+            s.on_outgoing(q as u16);
+            s.on_puback(q as u16);
+        }
+        assert!(matches!(s.next(0, false), Next::Wait(Some(_))));
+        assert_eq!(s.next(1000, false), Next::Live { from: 4, max: 3 });
+    }
+
+    #[test]
+    fn breaker_opens_after_repeated_failures() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 0.0), backoff());
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        assert!(!s.breaker_open());
+        assert_eq!(s.on_disconnected(None), Duration::from_secs(60));
+        assert!(s.breaker_open());
+        // Then back to the backoff; a good connection closes it.
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        s.on_connected(1);
+        assert!(!s.breaker_open());
     }
 
     /// A scripted session: acknowledges every publish except those whose
@@ -524,35 +979,47 @@ mod tests {
         async fn disconnect(&mut self) {}
     }
 
+    #[test]
+    fn batches_follow_topic_and_size_and_compress() {
+        use crate::aggregate::Aggregate;
+        use crate::outbox::tests::agg;
+        let records: Vec<OutboxRecord> = ["a", "a", "b", "b", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let mut a = agg(i as i64);
+                a.group = g.to_string();
+                OutboxRecord::from_aggregate(i as u64 + 1, &a).unwrap()
+            })
+            .collect();
+        let sizes = |s: &UplinkSettings| -> Vec<usize> {
+            s.batches(&records).iter().map(|b| b.len()).collect()
+        };
+        let mut s = UplinkSettings::new("t/{gateway}/{group}", "g");
+        assert_eq!(sizes(&s), vec![1, 1, 1, 1, 1]);
+        assert_eq!(s.encode(&records[..1]).unwrap(), records[0].payload());
+        s.batch_max_bytes = 64 * 1024;
+        assert_eq!(sizes(&s), vec![2, 3], "one group per message");
+        let mut all = UplinkSettings::new("t/{gateway}", "g");
+        all.batch_max_bytes = 64 * 1024;
+        assert_eq!(sizes(&all), vec![5]);
+        all.batch_max_bytes = 2 * records[0].payload().len() + 4;
+        assert_eq!(sizes(&all), vec![2, 2, 1], "byte limit");
+        let plain = all.encode(&records[..2]).unwrap();
+        let back: Vec<Aggregate> = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(back.len(), 2);
+        all.compression = Compression::Zstd;
+        let z = all.encode(&records[..2]).unwrap();
+        assert_eq!(zstd::bulk::decompress(&z, 1 << 20).unwrap(), plain);
+    }
+
     #[tokio::test]
     async fn unacked_record_is_resent_from_the_outbox() {
-        use crate::aggregate::{AGGREGATE_SCHEMA, Aggregate, ModelRef};
+        use crate::aggregate::Aggregate;
         use crate::outbox::MemoryOutbox;
         let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(100)));
         for i in 0..5 {
-            let mut a = Aggregate {
-                schema: AGGREGATE_SCHEMA,
-                id: String::new(),
-                gateway: "g".into(),
-                group: "x".into(),
-                window_start: i,
-                window_end: i + 1,
-                partial: false,
-                readings: 1,
-                late_readings: 0,
-                inferences: 0,
-                sensors: 1,
-                model: ModelRef {
-                    name: "m".into(),
-                    version: "1.0.0".into(),
-                },
-                classes: None,
-                anomalies: None,
-                anomaly_rate: None,
-                score: None,
-            };
-            a.id = a.compute_id();
-            outbox.append(&a).unwrap();
+            outbox.append(&crate::outbox::tests::agg(i)).unwrap();
         }
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         // First session: the 3rd publish is never acknowledged and the connection drops.
@@ -576,10 +1043,7 @@ mod tests {
                 connector,
                 state,
                 outbox.clone(),
-                UplinkSettings {
-                    topic: "t/{group}".into(),
-                    gateway: "g".into(),
-                },
+                UplinkSettings::new("t/{group}", "g"),
                 Arc::new(Metrics::new()),
                 stop,
             ),

@@ -71,10 +71,7 @@ async fn outpost_uplink(port: u16, outbox: Box<dyn Outbox>) -> f64 {
             Backoff::new(Duration::from_millis(10), Duration::from_millis(100), 1),
         ),
         outbox,
-        UplinkSettings {
-            topic: "bench/{gateway}/{group}".into(),
-            gateway: "gw-bench".into(),
-        },
+        UplinkSettings::new("bench/{gateway}/{group}", "gw-bench"),
         Arc::new(Metrics::new()),
         stop,
     )

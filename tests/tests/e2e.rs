@@ -362,3 +362,87 @@ fn decisions_go_to_the_site_broker_and_never_to_the_cloud() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Batching and zstd: several aggregates per message on `<topic>/zstd`,
+/// every aggregate there once, every reading counted.
+#[test]
+fn batched_zstd_messages_carry_every_aggregate() {
+    // One topic for all groups, and a 1 s group commit: everything the burst
+    // below produces is committed, and so read, together.
+    let site = Broker::start();
+    let cloud = Broker::start();
+    let cloud_sub = Subscriber::start(cloud.port, "outpost/#");
+    let cfg = format!(
+        r#"{}
+[outbox]
+fsync_interval_ms = 1000
+[uplink]
+broker = {{ host = "127.0.0.1", port = {} }}
+allow_plaintext = true
+topic = "outpost/{{gateway}}/agg"
+batch_max_bytes = 65536
+compression = "zstd"
+"#,
+        site_config("gw-test", site.port),
+        cloud.port
+    );
+    let outpost = Outpost::run(&cfg);
+    wait_until(
+        "the site source to subscribe",
+        Duration::from_secs(20),
+        || outpost.log().contains("subscribed to site topics"),
+    );
+    let publisher = Publisher::connect(site.port);
+    let mut r = Rig {
+        _site: site,
+        _cloud: cloud,
+        outpost,
+        cloud_sub,
+        publisher,
+    };
+    let base = base_ts();
+    let mut sent = 0u64;
+    for k in 0..300 {
+        for s in ["b1", "b2", "b3"] {
+            r.publisher.publish(
+                &format!("sensors/{s}/data"),
+                reading(s, base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+            );
+            sent += 1;
+        }
+    }
+    r.publisher.flush();
+    r.outpost.wait_metric(
+        "outpost_readings_total",
+        &[],
+        sent as f64,
+        Duration::from_secs(30),
+    );
+    r.outpost.signal(libc::SIGTERM);
+    assert!(r.outpost.wait(Duration::from_secs(20)).success());
+    let produced = r.outpost.produced_aggregates() as usize;
+    let decode = |msgs: &[Message]| -> Vec<Value> {
+        msgs.iter()
+            .flat_map(|m| {
+                assert!(m.topic.ends_with("/zstd"), "{}", m.topic);
+                let json = zstd::bulk::decompress(&m.payload, 1 << 22).expect("zstd");
+                serde_json::from_slice::<Vec<Value>>(&json).expect("a JSON array")
+            })
+            .collect()
+    };
+    wait_until("every aggregate", Duration::from_secs(10), || {
+        decode(&r.cloud_sub.messages()).len() >= produced
+    });
+    let msgs = r.cloud_sub.messages();
+    let aggs = decode(&msgs);
+    assert_eq!(aggs.len(), produced);
+    assert!(
+        msgs.len() < aggs.len(),
+        "{} messages for {} aggregates",
+        msgs.len(),
+        aggs.len()
+    );
+    let ids: BTreeSet<&str> = aggs.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), aggs.len());
+    assert_eq!(sum(&aggs, "readings"), sent);
+}

@@ -125,6 +125,9 @@ allow_plaintext = true
 topic = "outpost/{{gateway}}/agg/{{group}}"
 backoff_initial_ms = 50
 backoff_max_ms = 500
+# Strict per-group order across the outage (live first would send fresh
+# aggregates before the backlog).
+live_first = false
 "#,
         site_config("gw-outage", site.port).replace("window_ms = 10000", "window_ms = 1000"),
         cloud.port

@@ -803,6 +803,10 @@ impl Outbox for DiskOutbox {
         (self.watermark < self.committed_next).then_some(self.watermark)
     }
 
+    fn committed_end(&self) -> u64 {
+        self.committed_next
+    }
+
     fn stats(&self) -> OutboxStats {
         self.stats
     }
