@@ -550,3 +550,85 @@ fn silent_broker_keeps_in_flight_bounded_then_delivery_resumes() {
     assert_eq!(ids(&sub.json()).len() as u64, n);
     assert!(rss > 0 && rss < 200 * 1024, "rss {rss} KiB");
 }
+
+/// Live first: after an outage, aggregates of fresh readings reach the cloud
+/// while the backlog is still draining at its rate cap (2 a second here).
+#[test]
+fn after_an_outage_fresh_aggregates_overtake_the_backlog() {
+    let site = Broker::start();
+    let mut cloud = Broker::start_persistent();
+    let sub = Subscriber::start_persistent(cloud.port, "outpost/#");
+    let state = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        r#"{}
+[uplink]
+broker = {{ host = "127.0.0.1", port = {} }}
+allow_plaintext = true
+backoff_initial_ms = 50
+backoff_max_ms = 500
+backlog_rate = 2
+"#,
+        site_config("gw-live", site.port).replace("window_ms = 10000", "window_ms = 1000"),
+        cloud.port
+    );
+    let o = Outpost::run_with_state(&cfg, state.path());
+    wait_until("site subscription", Duration::from_secs(20), || {
+        o.log().contains("subscribed to site topics")
+    });
+    cloud.stop();
+    wait_until("the uplink to notice", Duration::from_secs(20), || {
+        o.metric("outpost_uplink_connected", &[]) == 0.0
+    });
+    // 20 s of event time for two sensors while the cloud is away.
+    let mut publisher = Publisher::connect(site.port);
+    let base = now_ms() - 600_000;
+    let base = base - base.rem_euclid(1000);
+    for t in 0..400 {
+        for s in ["old-a", "old-b"] {
+            publisher.publish(
+                &format!("sensors/{s}/data"),
+                reading(s, base + t * 50, &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+            );
+        }
+    }
+    publisher.flush();
+    wait_until("a backlog", Duration::from_secs(30), || {
+        o.metric("outpost_outbox_depth", &[]) >= 30.0
+    });
+    let backlog = o.metric("outpost_outbox_depth", &[]) as usize;
+    cloud.restart();
+    wait_until("the uplink back", Duration::from_secs(20), || {
+        o.metric("outpost_uplink_connected", &[]) == 1.0
+    });
+    // Fresh readings of another sensor, after the reconnect (300: windows of
+    // 100 readings must fill before anything reaches aggregation).
+    for t in 0..300 {
+        publisher.publish(
+            "sensors/fresh/data",
+            reading(
+                "fresh",
+                base + 30_000 + t * 50,
+                &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            ),
+        );
+    }
+    publisher.flush();
+    let group_count = |g: &str| {
+        ids(&sub
+            .json()
+            .into_iter()
+            .filter(|a| a["group"].as_str().is_some_and(|x| x.starts_with(g)))
+            .collect::<Vec<_>>())
+        .len()
+    };
+    wait_until(
+        "a fresh aggregate at the cloud",
+        Duration::from_secs(20),
+        || group_count("fresh") > 0,
+    );
+    let old = group_count("old-");
+    assert!(
+        old < backlog,
+        "the fresh aggregate came after the whole backlog ({old} of {backlog})"
+    );
+}
