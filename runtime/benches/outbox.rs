@@ -105,6 +105,7 @@ fn open_log(dir: &Path) -> Log {
         segment_bytes: 8 << 20,
         max_bytes: 4 << 30,
         policy: FullPolicy::RejectNew,
+        protect_oldest: 0,
     })
     .expect("open log"))
 }

@@ -110,6 +110,48 @@ impl Aggregate {
         let bytes = serde_json::to_vec(&copy).unwrap_or_default();
         hex::encode(&Sha256::digest(&bytes)[..16])
     }
+
+    /// Fold `later` (the same group, a later window) into this aggregate:
+    /// one coarser window covering both. Counts stay exact (readings, late
+    /// readings, inferences, per-class counts, anomalies); `sensors` becomes
+    /// the larger of the two (a distinct count cannot be merged exactly), the
+    /// score mean is weighted by inferences, its max is exact and its p95
+    /// becomes the larger p95 (an upper bound). The id is recomputed.
+    pub fn merge(&mut self, later: &Aggregate) {
+        self.window_start = self.window_start.min(later.window_start);
+        self.window_end = self.window_end.max(later.window_end);
+        self.partial |= later.partial;
+        self.readings += later.readings;
+        self.late_readings += later.late_readings;
+        self.sensors = self.sensors.max(later.sensors);
+        let (n1, n2) = (self.inferences as f64, later.inferences as f64);
+        self.inferences += later.inferences;
+        if let Some(b) = &later.classes {
+            let a = self.classes.get_or_insert_with(BTreeMap::new);
+            for (k, v) in b {
+                *a.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        if later.anomalies.is_some() || self.anomalies.is_some() {
+            let total = self.anomalies.unwrap_or(0) + later.anomalies.unwrap_or(0);
+            self.anomalies = Some(total);
+            self.anomaly_rate =
+                (self.inferences > 0).then(|| total as f64 / self.inferences as f64);
+        }
+        self.score = match (self.score.take(), &later.score) {
+            (Some(a), Some(b)) => Some(ScoreStats {
+                mean: if n1 + n2 > 0.0 {
+                    (a.mean * n1 + b.mean * n2) / (n1 + n2)
+                } else {
+                    a.mean
+                },
+                max: a.max.max(b.max),
+                p95: a.p95.max(b.p95),
+            }),
+            (a, b) => a.or_else(|| b.clone()),
+        };
+        self.id = self.compute_id();
+    }
 }
 
 /// Assigns readings to groups: fixed assignments first, then the rule.

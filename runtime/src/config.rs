@@ -511,7 +511,7 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     /// Bytes per segment file.
     pub segment_bytes: u64,
-    /// When full: `drop_oldest` or `reject_new`.
+    /// When full: `drop_oldest`, `reject_new` or `coarsen`.
     pub policy: crate::outbox::FullPolicy,
     /// Group commit: appends are synced to disk at most this long after they
     /// are written (0: every aggregate is synced on its own).

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub outbox_quarantined: Counter,
     /// Outbox records lost to corruption.
     pub outbox_lost: Counter,
+    /// Outbox records merged into coarser windows (policy coarsen).
+    pub outbox_coarsened: Counter,
     /// Outbox group commits.
     pub outbox_commits: Counter,
     /// Aggregates published to the cloud (sent, not yet acknowledged).
@@ -128,6 +130,7 @@ impl Metrics {
             outbox_rejected: Counter::default(),
             outbox_quarantined: Counter::default(),
             outbox_lost: Counter::default(),
+            outbox_coarsened: Counter::default(),
             outbox_commits: Counter::default(),
             uplink_sent: Counter::default(),
             uplink_acked: Counter::default(),
@@ -210,6 +213,11 @@ impl Metrics {
             "outbox_lost",
             "Outbox records lost to corruption",
             m.outbox_lost.clone(),
+        );
+        registry.register(
+            "outbox_coarsened",
+            "Outbox records merged into coarser windows (policy coarsen)",
+            m.outbox_coarsened.clone(),
         );
         registry.register(
             "outbox_commits",
@@ -312,6 +320,7 @@ impl Metrics {
             (&self.outbox_rejected, s.rejected),
             (&self.outbox_quarantined, s.quarantined),
             (&self.outbox_lost, s.lost),
+            (&self.outbox_coarsened, s.coarsened),
         ] {
             c.inc_by(v.saturating_sub(c.get()));
         }

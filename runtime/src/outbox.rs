@@ -85,6 +85,8 @@ pub struct OutboxStats {
     pub quarantined_bytes: u64,
     /// Records lost to corruption (their sequences were not readable).
     pub lost: u64,
+    /// Records merged into others by the `coarsen` policy.
+    pub coarsened: u64,
 }
 
 /// Storage of aggregates awaiting delivery.

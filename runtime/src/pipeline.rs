@@ -298,6 +298,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
                 segment_bytes: cfg.outbox.segment_bytes,
                 max_bytes: cfg.outbox.max_bytes,
                 policy: cfg.outbox.policy,
+                protect_oldest: cfg.uplink.as_ref().map_or(0, |u| u.max_inflight as usize),
             })?;
             let s = crate::outbox::Outbox::stats(&o);
             tracing::info!(

@@ -140,6 +140,7 @@ fn main() {
                 segment_bytes: 8 << 20,
                 max_bytes: 1 << 30,
                 policy: FullPolicy::RejectNew,
+                protect_oldest: 0,
             })
             .expect("open"),
         ),

@@ -77,6 +77,7 @@ fn pending_ids(state: &Path) -> BTreeSet<String> {
         segment_bytes: 8 << 20,
         max_bytes: 1 << 30,
         policy: FullPolicy::DropOldest,
+        protect_oldest: 0,
     })
     .unwrap();
     o.read_from(0, usize::MAX)

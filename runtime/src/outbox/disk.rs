@@ -41,6 +41,12 @@
 //!   entry per record.
 //! - Acknowledgements are persisted at commit; a crash before that re-sends
 //!   the records (at least once; consumers deduplicate by aggregate id).
+//! - When full, `drop_oldest` deletes the oldest segment, `reject_new`
+//!   refuses the append, and `coarsen` rewrites the oldest sealed segment
+//!   that still has something to merge (beside it, synced, renamed over: a
+//!   crash leaves the old or the new file), each two successive aggregates
+//!   of a group merged with exact counts; every record dropped, refused or
+//!   merged is counted.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -67,6 +73,10 @@ pub enum FullPolicy {
     DropOldest,
     /// Refuse the new aggregate (counted as rejected).
     RejectNew,
+    /// Merge the oldest aggregates of each group pairwise into coarser
+    /// windows, keeping the counts exact (counted as coarsened); when
+    /// nothing is left to merge, drop the oldest segment.
+    Coarsen,
 }
 
 /// Settings of a [`DiskOutbox`].
@@ -80,12 +90,17 @@ pub struct DiskSettings {
     pub max_bytes: u64,
     /// Policy when full.
     pub policy: FullPolicy,
+    /// `coarsen` leaves this many of the oldest pending records alone (the
+    /// uplink's in-flight window).
+    pub protect_oldest: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     first: u64,
     size: u64,
+    /// `coarsen` found nothing left to merge in it (in memory only).
+    coarse: bool,
 }
 
 /// Where the last read stopped, so sequential reads do not rescan.
@@ -273,7 +288,11 @@ impl DiskOutbox {
                 stats.quarantined += 1;
                 continue;
             }
-            segments.push(Segment { first, size });
+            segments.push(Segment {
+                first,
+                size,
+                coarse: false,
+            });
         }
         segments.sort_by_key(|s| s.first);
         let (watermark, acked) = read_acks(&dir, &mut stats);
@@ -377,6 +396,7 @@ impl DiskOutbox {
         self.segments.push(Segment {
             first,
             size: HEADER as u64,
+            coarse: false,
         });
         Ok(())
     }
@@ -492,38 +512,173 @@ impl DiskOutbox {
                     self.stats.rejected += 1;
                     return Err(OutboxError::Full);
                 }
-                FullPolicy::DropOldest => {
-                    if self.segments.len() < 2 {
-                        // Only the segment being written is left: start a new one
-                        // so the full one can go.
-                        self.roll()?;
-                        if self.segments.len() < 2 {
-                            return Err(OutboxError::Full);
-                        }
-                    }
-                    let gone_to = self.segments[1].first;
-                    let lost = {
-                        let from = self.watermark.max(self.segments[0].first);
-                        let acked_in: u64 = self
-                            .acked
-                            .range(..gone_to)
-                            .map(|(s, e)| e.min(&gone_to).saturating_sub(*s.max(&from)))
-                            .sum();
-                        gone_to.saturating_sub(from).saturating_sub(acked_in)
-                    };
-                    self.stats.dropped += lost;
-                    tracing::warn!(
-                        records = lost,
-                        "outbox full: oldest segment dropped (policy drop_oldest)"
-                    );
-                    self.mark_done(self.watermark, gone_to);
-                    if self.segments.first().is_some_and(|s| s.first < gone_to) {
-                        // The watermark passed it; drop_acked_segments removed it.
+                FullPolicy::DropOldest => self.drop_oldest_segment()?,
+                FullPolicy::Coarsen => {
+                    if !self.coarsen_oldest()? {
+                        // Nothing left to merge in the oldest segment.
+                        self.drop_oldest_segment()?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Make sure a sealed segment exists besides the one being written.
+    fn ensure_sealed(&mut self) -> Result<(), OutboxError> {
+        if self.segments.len() < 2 {
+            // Only the segment being written is left: start a new one so the
+            // full one can be worked on.
+            self.roll()?;
+            if self.segments.len() < 2 {
+                return Err(OutboxError::Full);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete the oldest segment, counting its undelivered records as dropped.
+    fn drop_oldest_segment(&mut self) -> Result<(), OutboxError> {
+        self.ensure_sealed()?;
+        let gone_to = self.segments[1].first;
+        let from = self.watermark.max(self.segments[0].first);
+        let acked_in: u64 = self
+            .acked
+            .range(..gone_to)
+            .map(|(s, e)| e.min(&gone_to).saturating_sub(*s.max(&from)))
+            .sum();
+        let lost = gone_to.saturating_sub(from).saturating_sub(acked_in);
+        self.stats.dropped += lost;
+        tracing::warn!(
+            records = lost,
+            policy = ?self.settings.policy,
+            "outbox full: oldest segment dropped"
+        );
+        // The watermark passes it, so drop_acked_segments deletes it.
+        self.mark_done(self.watermark, gone_to);
+        Ok(())
+    }
+
+    /// Policy `coarsen`: rewrite the oldest sealed segment that still has
+    /// something to merge, with each two successive aggregates of a group in
+    /// it merged into one coarser window (exact counts, see
+    /// [`Aggregate::merge`]). The oldest `protect_oldest` pending records are
+    /// left alone: they may be in flight, and merging them could count them
+    /// twice. Returns whether a segment shrank.
+    fn coarsen_oldest(&mut self) -> Result<bool, OutboxError> {
+        self.ensure_sealed()?;
+        let mut protect_left = self.settings.protect_oldest;
+        for idx in 0..self.segments.len() - 1 {
+            let seg = self.segments[idx];
+            if seg.coarse && protect_left == 0 {
+                continue;
+            }
+            let (shrank, pending) = self.coarsen_segment(idx, protect_left)?;
+            protect_left = protect_left.saturating_sub(pending);
+            if shrank {
+                return Ok(true);
+            }
+            self.segments[idx].coarse = true;
+        }
+        Ok(false)
+    }
+
+    /// Coarsen segment `idx`, leaving its first `protect` pending records
+    /// alone. Returns whether it shrank and how many pending records it held.
+    fn coarsen_segment(
+        &mut self,
+        idx: usize,
+        protect: usize,
+    ) -> Result<(bool, usize), OutboxError> {
+        let seg = self.segments[idx];
+        let path = self.settings.dir.join(seg_name(seg.first));
+        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let mut pending = Vec::new();
+        let mut off = HEADER as u64;
+        loop {
+            match read_slot(&file, off, seg.size) {
+                Slot::End => break,
+                // Corruption is for the reader to quarantine; do not rewrite it.
+                Slot::Bad => return Ok((false, 0)),
+                Slot::Record(b, len) => {
+                    off += len;
+                    if b.seq != 0 && !self.is_done(b.seq) {
+                        pending.push(b);
+                    }
+                }
+            }
+        }
+        let held = pending.len();
+        let rest = pending.split_off(protect.min(held));
+        let mut out: Vec<(u64, String, Vec<u8>, Option<Aggregate>)> = pending
+            .into_iter()
+            .map(|b| (b.seq, b.group, b.payload, None))
+            .collect();
+        let mut open: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut gone = Vec::new();
+        for b in rest {
+            let Ok(agg) = serde_json::from_slice::<Aggregate>(&b.payload) else {
+                out.push((b.seq, b.group, b.payload, None));
+                continue;
+            };
+            match open.remove(&b.group) {
+                Some(i) => {
+                    if let Some(first) = out[i].3.as_mut() {
+                        first.merge(&agg);
+                    }
+                    gone.push(b.seq);
+                }
+                None => {
+                    open.insert(b.group.clone(), out.len());
+                    out.push((b.seq, b.group, Vec::new(), Some(agg)));
+                }
+            }
+        }
+        if gone.is_empty() {
+            return Ok((false, held));
+        }
+        let mut bytes = SEG_MAGIC.to_vec();
+        for (seq, group, payload, agg) in &out {
+            match agg {
+                Some(a) => {
+                    let json = serde_json::to_vec(a)?;
+                    bytes.extend(encode(*seq, group, &a.id, &json));
+                }
+                None => {
+                    let id = serde_json::from_slice::<Aggregate>(payload)
+                        .map(|a| a.id)
+                        .unwrap_or_default();
+                    bytes.extend(encode(*seq, group, &id, payload));
+                }
+            }
+        }
+        // Write beside, sync, rename over: a crash leaves the old or the new
+        // segment, never half of one (`*.tmp` files are removed at open).
+        let tmp = self
+            .settings
+            .dir
+            .join(format!("{}.tmp", seg_name(seg.first)));
+        let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+        f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
+        f.sync_all().map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        sync_dir(&self.settings.dir)?;
+        let new_size = bytes.len() as u64;
+        self.segments[idx].size = new_size;
+        if self.pos.is_some_and(|p| p.segment_first == seg.first) {
+            self.pos = None;
+        }
+        self.stats.coarsened += gone.len() as u64;
+        tracing::warn!(
+            merged = gone.len(),
+            bytes_before = seg.size,
+            bytes_after = new_size,
+            "outbox full: oldest aggregates merged into coarser windows (policy coarsen)"
+        );
+        for seq in gone {
+            self.mark_done(seq, seq + 1);
+        }
+        Ok((new_size < seg.size, held))
     }
 
     /// Seal the active segment and start a new one at `next_seq`.
@@ -829,6 +984,7 @@ mod tests {
             segment_bytes,
             max_bytes,
             policy,
+            protect_oldest: 0,
         }
     }
 
@@ -1015,6 +1171,51 @@ mod tests {
             o.ack(*s).unwrap();
         }
         assert!(o.append(&agg(1000)).is_ok());
+    }
+
+    #[test]
+    fn coarsen_merges_the_oldest_windows_and_keeps_counts_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 4096, 32768, FullPolicy::Coarsen);
+        s.protect_oldest = 2;
+        let mut o = DiskOutbox::open(s).unwrap();
+        let n = 400;
+        for i in 0..n {
+            let mut a = agg(i);
+            a.group = if i % 2 == 0 { "even" } else { "odd" }.into();
+            a.readings = 3;
+            a.inferences = 1;
+            a.classes = Some([("A".to_string(), 1u64)].into());
+            a.id = a.compute_id();
+            o.append(&a).unwrap();
+            assert!(o.stats().bytes <= 32768);
+        }
+        o.commit().unwrap();
+        let st = o.stats();
+        assert!(st.coarsened > 0, "{st:?}");
+        assert_eq!(st.dropped, 0, "merging made enough room: {st:?}");
+        let held: Vec<Aggregate> = o
+            .read_from(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice(r.payload()).unwrap())
+            .collect();
+        assert!(held.len() < n as usize);
+        assert_eq!(held.len() as u64 + st.coarsened, n as u64);
+        let readings: u64 = held.iter().map(|a| a.readings).sum();
+        let classes: u64 = held.iter().map(|a| a.classes.as_ref().unwrap()["A"]).sum();
+        assert_eq!(readings, 3 * n as u64, "reading counts exact");
+        assert_eq!(classes, n as u64, "class counts exact");
+        // The protected oldest records are untouched; merged windows are wider.
+        assert_eq!((held[0].window_start, held[0].window_end), (0, 1));
+        assert!(held.iter().any(|a| a.window_end - a.window_start > 2));
+        for a in &held {
+            assert_eq!(a.id, a.compute_id(), "ids match the merged content");
+        }
+        // It survives a reopen.
+        drop(o);
+        let mut o = open(dir.path());
+        assert_eq!(o.read_from(0, usize::MAX).unwrap().len(), held.len());
     }
 
     #[derive(Debug, Clone)]
