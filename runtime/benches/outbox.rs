@@ -57,15 +57,7 @@ fn aggregate(i: u64) -> Aggregate {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    outpost::metrics::rss_kib("self").unwrap_or(0)
 }
 
 /// The stores under test, behind one small interface.

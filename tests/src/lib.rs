@@ -23,14 +23,23 @@ pub fn free_port() -> u16 {
 }
 
 /// Poll `cond` until it holds or `timeout` passes; panics with `what` on timeout.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    if !wait_for(timeout, cond) {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Poll `cond` until it holds or `timeout` passes; whether it held (for
+/// callers that assert with their own message).
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while !cond() {
         if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// A Mosquitto broker on a loopback port, killed on drop.
@@ -250,15 +259,9 @@ impl Outpost {
 
     /// Resident memory of the process in KiB (Linux `/proc`), 0 once it is gone.
     pub fn rss_kib(&self) -> u64 {
-        let Some(c) = &self.child else { return 0 };
-        std::fs::read_to_string(format!("/proc/{}/status", c.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
+        self.child
+            .as_ref()
+            .and_then(|c| outpost::metrics::rss_kib(&c.id().to_string()))
             .unwrap_or(0)
     }
 

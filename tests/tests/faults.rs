@@ -109,35 +109,66 @@ fn assert_order_per_group(aggs: &[Value]) {
     }
 }
 
+/// A site broker, a cloud broker that keeps sessions across restarts, a
+/// persistent counting subscriber on it, and a gateway with 1 s windows
+/// whose `[uplink]` table gets `uplink_extra`.
+struct OutageRig {
+    site: Broker,
+    cloud: Broker,
+    sub: Subscriber,
+    o: Outpost,
+    _state: tempfile::TempDir,
+}
+
+impl OutageRig {
+    fn start(gateway: &str, uplink_extra: &str) -> OutageRig {
+        let site = Broker::start();
+        let cloud = Broker::start_persistent();
+        let sub = Subscriber::start_persistent(cloud.port, "outpost/#");
+        let state = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            r#"{}
+[uplink]
+broker = {{ host = "127.0.0.1", port = {} }}
+allow_plaintext = true
+backoff_initial_ms = 50
+backoff_max_ms = 500
+{uplink_extra}
+"#,
+            site_config(gateway, site.port).replace("window_ms = 10000", "window_ms = 1000"),
+            cloud.port
+        );
+        let o = Outpost::run_with_state(&cfg, state.path());
+        wait_until("site subscription", Duration::from_secs(20), || {
+            o.log().contains("subscribed to site topics")
+        });
+        OutageRig {
+            site,
+            cloud,
+            sub,
+            o,
+            _state: state,
+        }
+    }
+
+    /// Stop the cloud broker and wait until the uplink knows.
+    fn cut(&mut self) {
+        self.cloud.stop();
+        wait_until("the uplink to notice", Duration::from_secs(20), || {
+            self.o.metric("outpost_uplink_connected", &[]) == 0.0
+        });
+    }
+}
+
 /// Fault 1: the cloud broker stops for a while as readings keep flowing,
 /// then comes back: after dedupe by id, every aggregate arrived exactly once,
 /// in order per group, with every reading counted.
 #[test]
 fn cloud_outage_loses_nothing_and_keeps_order() {
-    let site = Broker::start();
-    let mut cloud = Broker::start_persistent();
-    let sub = Subscriber::start_persistent(cloud.port, "outpost/#");
-    let state = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        r#"{}
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-topic = "outpost/{{gateway}}/agg/{{group}}"
-backoff_initial_ms = 50
-backoff_max_ms = 500
-# Strict per-group order across the outage (live first would send fresh
-# aggregates before the backlog).
-live_first = false
-"#,
-        site_config("gw-outage", site.port).replace("window_ms = 10000", "window_ms = 1000"),
-        cloud.port
-    );
-    let mut o = Outpost::run_with_state(&cfg, state.path());
-    wait_until("site subscription", Duration::from_secs(20), || {
-        o.log().contains("subscribed to site topics")
-    });
-    let mut publisher = Publisher::connect(site.port);
+    // Strict per-group order across the outage (live first would send fresh
+    // aggregates before the backlog).
+    let mut r = OutageRig::start("gw-outage", "live_first = false");
+    let mut publisher = Publisher::connect(r.site.port);
     let base = now_ms() - 600_000;
     let base = base - base.rem_euclid(1000);
     let mut sent = 0u64;
@@ -163,50 +194,44 @@ live_first = false
     wait_until(
         "first aggregates delivered",
         Duration::from_secs(20),
-        || o.metric("outpost_uplink_acked_total", &[]) > 0.0,
+        || r.o.metric("outpost_uplink_acked_total", &[]) > 0.0,
     );
-    cloud.stop();
-    wait_until("the uplink to notice", Duration::from_secs(20), || {
-        o.metric("outpost_uplink_connected", &[]) == 0.0
-    });
+    r.cut();
     // Readings keep flowing during the outage; aggregates pile up in the outbox.
-    let acked_before = o.metric("outpost_uplink_acked_total", &[]);
+    let acked_before = r.o.metric("outpost_uplink_acked_total", &[]);
     publish_seconds(&mut publisher, 10, &mut sent);
-    o.wait_metric(
+    r.o.wait_metric(
         "outpost_readings_total",
         &[],
         sent as f64,
         Duration::from_secs(30),
     );
     wait_until("a backlog", Duration::from_secs(20), || {
-        o.metric("outpost_outbox_depth", &[]) >= 10.0
+        r.o.metric("outpost_outbox_depth", &[]) >= 10.0
     });
-    assert_eq!(o.metric("outpost_uplink_acked_total", &[]), acked_before);
-    cloud.restart();
+    assert_eq!(r.o.metric("outpost_uplink_acked_total", &[]), acked_before);
+    r.cloud.restart();
     publish_seconds(&mut publisher, 3, &mut sent);
-    o.wait_metric(
+    r.o.wait_metric(
         "outpost_readings_total",
         &[],
         sent as f64,
         Duration::from_secs(30),
     );
-    o.signal(libc::SIGTERM);
-    assert!(o.wait(Duration::from_secs(30)).success(), "{}", o.log());
-    let n = o.produced_aggregates();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while (ids(&sub.json()).len() as u64) < n && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let aggs = sub.json();
+    r.o.signal(libc::SIGTERM);
+    assert!(r.o.wait(Duration::from_secs(30)).success(), "{}", r.o.log());
+    let n = r.o.produced_aggregates();
+    wait_for(Duration::from_secs(20), || {
+        ids(&r.sub.json()).len() as u64 >= n
+    });
+    let aggs = r.sub.json();
     assert_eq!(
         ids(&aggs).len() as u64,
         n,
-        "{} messages received\n{}",
+        "none missing, none extra; {} messages received\n{}",
         aggs.len(),
-        o.log()
+        r.o.log()
     );
-    let unique = ids(&aggs);
-    assert_eq!(unique.len() as u64, n, "none missing, none extra");
     let mut by_id = BTreeMap::new();
     for a in &aggs {
         by_id.insert(a["id"].as_str().unwrap().to_string(), a.clone());
@@ -244,11 +269,14 @@ fn sigkill_twenty_times_loses_no_committed_aggregate() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        // Wait until it is working, then kill it at a random moment.
-        wait_until("outpost to start working", Duration::from_secs(30), || {
-            o.metric("outpost_readings_total", &[]) > 0.0 || o.log().contains("outpost stopped")
-        });
-        std::thread::sleep(Duration::from_millis(rng % 400));
+        // Kill it at a random point of its progress: once it has read a
+        // random number of the 80,000 readings (or finished).
+        let at = (1 + rng % 60_000) as f64;
+        wait_until(
+            "outpost to reach the kill point",
+            Duration::from_secs(60),
+            || o.metric("outpost_readings_total", &[]) >= at || o.log().contains("outpost stopped"),
+        );
         o.kill9();
         let pending = pending_ids(&state);
         committed.extend(pending);
@@ -414,6 +442,7 @@ fn disk_cap_during_a_long_outage_drops_oldest_and_counts() {
 /// A broker that accepts connections and subscriptions, answers pings, and
 /// never acknowledges a publish.
 struct SilentBroker {
+    port: u16,
     stop: Arc<AtomicBool>,
     max_unacked: Arc<AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -422,18 +451,20 @@ struct SilentBroker {
 impl SilentBroker {
     fn start(port: u16) -> SilentBroker {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let max_unacked = Arc::new(AtomicUsize::new(0));
         let (s, m) = (stop.clone(), max_unacked.clone());
         let thread = std::thread::spawn(move || {
             let mut conns = Vec::new();
-            while !s.load(Ordering::SeqCst) {
-                if let Ok((c, _)) = listener.accept() {
+            // Blocking accept; `stop` wakes it with a connection of its own.
+            for c in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = c {
                     let (s, m) = (s.clone(), m.clone());
                     conns.push(std::thread::spawn(move || serve_silently(c, &s, &m)));
                 }
-                std::thread::sleep(Duration::from_millis(5));
             }
             drop(listener);
             for c in conns {
@@ -441,6 +472,7 @@ impl SilentBroker {
             }
         });
         SilentBroker {
+            port,
             stop,
             max_unacked,
             thread: Some(thread),
@@ -449,6 +481,7 @@ impl SilentBroker {
 
     fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -556,32 +589,10 @@ fn silent_broker_keeps_in_flight_bounded_then_delivery_resumes() {
 /// while the backlog is still draining at its rate cap (2 a second here).
 #[test]
 fn after_an_outage_fresh_aggregates_overtake_the_backlog() {
-    let site = Broker::start();
-    let mut cloud = Broker::start_persistent();
-    let sub = Subscriber::start_persistent(cloud.port, "outpost/#");
-    let state = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        r#"{}
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-backoff_initial_ms = 50
-backoff_max_ms = 500
-backlog_rate = 2
-"#,
-        site_config("gw-live", site.port).replace("window_ms = 10000", "window_ms = 1000"),
-        cloud.port
-    );
-    let o = Outpost::run_with_state(&cfg, state.path());
-    wait_until("site subscription", Duration::from_secs(20), || {
-        o.log().contains("subscribed to site topics")
-    });
-    cloud.stop();
-    wait_until("the uplink to notice", Duration::from_secs(20), || {
-        o.metric("outpost_uplink_connected", &[]) == 0.0
-    });
+    let mut r = OutageRig::start("gw-live", "backlog_rate = 2");
+    r.cut();
     // 20 s of event time for two sensors while the cloud is away.
-    let mut publisher = Publisher::connect(site.port);
+    let mut publisher = Publisher::connect(r.site.port);
     let base = now_ms() - 600_000;
     let base = base - base.rem_euclid(1000);
     for t in 0..400 {
@@ -594,12 +605,12 @@ backlog_rate = 2
     }
     publisher.flush();
     wait_until("a backlog", Duration::from_secs(30), || {
-        o.metric("outpost_outbox_depth", &[]) >= 30.0
+        r.o.metric("outpost_outbox_depth", &[]) >= 30.0
     });
-    let backlog = o.metric("outpost_outbox_depth", &[]) as usize;
-    cloud.restart();
+    let backlog = r.o.metric("outpost_outbox_depth", &[]) as usize;
+    r.cloud.restart();
     wait_until("the uplink back", Duration::from_secs(20), || {
-        o.metric("outpost_uplink_connected", &[]) == 1.0
+        r.o.metric("outpost_uplink_connected", &[]) == 1.0
     });
     // Fresh readings of another sensor, after the reconnect (300: windows of
     // 100 readings must fill before anything reaches aggregation).
@@ -615,7 +626,8 @@ backlog_rate = 2
     }
     publisher.flush();
     let group_count = |g: &str| {
-        ids(&sub
+        ids(&r
+            .sub
             .json()
             .into_iter()
             .filter(|a| a["group"].as_str().is_some_and(|x| x.starts_with(g)))
