@@ -125,6 +125,8 @@ pub struct DiskOutbox {
     acked: BTreeMap<u64, u64>,
     acks_dirty: bool,
     pos: Option<ReadPos>,
+    /// Open handle of the segment being read.
+    reader: Option<(u64, File)>,
     stats: OutboxStats,
 }
 
@@ -308,6 +310,7 @@ impl DiskOutbox {
             acked,
             acks_dirty: false,
             pos: None,
+            reader: None,
             stats,
         };
         me.recover_tail()?;
@@ -501,6 +504,9 @@ impl DiskOutbox {
             if self.pos.is_some_and(|p| p.segment_first == s.first) {
                 self.pos = None;
             }
+            if self.reader.as_ref().is_some_and(|(f, _)| *f == s.first) {
+                self.reader = None;
+            }
         }
     }
 
@@ -668,6 +674,10 @@ impl DiskOutbox {
         if self.pos.is_some_and(|p| p.segment_first == seg.first) {
             self.pos = None;
         }
+        // The file was replaced: a kept handle would read the old one.
+        if self.reader.as_ref().is_some_and(|(f, _)| *f == seg.first) {
+            self.reader = None;
+        }
         self.stats.coarsened += gone.len() as u64;
         tracing::warn!(
             merged = gone.len(),
@@ -745,16 +755,19 @@ impl DiskOutbox {
                 .get(idx + 1)
                 .map(|s| s.first)
                 .unwrap_or(self.committed_next);
-            let path = self.settings.dir.join(seg_name(seg.first));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io(&path, e))?;
-            let size = if idx + 1 == self.segments.len() {
-                file.metadata().map_err(|e| io(&path, e))?.len()
-            } else {
-                seg.size
+            // The segment's size is tracked as it is written; the file handle
+            // is kept while reading goes on in the same segment.
+            let size = seg.size;
+            let file = match self.reader.take() {
+                Some((first, f)) if first == seg.first => f,
+                _ => {
+                    let path = self.settings.dir.join(seg_name(seg.first));
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| io(&path, e))?
+                }
             };
             let (mut off, mut expect) = match self.pos {
                 Some(p) if p.segment_first == seg.first && p.next_seq <= from => {
@@ -787,6 +800,7 @@ impl DiskOutbox {
                         }
                         if b.seq >= self.committed_next {
                             // Not committed yet: nothing further is readable.
+                            self.keep_reader(seg.first, file);
                             return Ok(out);
                         }
                         if b.seq > expect {
@@ -821,11 +835,20 @@ impl DiskOutbox {
                 }
                 from = from.max(seg_end);
             }
+            self.keep_reader(seg.first, file);
             if done_segment && idx + 1 == self.segments.len() {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// Keep the read handle of segment `first` for the next read, unless
+    /// the segment is gone meanwhile.
+    fn keep_reader(&mut self, first: u64, file: File) {
+        if self.segments.iter().any(|s| s.first == first) {
+            self.reader = Some((first, file));
+        }
     }
 
     /// A corrupt span that runs to the end of a segment: quarantine it and
@@ -992,6 +1015,17 @@ mod tests {
         DiskOutbox::open(settings(dir, 4096, 1 << 20, FullPolicy::DropOldest)).unwrap()
     }
 
+    /// A closed outbox holding `n` committed records.
+    fn written(n: i64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = open(dir.path());
+        for i in 0..n {
+            o.append(&agg(i)).unwrap();
+        }
+        o.commit().unwrap();
+        dir
+    }
+
     fn pending(o: &mut DiskOutbox) -> Vec<u64> {
         o.read_from(0, usize::MAX)
             .unwrap()
@@ -1048,13 +1082,7 @@ mod tests {
 
     #[test]
     fn torn_tail_is_cut_and_quarantined() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = open(dir.path());
-        for i in 0..5 {
-            o.append(&agg(i)).unwrap();
-        }
-        o.commit().unwrap();
-        drop(o);
+        let dir = written(5);
         let last = segments(dir.path()).pop().unwrap();
         let len = std::fs::metadata(&last).unwrap().len();
         let f = OpenOptions::new().write(true).open(&last).unwrap();
@@ -1078,13 +1106,7 @@ mod tests {
 
     #[test]
     fn flipped_bytes_in_a_middle_record_are_quarantined_and_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = open(dir.path());
-        for i in 0..5 {
-            o.append(&agg(i)).unwrap();
-        }
-        o.commit().unwrap();
-        drop(o);
+        let dir = written(5);
         let seg = segments(dir.path()).remove(0);
         let mut bytes = std::fs::read(&seg).unwrap();
         // Find the third record and flip bytes in its payload.
