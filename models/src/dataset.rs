@@ -1384,6 +1384,17 @@ timestamp,a,b,is_anomaly
     }
 
     #[test]
+    fn real_univariate_power_datasets() {
+        let ipd = load_ts(&cached("ItalyPowerDemand/ItalyPowerDemand_TRAIN.ts")).unwrap();
+        assert_eq!((ipd.len(), ipd.channels, ipd.length), (67, 1, 24));
+        assert_eq!(ipd.labels.len(), 2);
+        let acsf1 = load_ts(&cached("ACSF1/ACSF1_TRAIN.ts")).unwrap();
+        assert_eq!((acsf1.len(), acsf1.channels, acsf1.length), (100, 1, 1460));
+        assert_eq!(acsf1.labels.len(), 10);
+        assert!(acsf1.x.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
     fn real_daphnet_windows() {
         let path = cached("Daphnet_S06R02E0/S06R02E0.csv");
         let ds = load_csv_windows(&path, 256, 128, "is_anomaly").unwrap();
