@@ -98,6 +98,7 @@ fn open_log(dir: &Path) -> Log {
         max_bytes: 4 << 30,
         policy: FullPolicy::RejectNew,
         protect_oldest: 0,
+        stream_caps: Default::default(),
     })
     .expect("open log"))
 }

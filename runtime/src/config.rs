@@ -511,8 +511,16 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     /// Bytes per segment file.
     pub segment_bytes: u64,
-    /// When full: `drop_oldest`, `reject_new` or `coarsen`.
+    /// When full: `drop_oldest`, `reject_new` or `coarsen`. Applies to the
+    /// total cap and to each stream's cap.
     pub policy: crate::outbox::FullPolicy,
+    /// Bytes on disk at most per stream (aggregate group), so that one
+    /// chatty stream cannot take the whole outbox; 0 (default): no cap but
+    /// `max_bytes`.
+    pub stream_max_bytes: u64,
+    /// Caps of named streams, overriding `stream_max_bytes` (0: none), e.g.
+    /// `streams = { "line-1" = 104857600 }`.
+    pub streams: std::collections::BTreeMap<String, u64>,
     /// Group commit: appends are synced to disk at most this long after they
     /// are written (0: every aggregate is synced on its own).
     pub fsync_interval_ms: u64,
@@ -538,6 +546,8 @@ impl Default for OutboxConfig {
             max_bytes: 1 << 30,
             segment_bytes: 8 << 20,
             policy: crate::outbox::FullPolicy::DropOldest,
+            stream_max_bytes: 0,
+            streams: std::collections::BTreeMap::new(),
             fsync_interval_ms: 100,
             max_records: 100_000,
         }
@@ -991,6 +1001,34 @@ impl Config {
                 ),
             );
         }
+        for (path, cap) in std::iter::once((
+            "outbox.stream_max_bytes".to_string(),
+            self.outbox.stream_max_bytes,
+        ))
+        .chain(
+            self.outbox
+                .streams
+                .iter()
+                .map(|(k, v)| (format!("outbox.streams.{k}"), *v)),
+        ) {
+            if cap == 0 {
+                continue;
+            }
+            if cap < 4096 {
+                c.push(path.clone(), "must be 0 (no cap) or at least 4096");
+            } else if cap > self.outbox.max_bytes {
+                c.push(
+                    &path,
+                    format!(
+                        "must not exceed outbox.max_bytes ({})",
+                        self.outbox.max_bytes
+                    ),
+                );
+            }
+            if self.outbox.kind == OutboxKind::Memory {
+                c.push(path.clone(), "per-stream caps need outbox.kind = \"disk\"");
+            }
+        }
         if self.windowing.hop == 0 {
             c.push("windowing.hop", "must be at least 1");
         }
@@ -1186,6 +1224,10 @@ mod tests {
             topic = "t/{nope}"
             [windowing]
             hop = 0
+            [outbox]
+            kind = "memory"
+            stream_max_bytes = 100
+            streams = { "line-1" = 4294967296000 }
             [nonsense]
         "#;
         let err = Config::parse(text, "t.toml").unwrap_err();
@@ -1202,6 +1244,8 @@ mod tests {
             "uplink.broker.tls",
             "uplink.topic",
             "windowing.hop",
+            "outbox.stream_max_bytes",
+            "outbox.streams.line-1",
             "nonsense",
         ] {
             assert!(

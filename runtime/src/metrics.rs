@@ -33,6 +33,13 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// Labels of per-stream outbox gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// Stream (aggregate group).
+    pub stream: String,
+}
+
 /// Every metric of the runtime.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +71,9 @@ pub struct Metrics {
     pub outbox_dropped: Counter,
     /// Bytes the outbox holds on disk.
     pub outbox_bytes: Gauge,
+    /// Bytes the outbox holds on disk per stream (aggregate group).
+    pub outbox_stream_bytes: Family<StreamLabels, Gauge>,
+    streams_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Aggregates refused by a full outbox (`reject_new`).
     pub outbox_rejected: Counter,
     /// Corrupt outbox spans moved to quarantine.
@@ -127,6 +137,8 @@ impl Metrics {
             outbox_depth: Gauge::default(),
             outbox_dropped: Counter::default(),
             outbox_bytes: Gauge::default(),
+            outbox_stream_bytes: Family::default(),
+            streams_seen: Default::default(),
             outbox_rejected: Counter::default(),
             outbox_quarantined: Counter::default(),
             outbox_lost: Counter::default(),
@@ -198,6 +210,11 @@ impl Metrics {
             "outbox_bytes",
             "Bytes the outbox holds on disk",
             m.outbox_bytes.clone(),
+        );
+        registry.register(
+            "outbox_stream_bytes",
+            "Bytes the outbox holds on disk per stream (aggregate group)",
+            m.outbox_stream_bytes.clone(),
         );
         registry.register(
             "outbox_rejected",
@@ -323,6 +340,33 @@ impl Metrics {
             (&self.outbox_coarsened, s.coarsened),
         ] {
             c.inc_by(v.saturating_sub(c.get()));
+        }
+    }
+
+    /// Per-stream outbox bytes (writer thread only, like `observe_outbox`).
+    /// A stream that is gone reads 0 (cleared series would vanish between
+    /// two scrapes of a live one).
+    pub fn observe_streams(&self, streams: &[(String, u64)]) {
+        let mut seen = self
+            .streams_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for stream in seen.iter() {
+            if !streams.iter().any(|(s, _)| s == stream) {
+                self.outbox_stream_bytes
+                    .get_or_create(&StreamLabels {
+                        stream: stream.clone(),
+                    })
+                    .set(0);
+            }
+        }
+        for (stream, bytes) in streams {
+            self.outbox_stream_bytes
+                .get_or_create(&StreamLabels {
+                    stream: stream.clone(),
+                })
+                .set(*bytes as i64);
+            seen.insert(stream.clone());
         }
     }
 

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use crate::aggregate::Aggregate;
 
 mod disk;
-pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD};
+pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD, StreamCaps};
 
 /// Errors of an outbox.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,10 @@ pub enum OutboxError {
     /// The outbox is full and its policy is `reject_new`.
     #[error("outbox full (policy reject_new): aggregate rejected")]
     Full,
+    /// A stream is at its cap and its records cannot be dropped or merged
+    /// (policy `reject_new`, or one aggregate larger than the cap).
+    #[error("outbox stream {0:?} at its byte cap: aggregate rejected")]
+    StreamFull(String),
 }
 
 /// One stored aggregate, serialized.
@@ -108,6 +112,10 @@ pub trait Outbox: Send {
     fn committed_end(&self) -> u64;
     /// Counters.
     fn stats(&self) -> OutboxStats;
+    /// Bytes held per stream (aggregate group), where the outbox keeps track.
+    fn stream_bytes(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }
 
 /// An in-memory outbox bounded by record count.
@@ -251,6 +259,11 @@ impl SharedOutbox {
     /// See [`Outbox::stats`].
     pub fn stats(&self) -> OutboxStats {
         self.lock().stats()
+    }
+
+    /// Bytes held per stream.
+    pub fn stream_bytes(&self) -> Vec<(String, u64)> {
+        self.lock().stream_bytes()
     }
 
     /// Wait until something is appended (or a wake-up is pending).

@@ -29,7 +29,9 @@ use crate::decisions::{Decision, DecisionFilter};
 use crate::inference::{self, Batching, InferenceError, ModelSource};
 use crate::ingest::{self, IngestCtx};
 use crate::metrics::Metrics;
-use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox};
+use crate::outbox::{
+    DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox, StreamCaps,
+};
 use crate::privacy::Privacy;
 use crate::reading::{Reading, Validator};
 use crate::uplink::{
@@ -299,6 +301,10 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
                 max_bytes: cfg.outbox.max_bytes,
                 policy: cfg.outbox.policy,
                 protect_oldest: cfg.uplink.as_ref().map_or(0, |u| u.max_inflight as usize),
+                stream_caps: StreamCaps {
+                    default: cfg.outbox.stream_max_bytes,
+                    per_stream: cfg.outbox.streams.clone(),
+                },
             })?;
             let s = crate::outbox::Outbox::stats(&o);
             tracing::info!(
@@ -485,6 +491,7 @@ fn write_outbox(
         }
         metrics.outbox_commits.inc();
         metrics.observe_outbox(&outbox.stats());
+        metrics.observe_streams(&outbox.stream_bytes());
     };
     let mut last_commit = std::time::Instant::now();
     loop {
@@ -492,8 +499,8 @@ fn write_outbox(
         match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
             Ok(a) => match outbox.append(&a) {
                 Ok(_) => {}
-                Err(OutboxError::Full) => {
-                    tracing::warn!(id = %a.id, group = %a.group, "outbox full: aggregate rejected");
+                Err(e @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
+                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
                 }
                 Err(e) => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
             },

@@ -141,6 +141,7 @@ fn main() {
                 max_bytes: 1 << 30,
                 policy: FullPolicy::RejectNew,
                 protect_oldest: 0,
+                stream_caps: Default::default(),
             })
             .expect("open"),
         ),

@@ -78,6 +78,7 @@ fn pending_ids(state: &Path) -> BTreeSet<String> {
         max_bytes: 1 << 30,
         policy: FullPolicy::DropOldest,
         protect_oldest: 0,
+        stream_caps: Default::default(),
     })
     .unwrap();
     o.read_from(0, usize::MAX)
@@ -387,7 +388,8 @@ fn disk_cap_during_a_long_outage_drops_oldest_and_counts() {
         &input,
         free_port(),
         500,
-        "[outbox]\nmax_bytes = 65536\nsegment_bytes = 16384\n",
+        // Stream s0 (sensor s0's aggregates) has a cap of its own.
+        "[outbox]\nmax_bytes = 65536\nsegment_bytes = 16384\nstreams = { s0 = 8192 }\n",
     )
     .replace("allowed_lateness_ms = 0", "allowed_lateness_ms = 1000")
     .replace("shutdown_timeout_ms = 3000", "shutdown_timeout_ms = 5000");
@@ -403,30 +405,46 @@ fn disk_cap_during_a_long_outage_drops_oldest_and_counts() {
         },
     );
     let mut late = 0;
+    let mut s0_max: f64 = 0.0;
     wait_until("the input read", Duration::from_secs(300), || {
         late = o.rss_kib();
+        s0_max = s0_max.max(o.metric("outpost_outbox_stream_bytes", &["stream=\"s0\""]));
         o.metric("outpost_readings_total", &[]) >= 800_000.0
     });
     let bytes = o.metric("outpost_outbox_bytes", &[]);
     assert!(bytes <= 65536.0, "outbox bytes {bytes}");
+    assert!(
+        s0_max > 0.0 && s0_max <= 8192.0,
+        "stream s0 bytes peaked at {s0_max}"
+    );
+    let s1 = o.metric("outpost_outbox_stream_bytes", &["stream=\"s1\""]);
+    assert!(
+        s1 > 8192.0,
+        "the other streams are not held to s0's cap: {s1}"
+    );
     let status = o.wait(Duration::from_secs(120));
     assert!(status.success(), "{}", o.log());
     let n = o.produced_aggregates();
     assert!(n >= 15_000, "{n} aggregates");
     eprintln!("rss early {early} KiB, late {late} KiB, {n} aggregates");
     let held = pending_ids(&state).len() as u64;
-    let dropped: u64 = o
-        .log()
-        .lines()
-        .filter(|l| l.contains("oldest segment dropped"))
-        .filter_map(|l| l.split("records=").nth(1))
-        .filter_map(|s| s.split_whitespace().next())
-        .filter_map(|s| {
-            s.trim_matches(|c: char| !c.is_ascii_digit())
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    // Whole segments dropped (total cap) and s0's records dropped (its cap).
+    let log = o.log();
+    let logged = |message: &str, field: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains(message))
+            .filter_map(|l| l.split(field).nth(1))
+            .filter_map(|s| s.split_whitespace().next())
+            .filter_map(|s| {
+                s.trim_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let by_stream = logged("oldest aggregates dropped", " dropped=");
+    assert!(by_stream > 0, "s0's cap dropped its oldest records");
+    let dropped = logged("oldest segment dropped", "records=") + by_stream;
     assert_eq!(
         held + dropped,
         n,

@@ -20,6 +20,12 @@
 //!   acknowledged or gone), u32 LE count, that many (u64 start, u64 end)
 //!   acknowledged ranges above W, u32 LE CRC-32 of everything before it.
 //!   Written to `acked.tmp`, synced and renamed over `acked`.
+//! - `NNNNNNNNNNNNNNNNNNNN.sum` beside each sealed segment: the bytes each
+//!   stream (aggregate group) holds in it, so per-stream caps need no scan at
+//!   start-up. `OPOBSUM1`, u64 LE size of the segment it describes, u32 LE
+//!   count, that many (u16 LE length, group, u64 LE bytes), u32 LE CRC-32 of
+//!   everything before it. Written at seal and rewrite; one that is missing,
+//!   corrupt or describes another size is rebuilt by scanning its segment.
 //! - `quarantine/`: corrupt bytes, one file per span, named after the segment
 //!   and offset, never read again by Outpost.
 //!
@@ -47,8 +53,15 @@
 //!   crash leaves the old or the new file), each two successive aggregates
 //!   of a group merged with exact counts; every record dropped, refused or
 //!   merged is counted.
+//! - Per stream (aggregate group), bytes on disk are capped too
+//!   ([`StreamCaps`]): when a stream would exceed its cap, `reject_new`
+//!   refuses its aggregate, `drop_oldest` rewrites the oldest sealed segment
+//!   holding it without that stream's records, and `coarsen` merges that
+//!   stream's oldest aggregates (dropping when nothing is left to merge).
+//!   Other streams' pending records are never touched by a stream's cap; a
+//!   rewrite also leaves out records already acknowledged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -59,6 +72,7 @@ use crate::aggregate::Aggregate;
 
 const SEG_MAGIC: &[u8; 8] = b"OPOBSEG1";
 const ACK_MAGIC: &[u8; 8] = b"OPOBACK1";
+const SUM_MAGIC: &[u8; 8] = b"OPOBSUM1";
 const HEADER: usize = 8;
 /// Smallest body: seq + two empty length-prefixed strings.
 const MIN_BODY: usize = 12;
@@ -93,6 +107,39 @@ pub struct DiskSettings {
     /// `coarsen` leaves this many of the oldest pending records alone (the
     /// uplink's in-flight window).
     pub protect_oldest: usize,
+    /// Bytes on disk at most per stream (aggregate group).
+    pub stream_caps: StreamCaps,
+}
+
+/// Per-stream byte caps. A stream is an aggregate group (sensor, site,
+/// line ...): one chatty stream cannot take the whole outbox from the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamCaps {
+    /// Cap of every stream not named in `per_stream`; 0: none.
+    pub default: u64,
+    /// Caps of named streams (0: none for that stream).
+    pub per_stream: BTreeMap<String, u64>,
+}
+
+impl StreamCaps {
+    /// The cap of a stream, if any.
+    pub fn cap(&self, stream: &str) -> Option<u64> {
+        let c = self.per_stream.get(stream).copied().unwrap_or(self.default);
+        (c > 0).then_some(c)
+    }
+}
+
+/// Bytes per stream in one segment.
+type Summary = HashMap<String, u64>;
+
+/// What a segment rewrite does with pending records.
+#[derive(Debug, Clone, Copy)]
+enum Rewrite<'a> {
+    /// Merge each two successive aggregates of a group (of every group, or
+    /// of this one only).
+    Merge(Option<&'a str>),
+    /// Leave this stream's records out (counted as dropped).
+    Drop(&'a str),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +175,12 @@ pub struct DiskOutbox {
     /// Open handle of the segment being read.
     reader: Option<(u64, File)>,
     stats: OutboxStats,
+    /// Bytes per stream in each segment, by the segment's first sequence.
+    summaries: BTreeMap<u64, Summary>,
+    /// Bytes per stream in all segments.
+    stream_bytes: Summary,
+    /// (segment, stream) pairs where `coarsen` found nothing to merge.
+    stream_coarse: HashSet<(u64, String)>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> OutboxError {
@@ -138,10 +191,91 @@ fn seg_name(first: u64) -> String {
     format!("{first:020}.seg")
 }
 
+fn sum_name(first: u64) -> String {
+    format!("{first:020}.sum")
+}
+
+fn encode_summary(size: u64, sum: &Summary) -> Vec<u8> {
+    let mut b = SUM_MAGIC.to_vec();
+    b.extend_from_slice(&size.to_le_bytes());
+    b.extend_from_slice(&(sum.len() as u32).to_le_bytes());
+    let mut entries: Vec<_> = sum.iter().collect();
+    entries.sort();
+    for (g, n) in entries {
+        let g = &g.as_bytes()[..g.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(g.len() as u16).to_le_bytes());
+        b.extend_from_slice(g);
+        b.extend_from_slice(&n.to_le_bytes());
+    }
+    let c = crc32fast::hash(&b);
+    b.extend_from_slice(&c.to_le_bytes());
+    b
+}
+
+/// A summary file, if it is intact and describes a segment of `size` bytes.
+fn decode_summary(b: &[u8], size: u64) -> Option<Summary> {
+    if b.len() < 24 || &b[0..8] != SUM_MAGIC {
+        return None;
+    }
+    let (data, c) = b.split_at(b.len() - 4);
+    if crc32fast::hash(data) != u32::from_le_bytes(c.try_into().ok()?) {
+        return None;
+    }
+    if u64::from_le_bytes(data[8..16].try_into().ok()?) != size {
+        return None;
+    }
+    let n = u32::from_le_bytes(data[16..20].try_into().ok()?) as usize;
+    let mut sum = Summary::with_capacity(n);
+    let mut at = 20;
+    for _ in 0..n {
+        let gl = u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?) as usize;
+        let g = std::str::from_utf8(data.get(at + 2..at + 2 + gl)?).ok()?;
+        let v = u64::from_le_bytes(data.get(at + 2 + gl..at + 10 + gl)?.try_into().ok()?);
+        sum.insert(g.to_string(), v);
+        at += 10 + gl;
+    }
+    (at == data.len()).then_some(sum)
+}
+
+/// Bytes per stream of the valid records of a segment (corrupt spans are
+/// skipped here; the reader quarantines them).
+fn summarize(file: &File, size: u64) -> Summary {
+    let mut sum = Summary::new();
+    let mut off = HEADER as u64;
+    loop {
+        match read_slot(file, off, size) {
+            Slot::End => break,
+            Slot::Record(b, len) => {
+                if b.seq != 0 {
+                    *sum.entry(b.group).or_default() += len;
+                }
+                off += len;
+            }
+            Slot::Bad => match resync(file, off, size) {
+                Some(good) => off = good,
+                None => break,
+            },
+        }
+    }
+    sum
+}
+
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, e))
+}
+
+/// Write `path` whole or not at all: beside it, synced, renamed over.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    sync_dir(dir)
 }
 
 /// Encode one record.
@@ -312,8 +446,12 @@ impl DiskOutbox {
             pos: None,
             reader: None,
             stats,
+            summaries: BTreeMap::new(),
+            stream_bytes: Summary::new(),
+            stream_coarse: HashSet::new(),
         };
         me.recover_tail()?;
+        me.load_summaries()?;
         me.drop_acked_segments();
         let oldest = me.segments.first().map(|s| s.first).unwrap_or(me.next_seq);
         if me.watermark < oldest {
@@ -344,12 +482,14 @@ impl DiskOutbox {
         let mut size = last.size;
         let mut off = HEADER as u64;
         let mut next = last.first;
+        let mut sum = Summary::new();
         loop {
             match read_slot(&file, off, size) {
                 Slot::End => break,
                 Slot::Record(b, len) => {
                     if b.seq != 0 {
                         next = b.seq + 1;
+                        *sum.entry(b.group).or_default() += len;
                     }
                     off += len;
                 }
@@ -373,6 +513,7 @@ impl DiskOutbox {
         if let Some(s) = self.segments.last_mut() {
             s.size = size;
         }
+        self.summaries.insert(last.first, sum);
         self.next_seq = next.max(self.watermark);
         self.active = OpenOptions::new()
             .append(true)
@@ -401,7 +542,96 @@ impl DiskOutbox {
             size: HEADER as u64,
             coarse: false,
         });
+        self.summaries.insert(first, Summary::new());
         Ok(())
+    }
+
+    /// Per-stream bytes of the sealed segments from their `.sum` files
+    /// (rebuilt by a scan where one is missing or stale); orphaned `.sum`
+    /// files removed. The active segment's summary comes from `recover_tail`.
+    fn load_summaries(&mut self) -> Result<(), OutboxError> {
+        let dir = self.settings.dir.clone();
+        let sealed = self.segments.len().saturating_sub(1);
+        for seg in self.segments[..sealed].iter().copied() {
+            let sum_path = dir.join(sum_name(seg.first));
+            let loaded = std::fs::read(&sum_path)
+                .ok()
+                .and_then(|b| decode_summary(&b, seg.size));
+            let sum = match loaded {
+                Some(sum) => sum,
+                None => {
+                    let path = dir.join(seg_name(seg.first));
+                    let file = File::open(&path).map_err(|e| io(&path, e))?;
+                    let sum = summarize(&file, seg.size);
+                    write_atomic(&dir, &sum_path, &encode_summary(seg.size, &sum))?;
+                    sum
+                }
+            };
+            self.summaries.insert(seg.first, sum);
+        }
+        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(first) = name
+                .strip_suffix(".sum")
+                .and_then(|s| s.parse::<u64>().ok())
+                && !self.summaries.contains_key(&first)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        self.stream_bytes = Summary::new();
+        for sum in self.summaries.values() {
+            for (g, n) in sum {
+                *self.stream_bytes.entry(g.clone()).or_default() += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the summary of segment `first` (and its `.sum` file, when the
+    /// segment is sealed), keeping the per-stream totals.
+    fn set_summary(&mut self, first: u64, sum: Summary) -> Result<(), OutboxError> {
+        let sealed = self.segments.last().is_some_and(|s| s.first != first);
+        if sealed && let Some(seg) = self.segments.iter().find(|s| s.first == first) {
+            let dir = self.settings.dir.clone();
+            write_atomic(
+                &dir,
+                &dir.join(sum_name(first)),
+                &encode_summary(seg.size, &sum),
+            )?;
+        }
+        self.forget_summary(first);
+        for (g, n) in &sum {
+            *self.stream_bytes.entry(g.clone()).or_default() += n;
+        }
+        self.summaries.insert(first, sum);
+        self.stream_coarse.retain(|(s, _)| *s != first);
+        Ok(())
+    }
+
+    /// Take segment `first` out of the per-stream totals.
+    fn forget_summary(&mut self, first: u64) {
+        if let Some(old) = self.summaries.remove(&first) {
+            for (g, n) in old {
+                if let Some(t) = self.stream_bytes.get_mut(&g) {
+                    *t = t.saturating_sub(n);
+                    if *t == 0 {
+                        self.stream_bytes.remove(&g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rebuild the summary of segment `first` by scanning it (after a repair).
+    fn resummarize(&mut self, first: u64) -> Result<(), OutboxError> {
+        let Some(seg) = self.segments.iter().find(|s| s.first == first).copied() else {
+            return Ok(());
+        };
+        let path = self.settings.dir.join(seg_name(first));
+        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let sum = summarize(&file, seg.size);
+        self.set_summary(first, sum)
     }
 
     fn quarantine_bytes(
@@ -501,6 +731,9 @@ impl DiskOutbox {
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(error = %e, path = %path.display(), "cannot delete acknowledged outbox segment");
             }
+            let _ = std::fs::remove_file(self.settings.dir.join(sum_name(s.first)));
+            self.forget_summary(s.first);
+            self.stream_coarse.retain(|(f, _)| *f != s.first);
             if self.pos.is_some_and(|p| p.segment_first == s.first) {
                 self.pos = None;
             }
@@ -547,13 +780,7 @@ impl DiskOutbox {
     fn drop_oldest_segment(&mut self) -> Result<(), OutboxError> {
         self.ensure_sealed()?;
         let gone_to = self.segments[1].first;
-        let from = self.watermark.max(self.segments[0].first);
-        let acked_in: u64 = self
-            .acked
-            .range(..gone_to)
-            .map(|(s, e)| e.min(&gone_to).saturating_sub(*s.max(&from)))
-            .sum();
-        let lost = gone_to.saturating_sub(from).saturating_sub(acked_in);
+        let lost = self.pending_in(self.segments[0].first, gone_to);
         self.stats.dropped += lost;
         tracing::warn!(
             records = lost,
@@ -579,7 +806,8 @@ impl DiskOutbox {
             if seg.coarse && protect_left == 0 {
                 continue;
             }
-            let (shrank, pending) = self.coarsen_segment(idx, protect_left)?;
+            let (shrank, pending) =
+                self.rewrite_segment(idx, protect_left, Rewrite::Merge(None))?;
             protect_left = protect_left.saturating_sub(pending);
             if shrank {
                 return Ok(true);
@@ -589,12 +817,15 @@ impl DiskOutbox {
         Ok(false)
     }
 
-    /// Coarsen segment `idx`, leaving its first `protect` pending records
-    /// alone. Returns whether it shrank and how many pending records it held.
-    fn coarsen_segment(
+    /// Rewrite sealed segment `idx` under `action`, leaving its first
+    /// `protect` pending records alone and done records out. Returns whether
+    /// it shrank (for a one-stream action: whether that stream's bytes in it
+    /// shrank) and how many pending records it held.
+    fn rewrite_segment(
         &mut self,
         idx: usize,
         protect: usize,
+        action: Rewrite<'_>,
     ) -> Result<(bool, usize), OutboxError> {
         let seg = self.segments[idx];
         let path = self.settings.dir.join(seg_name(seg.first));
@@ -620,10 +851,27 @@ impl DiskOutbox {
             .into_iter()
             .map(|b| (b.seq, b.group, b.payload, None))
             .collect();
-        let mut open: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        let mut gone = Vec::new();
+        let mut open: HashMap<String, usize> = HashMap::new();
+        let mut merged = Vec::new();
+        let mut dropped = Vec::new();
         for b in rest {
-            let Ok(agg) = serde_json::from_slice::<Aggregate>(&b.payload) else {
+            let keep = match action {
+                Rewrite::Drop(g) => {
+                    if b.group == g {
+                        dropped.push(b.seq);
+                        continue;
+                    }
+                    true
+                }
+                Rewrite::Merge(Some(g)) => b.group != g,
+                Rewrite::Merge(None) => false,
+            };
+            let agg = if keep {
+                None
+            } else {
+                serde_json::from_slice::<Aggregate>(&b.payload).ok()
+            };
+            let Some(agg) = agg else {
                 out.push((b.seq, b.group, b.payload, None));
                 continue;
             };
@@ -632,7 +880,7 @@ impl DiskOutbox {
                     if let Some(first) = out[i].3.as_mut() {
                         first.merge(&agg);
                     }
-                    gone.push(b.seq);
+                    merged.push(b.seq);
                 }
                 None => {
                     open.insert(b.group.clone(), out.len());
@@ -640,35 +888,31 @@ impl DiskOutbox {
                 }
             }
         }
-        if gone.is_empty() {
+        if merged.is_empty() && dropped.is_empty() {
             return Ok((false, held));
         }
         let mut bytes = SEG_MAGIC.to_vec();
+        let mut sum = Summary::new();
         for (seq, group, payload, agg) in &out {
-            match agg {
-                Some(a) => {
-                    let json = serde_json::to_vec(a)?;
-                    bytes.extend(encode(*seq, group, &a.id, &json));
-                }
+            let rec = match agg {
+                Some(a) => encode(*seq, group, &a.id, &serde_json::to_vec(a)?),
                 None => {
                     let id = serde_json::from_slice::<Aggregate>(payload)
                         .map(|a| a.id)
                         .unwrap_or_default();
-                    bytes.extend(encode(*seq, group, &id, payload));
+                    encode(*seq, group, &id, payload)
                 }
-            }
+            };
+            *sum.entry(group.clone()).or_default() += rec.len() as u64;
+            bytes.extend(rec);
         }
-        // Write beside, sync, rename over: a crash leaves the old or the new
-        // segment, never half of one (`*.tmp` files are removed at open).
-        let tmp = self
-            .settings
-            .dir
-            .join(format!("{}.tmp", seg_name(seg.first)));
-        let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        sync_dir(&self.settings.dir)?;
+        // Old summary out first: a crash before the new one is written
+        // leaves none, and the segment is scanned at the next start.
+        let sum_path = self.settings.dir.join(sum_name(seg.first));
+        let _ = std::fs::remove_file(&sum_path);
+        // A crash leaves the old or the new segment, never half of one
+        // (`*.tmp` files are removed at open).
+        write_atomic(&self.settings.dir, &path, &bytes)?;
         let new_size = bytes.len() as u64;
         self.segments[idx].size = new_size;
         if self.pos.is_some_and(|p| p.segment_first == seg.first) {
@@ -678,17 +922,111 @@ impl DiskOutbox {
         if self.reader.as_ref().is_some_and(|(f, _)| *f == seg.first) {
             self.reader = None;
         }
-        self.stats.coarsened += gone.len() as u64;
+        let stream = match action {
+            Rewrite::Drop(g) | Rewrite::Merge(Some(g)) => Some(g.to_string()),
+            Rewrite::Merge(None) => None,
+        };
+        let stream_before = stream
+            .as_ref()
+            .and_then(|g| self.summaries.get(&seg.first)?.get(g).copied())
+            .unwrap_or(0);
+        let stream_after = stream
+            .as_ref()
+            .and_then(|g| sum.get(g).copied())
+            .unwrap_or(0);
+        self.set_summary(seg.first, sum)?;
+        self.stats.coarsened += merged.len() as u64;
+        self.stats.dropped += dropped.len() as u64;
         tracing::warn!(
-            merged = gone.len(),
+            stream = stream.as_deref().unwrap_or("*"),
+            merged = merged.len(),
+            dropped = dropped.len(),
             bytes_before = seg.size,
             bytes_after = new_size,
-            "outbox full: oldest aggregates merged into coarser windows (policy coarsen)"
+            "outbox full: oldest aggregates {}",
+            if dropped.is_empty() {
+                "merged into coarser windows (policy coarsen)"
+            } else {
+                "dropped (policy drop_oldest)"
+            }
         );
-        for seq in gone {
+        for seq in merged.into_iter().chain(dropped) {
             self.mark_done(seq, seq + 1);
         }
-        Ok((new_size < seg.size, held))
+        let shrank = match stream {
+            Some(_) => stream_after < stream_before,
+            None => new_size < seg.size,
+        };
+        Ok((shrank, held))
+    }
+
+    /// Bytes on disk of one stream.
+    fn stream_size(&self, stream: &str) -> u64 {
+        self.stream_bytes.get(stream).copied().unwrap_or(0)
+    }
+
+    /// Make room for `need` more bytes of `stream` under its cap.
+    fn make_stream_room(&mut self, stream: &str, need: u64) -> Result<(), OutboxError> {
+        let Some(cap) = self.settings.stream_caps.cap(stream) else {
+            return Ok(());
+        };
+        while self.stream_size(stream) + need > cap {
+            let freed = match self.settings.policy {
+                FullPolicy::RejectNew => false,
+                FullPolicy::DropOldest => self.shrink_stream(stream, Rewrite::Drop(stream))?,
+                FullPolicy::Coarsen => {
+                    self.shrink_stream(stream, Rewrite::Merge(Some(stream)))?
+                        || self.shrink_stream(stream, Rewrite::Drop(stream))?
+                }
+            };
+            if !freed {
+                // `reject_new`, or a record larger than the stream's cap.
+                self.stats.rejected += 1;
+                return Err(OutboxError::StreamFull(stream.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite the oldest sealed segment where `action` frees bytes of
+    /// `stream`. Returns whether one did.
+    fn shrink_stream(&mut self, stream: &str, action: Rewrite<'_>) -> Result<bool, OutboxError> {
+        let holds = |me: &Self, first: u64| {
+            me.summaries
+                .get(&first)
+                .is_some_and(|sum| sum.get(stream).is_some_and(|n| *n > 0))
+        };
+        let sealed = self.segments.len().saturating_sub(1);
+        if !self.segments[..sealed].iter().any(|s| holds(self, s.first)) {
+            // Only the segment being written holds this stream: seal it so
+            // that its records can be rewritten.
+            self.roll()?;
+        }
+        let protect_all = match action {
+            Rewrite::Merge(_) => self.settings.protect_oldest,
+            Rewrite::Drop(_) => 0,
+        };
+        let mut protect_left = protect_all;
+        for idx in 0..self.segments.len().saturating_sub(1) {
+            let seg = self.segments[idx];
+            let key = (seg.first, stream.to_string());
+            let skip = !holds(self, seg.first)
+                || (matches!(action, Rewrite::Merge(_))
+                    && protect_left == 0
+                    && self.stream_coarse.contains(&key));
+            if skip {
+                continue;
+            }
+            let (shrank, pending) = self.rewrite_segment(idx, protect_left, action)?;
+            protect_left = protect_left.saturating_sub(pending);
+            if shrank {
+                return Ok(true);
+            }
+            if matches!(action, Rewrite::Merge(_)) {
+                self.stream_coarse.insert(key);
+            }
+        }
+        Ok(false)
     }
 
     /// Seal the active segment and start a new one at `next_seq`.
@@ -701,6 +1039,15 @@ impl DiskOutbox {
         {
             // Empty active segment: nothing to seal.
             return Ok(());
+        }
+        if let Some(seg) = self.segments.last().copied() {
+            let sum = self.summaries.get(&seg.first).cloned().unwrap_or_default();
+            let dir = self.settings.dir.clone();
+            write_atomic(
+                &dir,
+                &dir.join(sum_name(seg.first)),
+                &encode_summary(seg.size, &sum),
+            )?;
         }
         self.create_segment(self.next_seq)
     }
@@ -727,13 +1074,7 @@ impl DiskOutbox {
         }
         let c = crc32fast::hash(&b);
         b.extend_from_slice(&c.to_le_bytes());
-        let tmp = self.settings.dir.join("acked.tmp");
-        let dst = self.settings.dir.join("acked");
-        let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(&b).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
-        sync_dir(&self.settings.dir)?;
+        write_atomic(&self.settings.dir, &self.settings.dir.join("acked"), &b)?;
         self.acks_dirty = false;
         Ok(())
     }
@@ -785,10 +1126,12 @@ impl DiskOutbox {
                     Slot::Bad => match resync(&file, off, size) {
                         Some(good) => {
                             self.repair(&file, seg.first, off, good)?;
+                            self.resummarize(seg.first)?;
                             off = good;
                         }
                         None => {
                             self.repair_to_end(&file, seg.first, off, size)?;
+                            self.resummarize(seg.first)?;
                             done_segment = true;
                             break;
                         }
@@ -804,8 +1147,10 @@ impl DiskOutbox {
                             return Ok(out);
                         }
                         if b.seq > expect {
-                            // Sequences that are not there any more (quarantined).
-                            self.stats.lost += b.seq - expect;
+                            // Sequences that are not there any more: quarantined,
+                            // unless they were done (acknowledged, merged or
+                            // dropped) and left out by a rewrite.
+                            self.stats.lost += self.pending_in(expect, b.seq);
                             self.mark_done(expect, b.seq);
                         }
                         off += len;
@@ -830,7 +1175,7 @@ impl DiskOutbox {
             if done_segment {
                 if expect < seg_end {
                     // The rest of this segment's sequences are gone.
-                    self.stats.lost += seg_end - expect.max(from).min(seg_end);
+                    self.stats.lost += self.pending_in(expect, seg_end);
                     self.mark_done(expect, seg_end);
                 }
                 from = from.max(seg_end);
@@ -871,6 +1216,20 @@ impl DiskOutbox {
             }
             Ok(())
         }
+    }
+
+    /// How many sequences of `[start, end)` are not done.
+    fn pending_in(&self, start: u64, end: u64) -> u64 {
+        let start = start.max(self.watermark);
+        if start >= end {
+            return 0;
+        }
+        let done: u64 = self
+            .acked
+            .range(..end)
+            .map(|(s, e)| (*e).min(end).saturating_sub((*s).max(start)))
+            .sum();
+        (end - start).saturating_sub(done)
     }
 
     fn is_done(&self, seq: u64) -> bool {
@@ -929,6 +1288,7 @@ impl Outbox for DiskOutbox {
         let payload = serde_json::to_vec(agg)?;
         let seq = self.next_seq;
         let rec = encode(seq, &agg.group, &agg.id, &payload);
+        self.make_stream_room(&agg.group, rec.len() as u64)?;
         self.make_room(rec.len() as u64)?;
         let active_size = self.segments.last().map(|s| s.size).unwrap_or(0);
         if active_size > HEADER as u64
@@ -942,6 +1302,13 @@ impl Outbox for DiskOutbox {
             .map_err(|e| io(&self.settings.dir.join(seg_name(first)), e))?;
         if let Some(s) = self.segments.last_mut() {
             s.size += rec.len() as u64;
+            *self
+                .summaries
+                .entry(s.first)
+                .or_default()
+                .entry(agg.group.clone())
+                .or_default() += rec.len() as u64;
+            *self.stream_bytes.entry(agg.group.clone()).or_default() += rec.len() as u64;
         }
         self.unsynced = true;
         self.next_seq += 1;
@@ -988,6 +1355,16 @@ impl Outbox for DiskOutbox {
     fn stats(&self) -> OutboxStats {
         self.stats
     }
+
+    fn stream_bytes(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .stream_bytes
+            .iter()
+            .map(|(g, n)| (g.clone(), *n))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 #[cfg(test)]
@@ -1008,6 +1385,7 @@ mod tests {
             max_bytes,
             policy,
             protect_oldest: 0,
+            stream_caps: Default::default(),
         }
     }
 
@@ -1234,10 +1612,131 @@ mod tests {
         for a in &held {
             assert_eq!(a.id, a.compute_id(), "ids match the merged content");
         }
+        assert_eq!(
+            o.stats().lost,
+            0,
+            "records left out by a rewrite are not lost"
+        );
         // It survives a reopen.
         drop(o);
         let mut o = open(dir.path());
         assert_eq!(o.read_from(0, usize::MAX).unwrap().len(), held.len());
+        assert_eq!(o.stats().lost, 0);
+    }
+
+    /// Aggregate `i` of a stream, 3 readings of class A.
+    fn agg_in(stream: &str, i: i64) -> Aggregate {
+        let mut a = agg(i);
+        a.group = stream.into();
+        a.readings = 3;
+        a.classes = Some([("A".to_string(), 1u64)].into());
+        a.id = a.compute_id();
+        a
+    }
+
+    fn held_by_stream(o: &mut DiskOutbox) -> BTreeMap<String, Vec<Aggregate>> {
+        let mut m: BTreeMap<String, Vec<Aggregate>> = BTreeMap::new();
+        for r in o.read_from(0, usize::MAX).unwrap() {
+            let a: Aggregate = serde_json::from_slice(r.payload()).unwrap();
+            m.entry(a.group.clone()).or_default().push(a);
+        }
+        m
+    }
+
+    #[test]
+    fn a_stream_at_its_cap_follows_the_policy_and_leaves_the_others_alone() {
+        // Coarsen merges within a segment: 1000 records of one stream in
+        // 4 KiB segments fit 32 KiB merged, not 8 KiB (then it drops too).
+        for (policy, cap) in [
+            (FullPolicy::DropOldest, 8192),
+            (FullPolicy::RejectNew, 8192),
+            (FullPolicy::Coarsen, 32768),
+            (FullPolicy::Coarsen, 8192),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = settings(dir.path(), 4096, 1 << 20, policy);
+            s.stream_caps.per_stream.insert("chatty".into(), cap);
+            s.protect_oldest = 2;
+            let mut o = DiskOutbox::open(s).unwrap();
+            let (mut quiet, mut chatty, mut accepted, mut refused) = (0, 0, 0u64, 0u64);
+            for i in 0..1100 {
+                if i % 11 == 0 {
+                    o.append(&agg_in("quiet", i)).unwrap();
+                    quiet += 1;
+                } else {
+                    chatty += 1;
+                    match o.append(&agg_in("chatty", i)) {
+                        Ok(_) => accepted += 1,
+                        Err(OutboxError::StreamFull(g)) => {
+                            assert_eq!(g, "chatty");
+                            refused += 1;
+                        }
+                        Err(e) => panic!("{policy:?}: {e}"),
+                    }
+                }
+                assert!(o.stream_size("chatty") <= cap, "{policy:?} at {i}");
+                if i % 50 == 0 {
+                    o.commit().unwrap();
+                }
+            }
+            o.commit().unwrap();
+            let st = o.stats();
+            let held = held_by_stream(&mut o);
+            assert_eq!(st.lost, 0, "{policy:?}: {st:?}");
+            // The quiet stream is whole and untouched.
+            let q = &held["quiet"];
+            assert_eq!(q.len(), quiet, "{policy:?}");
+            assert!(q.iter().all(|a| a.window_end - a.window_start == 1));
+            let c = &held["chatty"];
+            let last = c.last().unwrap().window_start;
+            match policy {
+                FullPolicy::DropOldest => {
+                    assert_eq!(c.len() as u64 + st.dropped, chatty, "{st:?}");
+                    assert!(st.dropped > 0);
+                    assert_eq!(last, 1099, "the newest kept");
+                }
+                FullPolicy::RejectNew => {
+                    assert_eq!(c.len() as u64, accepted);
+                    assert_eq!(st.rejected, refused);
+                    assert_eq!(accepted + refused, chatty);
+                    assert_eq!(c[0].window_start, 1, "the oldest kept");
+                }
+                FullPolicy::Coarsen => {
+                    assert!(st.coarsened > 0, "{st:?}");
+                    // Every record is held, merged into another, or at the
+                    // head of a dropped one.
+                    assert_eq!(c.len() as u64 + st.coarsened + st.dropped, chatty);
+                    let readings: u64 = c.iter().map(|a| a.readings).sum();
+                    if cap == 32768 {
+                        assert_eq!(st.dropped, 0, "merging made enough room: {st:?}");
+                        assert_eq!(readings, 3 * chatty, "reading counts exact");
+                    } else {
+                        assert!(st.dropped > 0, "nothing left to merge: dropped {st:?}");
+                        assert!(readings < 3 * chatty);
+                    }
+                    assert_eq!(last, 1099, "the newest kept");
+                }
+            }
+            // Per-stream bytes survive a reopen, from the .sum files or,
+            // when one is missing or corrupt, from a scan.
+            let before = o.stream_bytes.clone();
+            drop(o);
+            assert_eq!(open(dir.path()).stream_bytes, before, "{policy:?}");
+            let sums: Vec<PathBuf> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sum"))
+                .collect();
+            assert!(sums.len() >= 2, "{policy:?}: {sums:?}");
+            std::fs::remove_file(&sums[0]).unwrap();
+            let mut b = std::fs::read(&sums[1]).unwrap();
+            b[20] ^= 0xff;
+            std::fs::write(&sums[1], b).unwrap();
+            let mut o = open(dir.path());
+            assert_eq!(o.stream_bytes, before, "{policy:?}: rebuilt by a scan");
+            assert!(sums[0].exists(), "the missing summary is written again");
+            assert_eq!(held_by_stream(&mut o), held, "{policy:?}");
+        }
     }
 
     #[derive(Debug, Clone)]
