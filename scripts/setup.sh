@@ -30,13 +30,20 @@ PACKAGES=(
     python3           # scripts/fetch-datasets.sh
     python3-pip       # scripts/fetch-datasets.sh (aeon wheel download fallback)
     openssl           # the TLS end-to-end test makes its own CA and certificates
+    gcc-aarch64-linux-gnu    # cross/: linker and C compiler (ring, zstd) for aarch64
+    gcc-arm-linux-gnueabihf  # cross/: the same for armv7
+    libc6-dev-arm64-cross    # cross/: glibc headers for aarch64 (only recommended by the gcc package)
+    libc6-dev-armhf-cross    # cross/: glibc headers for armv7
+    qemu-user-static         # cross/: runs the ARM binaries in the tests
 )
 
 # ---------------------------------------------------------------------------
-# RUST_TARGETS: rustup targets to add (none yet), e.g.
-#   aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+# RUST_TARGETS: rustup targets to add.
 # ---------------------------------------------------------------------------
-RUST_TARGETS=()
+RUST_TARGETS=(
+    aarch64-unknown-linux-gnu     # cross/build.sh, tested under qemu
+    armv7-unknown-linux-gnueabihf # cross/build.sh, tested under qemu
+)
 
 case "${1:-}" in
     "") ;;

@@ -25,4 +25,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+# The ARM release binaries, then the tests that run them under qemu-user
+# (replay parity with x86-64, an MQTT smoke test against host Mosquitto).
+step "cross/build.sh (aarch64, armv7 release)"
+cross/build.sh
+step "ARM binaries under qemu"
+cargo test -p outpost-tests --test cross --locked -- --ignored
+
 step "done"

@@ -152,6 +152,10 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Built-in accelerometer/vibration generator with injected faults.
     Simulated(SimulatedSourceConfig),
+    /// An ADXL345 accelerometer on a Linux I2C bus.
+    I2c(I2cSourceConfig),
+    /// Registers of a Modbus TCP or RTU device, polled.
+    Modbus(Box<ModbusSourceConfig>),
 }
 
 impl SourceConfig {
@@ -161,6 +165,8 @@ impl SourceConfig {
             SourceConfig::Mqtt(c) => &c.name,
             SourceConfig::File(c) => &c.name,
             SourceConfig::Simulated(c) => &c.name,
+            SourceConfig::I2c(c) => &c.name,
+            SourceConfig::Modbus(c) => &c.name,
         }
     }
 }
@@ -338,6 +344,177 @@ impl Default for SimulatedSourceConfig {
             activity_s: 30.0,
         }
     }
+}
+
+/// `type = "i2c"`: an ADXL345 on `/dev/i2c-N`; one reading of X, Y, Z in g
+/// per sample.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct I2cSourceConfig {
+    /// Source name.
+    pub name: String,
+    /// The bus device.
+    pub bus: PathBuf,
+    /// 7-bit device address: 0x53 (ALT ADDRESS low) or 0x1D (high).
+    pub address: u8,
+    /// Samples per second (the device's data rate is set to the next one up,
+    /// 6.25 to 3200 Hz).
+    pub rate_hz: f64,
+    /// Range in g: 2, 4, 8 or 16 (full resolution, 3.9 mg per LSB).
+    pub range_g: u8,
+    /// Sensor id of the readings; default: the source name.
+    pub sensor: Option<String>,
+    /// Retries of a failed bus transaction before the sample is given up.
+    pub retries: u32,
+}
+
+impl Default for I2cSourceConfig {
+    fn default() -> Self {
+        Self {
+            name: "i2c".into(),
+            bus: PathBuf::from("/dev/i2c-1"),
+            address: 0x53,
+            rate_hz: 100.0,
+            range_g: 4,
+            sensor: None,
+            retries: 2,
+        }
+    }
+}
+
+/// `type = "modbus"`: registers of one device, polled every
+/// `poll_interval_ms`; one reading per poll with one value per register, in
+/// the order of `registers`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusSourceConfig {
+    /// Source name.
+    #[serde(default = "default_modbus_name")]
+    pub name: String,
+    /// `tcp`, `rtu` (serial line) or `rtu_over_tcp`.
+    pub transport: ModbusTransport,
+    /// `tcp` and `rtu_over_tcp`: `host:port` of the device or gateway.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// RTU: the serial device, e.g. `/dev/ttyUSB0`.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// RTU: baud rate.
+    #[serde(default = "default_baud")]
+    pub baud_rate: u32,
+    /// RTU: `none`, `even` or `odd`.
+    #[serde(default)]
+    pub parity: ModbusParity,
+    /// RTU: 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Unit (slave) id.
+    #[serde(default = "default_unit")]
+    pub unit: u8,
+    /// Time between polls.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Time allowed for one request.
+    #[serde(default = "default_modbus_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries of a failed request (after a timeout the connection is made anew).
+    #[serde(default = "default_modbus_retries")]
+    pub retries: u32,
+    /// Sensor id of the readings; default: the source name.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    /// The register map.
+    pub registers: Vec<ModbusRegister>,
+}
+
+fn default_modbus_name() -> String {
+    "modbus".into()
+}
+fn default_baud() -> u32 {
+    9600
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_unit() -> u8 {
+    1
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_modbus_timeout_ms() -> u64 {
+    500
+}
+fn default_modbus_retries() -> u32 {
+    2
+}
+
+/// Modbus transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTransport {
+    /// Modbus TCP (MBAP header).
+    Tcp,
+    /// Modbus RTU on a serial line.
+    Rtu,
+    /// RTU framing over TCP (a serial device server in raw mode).
+    RtuOverTcp,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusParity {
+    /// None (the default).
+    #[default]
+    None,
+    /// Even.
+    Even,
+    /// Odd.
+    Odd,
+}
+
+/// One value of the register map.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusRegister {
+    /// Name (documentation and logs).
+    pub name: String,
+    /// First register (0-based protocol address).
+    pub address: u16,
+    /// `holding`, `input`, `coil` or `discrete`.
+    #[serde(default = "default_kind")]
+    pub kind: crate::ingest::modbus::RegisterKind,
+    /// `u16`, `i16`, `u32`, `i32`, `f32`, `u64`, `i64`, `f64` (registers) or
+    /// `bool` (coils and discrete inputs).
+    #[serde(default = "default_data_type")]
+    pub data_type: crate::ingest::modbus::DataType,
+    /// Value = raw × scale + offset.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// See `scale`.
+    #[serde(default)]
+    pub offset: f64,
+    /// Unit of the value (documentation).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Byte order within a register: `big` (Modbus standard) or `little`.
+    #[serde(default)]
+    pub byte_order: crate::ingest::modbus::Order,
+    /// Register order of multi-register values: `big` (first register most
+    /// significant) or `little`.
+    #[serde(default)]
+    pub word_order: crate::ingest::modbus::Order,
+}
+
+fn default_kind() -> crate::ingest::modbus::RegisterKind {
+    crate::ingest::modbus::RegisterKind::Holding
+}
+fn default_data_type() -> crate::ingest::modbus::DataType {
+    crate::ingest::modbus::DataType::U16
+}
+fn default_scale() -> f64 {
+    1.0
 }
 
 /// `[ingest]`
@@ -751,12 +928,12 @@ impl Default for Config {
     }
 }
 
-struct Collector {
+pub(crate) struct Collector {
     problems: Vec<Problem>,
 }
 
 impl Collector {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -964,6 +1141,24 @@ impl Config {
                         c.push(format!("{p}.activity_s"), "must be positive");
                     }
                 }
+                SourceConfig::I2c(s) => {
+                    if !(s.rate_hz > 0.0 && s.rate_hz <= 3200.0) {
+                        c.push(
+                            format!("{p}.rate_hz"),
+                            "must be in (0, 3200] (the ADXL345's rates)",
+                        );
+                    }
+                    if ![2, 4, 8, 16].contains(&s.range_g) {
+                        c.push(format!("{p}.range_g"), "must be 2, 4, 8 or 16");
+                    }
+                    if s.address > 0x7f {
+                        c.push(
+                            format!("{p}.address"),
+                            "must be a 7-bit address (0x53 or 0x1d for an ADXL345)",
+                        );
+                    }
+                }
+                SourceConfig::Modbus(m) => crate::ingest::modbus::check_config(c, &p, m),
             }
         }
         if self.ingest.max_payload_bytes == 0 {

@@ -16,5 +16,6 @@ pub mod outbox;
 pub mod pipeline;
 pub mod privacy;
 pub mod reading;
+pub mod sdnotify;
 pub mod uplink;
 pub mod window;

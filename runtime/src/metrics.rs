@@ -33,6 +33,15 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// Labels of source error counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceErrorLabels {
+    /// Source name.
+    pub source: String,
+    /// Error kind (`nack`, `arbitration_loss`, `timeout`, `exception`, ...).
+    pub kind: String,
+}
+
 /// Labels of per-stream outbox gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
@@ -47,6 +56,14 @@ pub struct Metrics {
     pub readings: Family<SourceLabels, Counter>,
     /// Readings refused, per source and reason.
     pub rejected: Family<RejectLabels, Counter>,
+    /// Errors of polled sources (bus, device, protocol), per source and kind;
+    /// every attempt counts, retried or not.
+    pub source_errors: Family<SourceErrorLabels, Counter>,
+    /// Samples a polled source gave up after its retries.
+    pub source_failed_reads: Family<SourceLabels, Counter>,
+    /// Sample slots a polled source missed because a read or the pipeline
+    /// ran late.
+    pub source_overruns: Family<SourceLabels, Counter>,
     /// Attributes dropped by the privacy allowlist.
     pub attrs_dropped: Counter,
     /// Windows produced.
@@ -125,6 +142,9 @@ impl Metrics {
         let m = Self {
             readings: Family::default(),
             rejected: Family::default(),
+            source_errors: Family::default(),
+            source_failed_reads: Family::default(),
+            source_overruns: Family::default(),
             attrs_dropped: Counter::default(),
             windows: Counter::default(),
             inferences: Counter::default(),
@@ -212,6 +232,21 @@ impl Metrics {
             m.outbox_bytes.clone(),
         );
         registry.register(
+            "source_errors",
+            "Errors of polled sources (bus, device, protocol) per kind; every attempt counts",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "source_failed_reads",
+            "Samples a polled source gave up after its retries",
+            m.source_failed_reads.clone(),
+        );
+        registry.register(
+            "source_overruns",
+            "Sample slots a polled source missed because a read or the pipeline ran late",
+            m.source_overruns.clone(),
+        );
+        registry.register(
             "outbox_stream_bytes",
             "Bytes the outbox holds on disk per stream (aggregate group)",
             m.outbox_stream_bytes.clone(),
@@ -296,6 +331,34 @@ impl Metrics {
                 source: source.to_string(),
             })
             .inc();
+    }
+
+    /// Count an error of a polled source.
+    pub fn source_error(&self, source: &str, kind: &str) {
+        self.source_errors
+            .get_or_create(&SourceErrorLabels {
+                source: source.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count a sample given up.
+    pub fn source_failed_read(&self, source: &str) {
+        self.source_failed_reads
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count missed sample slots.
+    pub fn source_overruns(&self, source: &str, missed: u64) {
+        self.source_overruns
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc_by(missed);
     }
 
     /// Count a refused reading.

@@ -34,6 +34,7 @@ use crate::outbox::{
 };
 use crate::privacy::Privacy;
 use crate::reading::{Reading, Validator};
+use crate::sdnotify::{self, Notifier};
 use crate::uplink::{
     self, Backoff, RumqttConnector, Stop, UplinkPolicy, UplinkSettings, UplinkState,
 };
@@ -407,6 +408,10 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     drop(read_tx);
     metrics.set_ready(true);
     tracing::info!("outpost ready");
+    let notifier = systemd_notifier();
+    let watchdog = notifier
+        .clone()
+        .and_then(|n| spawn_watchdog(n, metrics.clone(), stop_sources.clone()));
 
     let summary = spawn_summary(&cfg, metrics.clone(), outbox.clone(), stop_all.clone());
 
@@ -425,6 +430,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     }
     stop_sources.cancel();
     metrics.set_ready(false);
+    if let Some(n) = &notifier {
+        let _ = n.notify("STOPPING=1");
+    }
     let deadline = Duration::from_millis(cfg.gateway.shutdown_timeout_ms);
     let drained = tokio::time::timeout(deadline, async {
         if !sources_done {
@@ -454,6 +462,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     if let Some(s) = summary {
         let _ = s.await;
     }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     let inference_result = core.inference.join();
     if undelivered > 0 {
         tracing::warn!(undelivered, "aggregates left undelivered in the outbox");
@@ -469,6 +480,52 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(InferenceError::Panicked.into()),
     }
+}
+
+/// systemd's notification socket, with `READY=1` sent, when run by systemd.
+fn systemd_notifier() -> Option<Arc<Notifier>> {
+    match Notifier::from_env()? {
+        Ok(n) => {
+            if let Err(e) = n.notify("READY=1") {
+                tracing::warn!(error = %e, "cannot notify systemd");
+            }
+            Some(Arc::new(n))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach systemd's notification socket");
+            None
+        }
+    }
+}
+
+/// `WATCHDOG=1` every half `WatchdogSec`, as long as the outbox writer
+/// commits (it does every `outbox.fsync_interval_ms`, data or not): a
+/// stuck disk or a dead writer thread stops the pings and systemd restarts
+/// the service. While draining (`draining` cancelled) the pings go on
+/// unconditionally: the drain is bounded by `gateway.shutdown_timeout_ms`.
+fn spawn_watchdog(
+    n: Arc<Notifier>,
+    metrics: Arc<Metrics>,
+    draining: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let every = sdnotify::watchdog_interval()?;
+    tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        let mut last = u64::MAX;
+        loop {
+            tick.tick().await;
+            let commits = metrics.outbox_commits.get();
+            if commits != last || draining.is_cancelled() {
+                if let Err(e) = n.notify("WATCHDOG=1") {
+                    tracing::warn!(error = %e, "cannot notify systemd");
+                }
+            } else {
+                tracing::warn!("outbox writer made no progress: systemd watchdog not fed");
+            }
+            last = commits;
+        }
+    }))
 }
 
 async fn futures_join_all(handles: Vec<JoinHandle<()>>) {

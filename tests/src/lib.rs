@@ -145,6 +145,58 @@ fn mosquitto() -> PathBuf {
     PathBuf::from("mosquitto")
 }
 
+/// How to start an `outpost` binary: the host build under test, or an ARM
+/// build (cross/build.sh) under qemu-user.
+#[derive(Debug, Clone)]
+pub struct OutpostBin {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl OutpostBin {
+    /// [`outpost_bin`].
+    pub fn host() -> Self {
+        Self {
+            program: outpost_bin(),
+            args: Vec::new(),
+        }
+    }
+
+    /// `target/<target>/release/outpost`, run by `qemu-<arch>-static` with
+    /// the Debian cross toolchain's sysroot for the dynamic loader.
+    pub fn cross(target: &str) -> Self {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .expect("target dir");
+        let bin = dir.join(target).join("release").join("outpost");
+        assert!(
+            bin.exists(),
+            "{} is missing: run cross/build.sh first (scripts/test.sh does)",
+            bin.display()
+        );
+        let (qemu, sysroot) = match target.split('-').next() {
+            Some("aarch64") => ("qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
+            Some(a) if a.starts_with("armv7") => ("qemu-arm-static", "/usr/arm-linux-gnueabihf"),
+            other => panic!("no qemu for {other:?}"),
+        };
+        Self {
+            program: PathBuf::from(qemu),
+            args: vec!["-L".into(), sysroot.into(), bin.display().to_string()],
+        }
+    }
+
+    /// A command that runs it; add the subcommand and its arguments.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args);
+        c
+    }
+}
+
 /// The `outpost` binary under test (`$OUTPOST_BIN` overrides).
 pub fn outpost_bin() -> PathBuf {
     if let Ok(p) = std::env::var("OUTPOST_BIN") {
@@ -211,6 +263,18 @@ impl Outpost {
         Self::spawn(config, tempfile::tempdir().expect("temp dir"), state)
     }
 
+    /// Like [`Outpost::run`] with another binary (an ARM build under qemu).
+    pub fn run_bin(bin: &OutpostBin, config: &str) -> Outpost {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state");
+        let o = Self::spawn_bin(bin, config, dir, &state);
+        // Emulation is slower to load the model.
+        wait_until("outpost to be ready", Duration::from_secs(120), || {
+            o.http("/readyz").starts_with("HTTP/1.1 200")
+        });
+        o
+    }
+
     fn start(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
         let o = Self::spawn(config, dir, state);
         wait_until("outpost to be ready", Duration::from_secs(30), || {
@@ -220,6 +284,10 @@ impl Outpost {
     }
 
     fn spawn(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
+        Self::spawn_bin(&OutpostBin::host(), config, dir, state)
+    }
+
+    fn spawn_bin(bin: &OutpostBin, config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
         let metrics_port = free_port();
         let path = dir.path().join("outpost.toml");
         std::fs::write(
@@ -229,7 +297,8 @@ impl Outpost {
             ),
         )
         .expect("write config");
-        let mut child = Command::new(outpost_bin())
+        let mut child = bin
+            .command()
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -535,6 +604,32 @@ pub fn now_ms() -> i64 {
 /// One JSON reading.
 pub fn reading(sensor: &str, ts: i64, values: &[f32]) -> String {
     serde_json::json!({"sensor": sensor, "ts": ts, "values": values}).to_string()
+}
+
+/// A recorded fixture: eight BasicMotions test series as JSON Lines from
+/// three sensors (from the dataset cache, scripts/fetch-datasets.sh), with
+/// two bad lines in between. Returns the number of lines.
+pub fn write_recording(path: &Path) -> usize {
+    let series =
+        load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
+    let base = 1_700_000_000_000i64;
+    let mut lines = Vec::new();
+    for (i, (_, chans)) in series.iter().take(8).enumerate() {
+        let sensor = format!("watch-{}", i % 3);
+        for t in 0..chans[0].len() {
+            let values: Vec<f32> = chans.iter().map(|c| c[t]).collect();
+            lines.push(reading(
+                &sensor,
+                base + (i as i64 / 3) * 10_000 + t as i64 * 100,
+                &values,
+            ));
+        }
+    }
+    // Bad lines in between are refused and counted, never fatal.
+    lines.insert(50, "{oops".into());
+    lines.insert(120, reading("watch-0", base, &[1.0]));
+    std::fs::write(path, lines.join("\n") + "\n").expect("write recording");
+    lines.len()
 }
 
 /// The series of a UCR `.ts` file: (label, channel-major values).

@@ -4,29 +4,6 @@ use std::process::Command;
 
 use outpost_tests::*;
 
-fn write_recording(path: &std::path::Path) -> usize {
-    let series =
-        load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
-    let base = 1_700_000_000_000i64;
-    let mut lines = Vec::new();
-    for (i, (_, chans)) in series.iter().take(8).enumerate() {
-        let sensor = format!("watch-{}", i % 3);
-        for t in 0..chans[0].len() {
-            let values: Vec<f32> = chans.iter().map(|c| c[t]).collect();
-            lines.push(reading(
-                &sensor,
-                base + (i as i64 / 3) * 10_000 + t as i64 * 100,
-                &values,
-            ));
-        }
-    }
-    // Bad lines in between are refused and counted, never fatal.
-    lines.insert(50, "{oops".into());
-    lines.insert(120, reading("watch-0", base, &[1.0]));
-    std::fs::write(path, lines.join("\n") + "\n").expect("write recording");
-    lines.len()
-}
-
 #[test]
 fn replay_is_deterministic_and_counts_every_reading() {
     let dir = tempfile::tempdir().unwrap();

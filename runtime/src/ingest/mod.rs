@@ -1,5 +1,7 @@
 //! Ingest: sources of readings, run concurrently, each validating what it
-//! reads with the shared [`Validator`].
+//! reads with the shared [`Validator`]: simulated, file, MQTT, an I2C
+//! accelerometer and Modbus devices (the last two polled at a fixed rate,
+//! [`pacer`]).
 //!
 //! Output: validated [`Reading`]s into one bounded channel. When the channel
 //! is full, sources wait: the simulated and file sources slow down, the MQTT
@@ -8,7 +10,10 @@
 //! per reason every ten seconds per source.
 
 pub mod file;
+pub mod i2c;
+pub mod modbus;
 pub mod mqtt;
+pub mod pacer;
 pub mod simulated;
 
 use std::collections::HashMap;
@@ -156,6 +161,8 @@ pub async fn run_source(
         }
         SourceConfig::File(c) => file::run(c, ctx, shutdown).await,
         SourceConfig::Mqtt(c) => mqtt::run(*c, ctx, &gateway, shutdown).await,
+        SourceConfig::I2c(c) => i2c::run(c, ctx, shutdown).await,
+        SourceConfig::Modbus(c) => modbus::run(*c, ctx, shutdown).await,
     }
 }
 

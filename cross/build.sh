@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Release binaries of `outpost` for ARM gateways.
+#
+#   cross/build.sh            aarch64-unknown-linux-gnu and
+#                             armv7-unknown-linux-gnueabihf (glibc >= 2.34,
+#                             Debian 12's cross toolchains; what CI tests)
+#   cross/build.sh --musl     also the static musl builds
+#                             (aarch64-unknown-linux-musl,
+#                             armv7-unknown-linux-musleabihf) for gateways
+#                             with an older glibc, linked by zig through
+#                             cargo-zigbuild (cross/setup-musl.sh installs both
+#                             from PyPI and adds the rustup targets)
+#   cross/build.sh TARGET...  only these targets
+#
+# Binaries go to target/<target>/release/outpost (stripped: see
+# [profile.release] in Cargo.toml); their sizes are printed and written to
+# target/cross-sizes.txt. Needs scripts/setup.sh (cross gcc, rustup targets).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+GNU=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+MUSL=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
+
+targets=()
+case "${1:-}" in
+    "") targets=("${GNU[@]}") ;;
+    --musl) targets=("${GNU[@]}" "${MUSL[@]}") ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) targets=("$@") ;;
+esac
+
+mkdir -p target
+: >target/cross-sizes.txt
+for t in "${targets[@]}"; do
+    start=$(date +%s)
+    case "$t" in
+        *-musl*)
+            command -v cargo-zigbuild >/dev/null || {
+                echo "cross/build.sh: cargo-zigbuild not found; run cross/setup-musl.sh" >&2
+                exit 1
+            }
+            cargo zigbuild --locked --release -p outpost-runtime --bin outpost --target "$t"
+            ;;
+        *)
+            cargo build --locked --release -p outpost-runtime --bin outpost --target "$t"
+            ;;
+    esac
+    bin="target/$t/release/outpost"
+    size=$(stat -c %s "$bin")
+    line="$t $size bytes ($(awk "BEGIN{printf \"%.1f\", $size/1048576}") MiB), built in $(($(date +%s) - start)) s"
+    echo "cross/build.sh: $line"
+    echo "$line" >>target/cross-sizes.txt
+done

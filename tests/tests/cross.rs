@@ -1,0 +1,165 @@
+//! The ARM release builds (cross/build.sh) under qemu-user: `outpost
+//! replay` of the recorded fixture gives the aggregates of the x86-64 build
+//! (classes and counts identical, scores within 1e-4), and the ARM binary
+//! carries readings from a site Mosquitto to a cloud Mosquitto on the host.
+//!
+//! Ignored by a plain `cargo test` (they need the ARM binaries):
+//! scripts/test.sh runs cross/build.sh, then these with `--ignored`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outpost_tests::*;
+use serde_json::Value;
+
+const TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"];
+
+fn replay(bin: &OutpostBin, input: &std::path::Path) -> Vec<Value> {
+    let out = run_ok(bin.command().args(["replay", "--input"]).arg(input));
+    String::from_utf8(out)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON aggregate per line"))
+        .collect()
+}
+
+/// Equal, except numbers under `score` within `tol` and the `id` (a hash of
+/// the content, scores included).
+fn same(a: &Value, b: &Value, path: &str, tol: f64) -> Result<(), String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let kx: Vec<_> = x.keys().collect();
+            let ky: Vec<_> = y.keys().collect();
+            if kx != ky {
+                return Err(format!("{path}: fields {kx:?} vs {ky:?}"));
+            }
+            for (k, v) in x {
+                if path.is_empty() && k == "id" {
+                    continue;
+                }
+                same(v, &y[k], &format!("{path}.{k}"), tol)?;
+            }
+            Ok(())
+        }
+        (Value::Number(x), Value::Number(y)) if path.starts_with(".score") => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            if (x - y).abs() <= tol {
+                Ok(())
+            } else {
+                Err(format!("{path}: {x} vs {y}"))
+            }
+        }
+        _ if a == b => Ok(()),
+        _ => Err(format!("{path}: {a} vs {b}")),
+    }
+}
+
+#[test]
+#[ignore = "needs cross/build.sh; scripts/test.sh runs it"]
+fn arm_replay_matches_x86_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("recording.jsonl");
+    write_recording(&input);
+    let host = replay(&OutpostBin::host(), &input);
+    assert!(host.len() >= 3, "{} aggregates", host.len());
+    assert!(host.iter().any(|a| a["classes"].is_object()));
+    for target in TARGETS {
+        let arm = replay(&OutpostBin::cross(target), &input);
+        assert_eq!(arm.len(), host.len(), "{target}: aggregate count");
+        let mut worst: f64 = 0.0;
+        for (i, (a, h)) in arm.iter().zip(&host).enumerate() {
+            if let Err(e) = same(a, h, "", 1e-4) {
+                panic!("{target}, aggregate {i}: {e}\narm:  {a}\nhost: {h}");
+            }
+            for k in ["mean", "max", "p95"] {
+                if let (Some(x), Some(y)) = (a["score"][k].as_f64(), h["score"][k].as_f64()) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+        eprintln!(
+            "{target}: {} aggregates identical to x86-64 but for scores, largest score difference {worst:e}",
+            arm.len()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs cross/build.sh; scripts/test.sh runs it"]
+fn arm_binary_carries_readings_from_site_to_cloud() {
+    let series =
+        load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
+    let t0 = now_ms() - 10 * 60_000;
+    let base = t0 - t0.rem_euclid(10_000);
+    for target in TARGETS {
+        let site = Broker::start();
+        let cloud = Broker::start();
+        let cloud_sub = Subscriber::start(cloud.port, "outpost/#");
+        let config = format!(
+            "{}\n[uplink]\nbroker = {{ host = \"127.0.0.1\", port = {} }}\nallow_plaintext = true\ntopic = \"outpost/{{gateway}}/agg/{{group}}\"\n",
+            site_config("gw-arm", site.port),
+            cloud.port
+        );
+        let mut outpost = Outpost::run_bin(&OutpostBin::cross(target), &config);
+        wait_until(
+            "the site source to subscribe",
+            Duration::from_secs(60),
+            || outpost.log().contains("subscribed to site topics"),
+        );
+        let mut publisher = Publisher::connect(site.port);
+        let mut sent = 0u64;
+        for (i, (_, chans)) in series.iter().take(4).enumerate() {
+            let sensor = format!("arm-{}", i % 2);
+            for t in 0..chans[0].len() {
+                let values: Vec<f32> = chans.iter().map(|c| c[t]).collect();
+                let ts = base + (i as i64 / 2) * 10_000 + t as i64 * 100;
+                publisher.publish(
+                    &format!("sensors/{sensor}/data"),
+                    reading(&sensor, ts, &values),
+                );
+                sent += 1;
+            }
+        }
+        publisher.flush();
+        outpost.wait_metric(
+            "outpost_readings_total",
+            &[],
+            sent as f64,
+            Duration::from_secs(120),
+        );
+        outpost.signal(libc::SIGTERM);
+        let status = outpost.wait(Duration::from_secs(120));
+        assert!(status.success(), "{target}: {status:?}\n{}", outpost.log());
+        let produced = outpost.produced_aggregates() as usize;
+        assert!(produced > 0, "{target}: {}", outpost.log());
+        wait_until(
+            "aggregates at the cloud broker",
+            Duration::from_secs(30),
+            || cloud_sub.messages().len() >= produced,
+        );
+        let aggs = cloud_sub.json();
+        let mut by_id: BTreeMap<String, &Value> = BTreeMap::new();
+        for a in &aggs {
+            by_id.insert(a["id"].as_str().unwrap_or_default().to_string(), a);
+        }
+        let readings: u64 = by_id
+            .values()
+            .map(|a| a["readings"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(
+            readings, sent,
+            "{target}: every reading counted in an aggregate at the cloud"
+        );
+        assert!(
+            by_id.values().all(|a| a["gateway"] == "gw-arm"),
+            "{target}: {aggs:?}"
+        );
+        eprintln!(
+            "{target}: {sent} readings -> {} aggregates at the cloud broker",
+            by_id.len()
+        );
+    }
+}
