@@ -35,6 +35,8 @@ PACKAGES=(
     libc6-dev-arm64-cross    # cross/: glibc headers for aarch64 (only recommended by the gcc package)
     libc6-dev-armhf-cross    # cross/: glibc headers for armv7
     qemu-user-static         # cross/: runs the ARM binaries in the tests
+    strace                   # deploy/tests/test-sandbox.sh: the gateway's system calls against the unit's filter
+    binutils                 # deploy/package.sh: readelf (architecture, glibc version)
 )
 
 # ---------------------------------------------------------------------------
@@ -43,6 +45,7 @@ PACKAGES=(
 RUST_TARGETS=(
     aarch64-unknown-linux-gnu     # cross/build.sh, tested under qemu
     armv7-unknown-linux-gnueabihf # cross/build.sh, tested under qemu
+    thumbv7em-none-eabihf         # the no_std ADXL345 driver built for a microcontroller
 )
 
 case "${1:-}" in

@@ -25,11 +25,26 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+# The sensor driver is no_std and generic over embedded-hal: it must build
+# for a microcontroller as well as for the gateway.
+step "ADXL345 driver for thumbv7em-none-eabihf"
+cargo build -p outpost-adxl345 --target thumbv7em-none-eabihf --locked
+
 # The ARM release binaries, then the tests that run them under qemu-user
 # (replay parity with x86-64, an MQTT smoke test against host Mosquitto).
 step "cross/build.sh (aarch64, armv7 release)"
 cross/build.sh
 step "ARM binaries under qemu"
 cargo test -p outpost-tests --test cross --locked -- --ignored
+
+# Packaging, install into a temporary root, the systemd unit (verify,
+# security score, the binary's system calls against its sandbox), and every
+# example configuration through `outpost check`: deploy/README.md.
+step "deploy/tests (x86-64 debug binary)"
+deploy/tests/run.sh target/debug/outpost
+# The packages of the ARM binaries just tested under qemu.
+step "deploy/package.sh: arm64 and armhf"
+deploy/package.sh --out target/dist target/aarch64-unknown-linux-gnu/release/outpost arm64
+deploy/package.sh --out target/dist target/armv7-unknown-linux-gnueabihf/release/outpost armhf
 
 step "done"
