@@ -60,6 +60,7 @@ for name in ["aws-iot-core.toml", "aws-iot-core-443.toml"]:
     want(all(k in t for k in ("ca_file", "cert_file", "key_file")), f"{name}: mutual TLS with Amazon's CA")
     want(u["topic"].count("/") + 1 <= 7 and not u["topic"].startswith("$"), f"{name}: topic within AWS's 7 slashes, not reserved")
     want(u.get("allow_plaintext", False) is False, f"{name}: no plaintext")
+    want(u["health_topic"] == "dt/outpost/{gateway}/health", f"{name}: health and last will on dt/outpost/<thing>/health (the policy's topic)")
     if name == "aws-iot-core.toml":
         want(b["port"] == 8883 and not t.get("alpn"), f"{name}: port 8883, no ALPN")
     else:
@@ -73,6 +74,8 @@ for name in ["azure-iot-hub-sas.toml", "azure-iot-hub-x509.toml"]:
     want(b["username"] == f"{host}/{dev}/?api-version=2021-04-12", f"{name}: username <hub>/<device>/?api-version=2021-04-12")
     want(u["topic"].startswith("devices/{gateway}/messages/events/"), f"{name}: topic devices/<device>/messages/events/")
     want(u.get("compression", "none") == "none", f"{name}: no compression (a /zstd suffix would enter the property bag)")
+    want(u["health_topic"].startswith("devices/{gateway}/messages/events/") and u.get("health_retain") is False,
+         f"{name}: health on devices/<device>/messages/events/, not retained (IoT Hub has no retained messages)")
     want(0 < u["batch_max_bytes"] <= 256 * 1024 - 8192, f"{name}: batches under IoT Hub's 256 KB")
     want("tls" in b and u.get("allow_plaintext", False) is False, f"{name}: TLS")
     if name.endswith("sas.toml"):

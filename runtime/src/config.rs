@@ -752,6 +752,20 @@ pub struct UplinkConfig {
     /// Allow a connection without TLS (tests, a local bridge).
     #[serde(default)]
     pub allow_plaintext: bool,
+    /// Seconds between health messages (a [`crate::status::Status`], QoS 0)
+    /// while connected; 0: none and no last will.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_s: u64,
+    /// Topic of the health messages and of the last will (`state:
+    /// "offline"`, QoS 1) the broker publishes when the connection drops
+    /// uncleanly; `{gateway}` is replaced.
+    #[serde(default = "default_health_topic")]
+    pub health_topic: String,
+    /// Publish health messages and the last will retained, so a consumer
+    /// that subscribes later sees the gateway's last state at once. Off for
+    /// brokers without retained messages (Azure IoT Hub).
+    #[serde(default = "default_true")]
+    pub health_retain: bool,
     /// Most unacknowledged publishes at once.
     #[serde(default = "default_inflight")]
     pub max_inflight: u16,
@@ -790,6 +804,12 @@ pub struct UplinkConfig {
     pub breaker_open_ms: u64,
 }
 
+fn default_health_interval() -> u64 {
+    60
+}
+fn default_health_topic() -> String {
+    "outpost/{gateway}/health".into()
+}
 fn default_compression() -> crate::uplink::Compression {
     crate::uplink::Compression::None
 }
@@ -854,11 +874,19 @@ fn default_decision_capacity() -> usize {
     1024
 }
 
+/// The metrics endpoint's address when `metrics.listen` is not set:
+/// loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 /// `[metrics]`
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Address of the HTTP endpoint (`/metrics`, `/healthz`); absent: off.
+    /// Serve the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`).
+    pub enabled: bool,
+    /// Its address. Absent: [`DEFAULT_METRICS_LISTEN`], best effort (a port
+    /// already taken is logged and the gateway runs without the endpoint);
+    /// set: the gateway does not start when it cannot listen there.
     pub listen: Option<String>,
     /// Interval of the summary log line, in seconds (0: off).
     pub log_interval_s: u64,
@@ -867,6 +895,7 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             listen: None,
             log_interval_s: 60,
         }
@@ -1256,6 +1285,7 @@ impl Config {
                 );
             }
             check_template(c, "uplink.topic", &u.topic, &["gateway", "group"]);
+            check_template(c, "uplink.health_topic", &u.health_topic, &["gateway"]);
             if u.max_inflight == 0 {
                 c.push("uplink.max_inflight", "must be at least 1");
             }

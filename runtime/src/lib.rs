@@ -17,5 +17,6 @@ pub mod pipeline;
 pub mod privacy;
 pub mod reading;
 pub mod sdnotify;
+pub mod status;
 pub mod uplink;
 pub mod window;

@@ -54,6 +54,21 @@ enum Command {
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
+    /// Summarize the running gateway: read its `/status` on the metrics
+    /// endpoint. Exit status 0 when it runs, 3 when it answers but is not
+    /// ready (starting or draining), 1 when it cannot be reached.
+    Status {
+        /// The gateway's configuration, for its `metrics.listen`.
+        #[arg(long, short, conflicts_with = "addr")]
+        config: Option<PathBuf>,
+        /// The metrics endpoint (default: the configuration's, else
+        /// 127.0.0.1:9464).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Print the JSON status instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version, git commit and enabled backends.
     Version,
 }
@@ -169,6 +184,31 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = report;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { config, addr, json } => {
+            let addr = match (addr, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => Config::load(&path)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .metrics
+                    .listen
+                    .unwrap_or_else(|| outpost::config::DEFAULT_METRICS_LISTEN.into()),
+                (None, None) => outpost::config::DEFAULT_METRICS_LISTEN.into(),
+            };
+            let body = http_get(&addr, "/status").with_context(|| {
+                format!("cannot read the gateway's status at http://{addr}/status (is it running, with its metrics endpoint there?)")
+            })?;
+            let status: outpost::status::Status = serde_json::from_str(&body)
+                .with_context(|| format!("http://{addr}/status did not answer with a status"))?;
+            if json {
+                println!("{}", body.trim_end());
+            } else {
+                print!("{}", status.human());
+            }
+            Ok(match status.state {
+                outpost::status::GatewayState::Running => ExitCode::SUCCESS,
+                _ => ExitCode::from(3),
+            })
+        }
         Command::Replay {
             config,
             input,
@@ -215,4 +255,33 @@ fn bundled_model_id() -> String {
             ))
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// A plain HTTP/1.1 GET on loopback (the metrics endpoint); the body of a
+/// 200 answer.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(5);
+    let sock_addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+    let mut sock = std::net::TcpStream::connect_timeout(&sock_addr, timeout)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    write!(
+        sock,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    sock.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("incomplete HTTP answer"))?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        anyhow::bail!("HTTP answer: {status_line}");
+    }
+    Ok(body.to_string())
 }

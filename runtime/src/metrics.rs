@@ -49,6 +49,19 @@ pub struct StreamLabels {
     pub stream: String,
 }
 
+/// Labels of the model info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// sha256 of the weights file.
+    pub weights_sha256: String,
+    /// Inference device.
+    pub device: String,
+}
+
 /// Every metric of the runtime.
 pub struct Metrics {
     registry: Registry,
@@ -91,6 +104,9 @@ pub struct Metrics {
     /// Bytes the outbox holds on disk per stream (aggregate group).
     pub outbox_stream_bytes: Family<StreamLabels, Gauge>,
     streams_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Seconds since the end of the window of the oldest aggregate waiting
+    /// in the outbox (0 when none waits).
+    pub outbox_oldest_age: Gauge<f64, AtomicU64>,
     /// Aggregates refused by a full outbox (`reject_new`).
     pub outbox_rejected: Counter,
     /// Corrupt outbox spans moved to quarantine.
@@ -115,12 +131,22 @@ pub struct Metrics {
     pub uplink_breaker_open: Gauge,
     /// MQTT messages published to the cloud (a batch is one message).
     pub uplink_messages: Counter,
+    /// Bytes of aggregate messages published to the cloud (topic and
+    /// payload, after compression).
+    pub uplink_bytes: Counter,
+    /// Health messages published to the cloud.
+    pub health_sent: Counter,
+    /// 1, labelled with the model serving the aggregates.
+    pub model_info: Family<ModelLabels, Gauge>,
+    model: std::sync::Mutex<crate::status::ModelStatus>,
     /// Decisions published to the site broker.
     pub decisions_published: Counter,
     /// Decisions dropped because the site queue was full or the broker down.
     pub decisions_dropped: Counter,
     ready: AtomicBool,
     started: AtomicU64,
+    /// A cloud uplink is configured (else aggregates are logged).
+    pub uplink_configured: AtomicBool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,6 +184,7 @@ impl Metrics {
             outbox_dropped: Counter::default(),
             outbox_bytes: Gauge::default(),
             outbox_stream_bytes: Family::default(),
+            outbox_oldest_age: Gauge::default(),
             streams_seen: Default::default(),
             outbox_rejected: Counter::default(),
             outbox_quarantined: Counter::default(),
@@ -171,10 +198,15 @@ impl Metrics {
             uplink_inflight: Gauge::default(),
             uplink_breaker_open: Gauge::default(),
             uplink_messages: Counter::default(),
+            uplink_bytes: Counter::default(),
+            health_sent: Counter::default(),
+            model_info: Family::default(),
+            model: Default::default(),
             decisions_published: Counter::default(),
             decisions_dropped: Counter::default(),
             ready: AtomicBool::new(false),
             started: AtomicU64::new(0),
+            uplink_configured: AtomicBool::new(false),
             registry: Registry::default(),
         };
         registry.register("readings", "Readings accepted", m.readings.clone());
@@ -312,6 +344,26 @@ impl Metrics {
             m.uplink_messages.clone(),
         );
         registry.register(
+            "uplink_bytes",
+            "Bytes of aggregate messages published to the cloud (topic and payload, after compression)",
+            m.uplink_bytes.clone(),
+        );
+        registry.register(
+            "health_messages",
+            "Health messages published to the cloud",
+            m.health_sent.clone(),
+        );
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Seconds since the window end of the oldest aggregate waiting in the outbox (0: none waits)",
+            m.outbox_oldest_age.clone(),
+        );
+        registry.register(
+            "model",
+            "The model serving the aggregates (value 1)",
+            m.model_info.clone(),
+        );
+        registry.register(
             "decisions_published",
             "Decisions published on site",
             m.decisions_published.clone(),
@@ -373,13 +425,71 @@ impl Metrics {
 
     /// Rejections for a reason over all sources.
     pub fn rejected_total(&self, reason: RejectReason) -> u64 {
-        // The family has no iterator; sources are few, so sum what the encoder shows.
+        self.sum_series(
+            "outpost_rejected_total",
+            &format!("reason=\"{}\"", reason.as_str()),
+        )
+    }
+
+    /// Rejections over all sources and reasons.
+    pub fn rejected_all(&self) -> u64 {
+        self.sum_series("outpost_rejected_total", "")
+    }
+
+    /// Readings accepted over all sources.
+    pub fn readings_total(&self) -> u64 {
+        self.sum_series("outpost_readings_total", "")
+    }
+
+    /// The sum of a counter family's series whose labels contain `needle`.
+    /// A family has no iterator; sources are few, so sum what the encoder
+    /// shows (status requests and health messages only, not a hot path).
+    fn sum_series(&self, name: &str, needle: &str) -> u64 {
         let text = self.encode();
-        let needle = format!("reason=\"{}\"", reason.as_str());
         text.lines()
-            .filter(|l| l.starts_with("outpost_rejected_total") && l.contains(&needle))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && l.contains(needle)
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// The model serving the aggregates: kept for the status and exported
+    /// as `outpost_model{model,version,weights_sha256,device} 1`.
+    pub fn set_model(&self, model: &crate::status::ModelStatus) {
+        let mut current = self
+            .model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.model_info.clear();
+        self.model_info
+            .get_or_create(&ModelLabels {
+                model: model.name.clone(),
+                version: model.version.clone(),
+                weights_sha256: model.weights_sha256.clone(),
+                device: model.device.clone(),
+            })
+            .set(1);
+        *current = model.clone();
+    }
+
+    /// The model set by [`Metrics::set_model`].
+    pub fn model(&self) -> crate::status::ModelStatus {
+        self.model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Time since the pipeline became ready; zero when it is not.
+    pub fn uptime(&self, now_ms: i64) -> Duration {
+        if !self.is_ready() {
+            return Duration::ZERO;
+        }
+        let started = self.started.load(Ordering::SeqCst);
+        Duration::from_millis((now_ms.max(0) as u64).saturating_sub(started))
     }
 
     /// Record a batch.
@@ -470,8 +580,14 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Serve `/metrics`, `/healthz`, `/readyz` and `/status` (the JSON
+/// [`crate::status::Status`] of gateway `gateway`) until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    gateway: String,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -481,6 +597,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             continue;
         };
         let metrics = metrics.clone();
+        let gateway = gateway.clone();
         tokio::spawn(async move {
             // Read up to the end of the request head; it may arrive in pieces.
             let mut buf = Vec::with_capacity(512);
@@ -508,6 +625,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/status" => {
+                    let status = crate::status::Status::snapshot(
+                        &metrics,
+                        &gateway,
+                        crate::reading::now_ms(),
+                    );
+                    // Plain data with string keys: serializing cannot fail.
+                    let body = serde_json::to_string(&status).unwrap_or_default() + "\n";
+                    ("200 OK", body, "application/json")
+                }
                 "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_string(), "text/plain"),
                 "/readyz" => (
                     "503 Service Unavailable",
@@ -550,7 +677,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.reject("s", RejectReason::Malformed);
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, metrics.clone(), stop.clone()));
+        tokio::spawn(serve(listener, metrics.clone(), "gw".into(), stop.clone()));
         let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         sock.write_all(b"GET /metr").await.unwrap();
         sock.flush().await.unwrap();

@@ -66,6 +66,18 @@ impl OutboxRecord {
     pub fn payload(&self) -> &[u8] {
         &self.payload
     }
+
+    /// The aggregate's window end, ms since the epoch (`None` if the payload
+    /// does not parse, which a record written by this type cannot do).
+    pub fn window_end(&self) -> Option<i64> {
+        #[derive(serde::Deserialize)]
+        struct End {
+            window_end: i64,
+        }
+        serde_json::from_slice::<End>(&self.payload)
+            .ok()
+            .map(|e| e.window_end)
+    }
 }
 
 /// Counters of an outbox.
@@ -249,6 +261,15 @@ impl SharedOutbox {
     /// See [`Outbox::oldest`].
     pub fn oldest(&self) -> Option<u64> {
         self.lock().oldest()
+    }
+
+    /// The window end (ms since the epoch) of the oldest committed record
+    /// held, if any: how far behind the cloud is.
+    pub fn oldest_window_end(&self) -> Option<i64> {
+        let mut o = self.lock();
+        let seq = o.oldest()?;
+        let record = o.read_from(seq, 1).ok()?.into_iter().next()?;
+        record.window_end()
     }
 
     /// See [`Outbox::committed_end`].

@@ -24,7 +24,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregate, Aggregator, Grouper, Inferred};
-use crate::config::{Config, FileFormat, FileSourceConfig, OutboxKind, SourceConfig};
+use crate::config::{
+    Config, DEFAULT_METRICS_LISTEN, FileFormat, FileSourceConfig, OutboxKind, SourceConfig,
+    render_topic,
+};
 use crate::decisions::{Decision, DecisionFilter};
 use crate::inference::{self, Batching, InferenceError, ModelSource};
 use crate::ingest::{self, IngestCtx};
@@ -35,8 +38,9 @@ use crate::outbox::{
 use crate::privacy::Privacy;
 use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
+use crate::status::ModelStatus;
 use crate::uplink::{
-    self, Backoff, RumqttConnector, Stop, UplinkPolicy, UplinkSettings, UplinkState,
+    self, Backoff, HealthSettings, RumqttConnector, Stop, UplinkPolicy, UplinkSettings, UplinkState,
 };
 use crate::window::{Window, WindowError, WindowSpec, Windower};
 
@@ -251,20 +255,41 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     let stop_sources = CancellationToken::new();
     let stop_all = CancellationToken::new();
 
-    if let Some(addr) = &cfg.metrics.listen {
-        let listener =
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|error| PipelineError::Metrics {
-                    addr: addr.clone(),
-                    error,
-                })?;
-        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            metrics.clone(),
-            stop_all.clone(),
-        ));
+    let manifest = p.model.manifest();
+    metrics.set_model(&ModelStatus {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        weights_sha256: manifest
+            .files
+            .get(&manifest.weights)
+            .cloned()
+            .unwrap_or_default(),
+        device: "cpu".into(),
+    });
+
+    if cfg.metrics.enabled {
+        let explicit = cfg.metrics.listen.is_some();
+        let addr = cfg
+            .metrics
+            .listen
+            .clone()
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        match tokio::net::TcpListener::bind(&addr).await {
+            Ok(listener) => {
+                tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
+                tokio::spawn(crate::metrics::serve(
+                    listener,
+                    metrics.clone(),
+                    cfg.gateway.id.clone(),
+                    stop_all.clone(),
+                ));
+            }
+            Err(error) if explicit => return Err(PipelineError::Metrics { addr, error }),
+            Err(error) => tracing::warn!(
+                %addr, %error,
+                "the default metrics endpoint is not available (set metrics.listen to choose another address); running without it"
+            ),
+        }
     }
 
     // Decisions.
@@ -325,9 +350,22 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         drain: CancellationToken::new(),
         now: stop_all.clone(),
     };
+    metrics
+        .uplink_configured
+        .store(cfg.uplink.is_some(), std::sync::atomic::Ordering::Relaxed);
     let uplink_task = match &cfg.uplink {
         Some(u) => {
-            let options = crate::mqtt::options(&u.broker, &cfg.gateway.id, "uplink")?;
+            let mut options = crate::mqtt::options(&u.broker, &cfg.gateway.id, "uplink")?;
+            let health_topic = render_topic(&u.health_topic, &[("gateway", &cfg.gateway.id)]);
+            if u.health_interval_s > 0 {
+                // The broker tells the cloud when the gateway vanishes.
+                options.set_last_will(rumqttc::LastWill::new(
+                    health_topic.clone(),
+                    crate::status::offline_message(&cfg.gateway.id),
+                    rumqttc::QoS::AtLeastOnce,
+                    u.health_retain,
+                ));
+            }
             let state = UplinkState::with_policy(
                 UplinkPolicy {
                     max_inflight: u.max_inflight as usize,
@@ -348,6 +386,11 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
                 gateway: cfg.gateway.id.clone(),
                 batch_max_bytes: u.batch_max_bytes,
                 compression: u.compression,
+                health: (u.health_interval_s > 0).then(|| HealthSettings {
+                    topic: health_topic,
+                    interval: Duration::from_secs(u.health_interval_s),
+                    retain: u.health_retain,
+                }),
             };
             let max_inflight = u.max_inflight;
             let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());
@@ -414,6 +457,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         .and_then(|n| spawn_watchdog(n, metrics.clone(), stop_sources.clone()));
 
     let summary = spawn_summary(&cfg, metrics.clone(), outbox.clone(), stop_all.clone());
+    let observer = spawn_backlog_age(metrics.clone(), outbox.clone(), stop_all.clone());
 
     // Wait for a signal or for every source to end.
     let all_sources = futures_join_all(sources);
@@ -462,6 +506,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     if let Some(s) = summary {
         let _ = s.await;
     }
+    let _ = observer.await;
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -570,6 +615,35 @@ fn write_outbox(
         }
     }
     commit(outbox);
+}
+
+/// Keep `outpost_outbox_oldest_age_seconds` current: once a second, the
+/// time since the window end of the oldest aggregate still waiting.
+fn spawn_backlog_age(
+    metrics: Arc<Metrics>,
+    outbox: SharedOutbox,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            // A disk read of one record: off the async workers.
+            let o = outbox.clone();
+            let end = tokio::task::spawn_blocking(move || o.oldest_window_end())
+                .await
+                .ok()
+                .flatten();
+            let age = end.map_or(0.0, |end| {
+                (crate::reading::now_ms() - end).max(0) as f64 / 1000.0
+            });
+            metrics.outbox_oldest_age.set(age);
+        }
+    })
 }
 
 fn spawn_summary(

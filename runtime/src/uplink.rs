@@ -384,6 +384,15 @@ pub enum SessionEvent {
 pub trait Session: Send {
     /// Hand a QoS 1 publish to the client; `Ok(false)` when its queue is full.
     fn try_publish(&mut self, topic: String, payload: Vec<u8>) -> Result<bool, UplinkError>;
+    /// Hand a QoS 0 publish (a health message) to the client: no packet id,
+    /// no acknowledgement, so it never takes a place in the in-flight window.
+    /// `Ok(false)` when the client's queue is full (the message is skipped).
+    fn try_publish_health(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<bool, UplinkError>;
     /// The next event; an error ends the session.
     fn next_event(&mut self) -> impl Future<Output = Result<SessionEvent, UplinkError>> + Send;
     /// Disconnect cleanly (best effort).
@@ -441,6 +450,8 @@ impl Connector for RumqttConnector {
             loop {
                 let ev = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(SessionEvent::Connected),
+                    // Packet id 0: a QoS 0 publish (health), not in the window.
+                    Ok(Event::Outgoing(Outgoing::Publish(0))) => continue,
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         Ok(SessionEvent::Published(pkid))
                     }
@@ -474,6 +485,22 @@ impl Session for RumqttSession {
         }
     }
 
+    fn try_publish_health(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<bool, UplinkError> {
+        match self
+            .client
+            .try_publish(topic, QoS::AtMostOnce, retain, payload)
+        {
+            Ok(()) => Ok(true),
+            Err(ClientError::TryRequest(_)) => Ok(false),
+            Err(e) => Err(UplinkError::Client(e.to_string())),
+        }
+    }
+
     async fn next_event(&mut self) -> Result<SessionEvent, UplinkError> {
         match self.events.recv().await {
             Some(ev) => ev,
@@ -499,6 +526,19 @@ pub struct UplinkSettings {
     pub batch_max_bytes: usize,
     /// Payload compression.
     pub compression: Compression,
+    /// Periodic health messages; `None`: none.
+    pub health: Option<HealthSettings>,
+}
+
+/// Health messages of the uplink.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Topic, `{gateway}` already replaced.
+    pub topic: String,
+    /// Time between two messages while connected (one goes at each CONNACK).
+    pub interval: Duration,
+    /// Publish them retained.
+    pub retain: bool,
 }
 
 /// Payload compression of the uplink.
@@ -522,6 +562,7 @@ impl UplinkSettings {
             gateway: gateway.into(),
             batch_max_bytes: 0,
             compression: Compression::None,
+            health: None,
         }
     }
 
@@ -606,6 +647,14 @@ pub async fn run<C: Connector>(
     stop: Stop,
 ) -> u64 {
     let mut first = true;
+    let health_every = settings
+        .health
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |h| {
+            h.interval.max(Duration::from_secs(1))
+        });
+    let mut health_tick = tokio::time::interval(health_every);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if stop.drain.is_cancelled() && outbox.oldest().is_none() {
             return 0;
@@ -636,6 +685,10 @@ pub async fn run<C: Connector>(
                         metrics.uplink_connected.set(1);
                         metrics.uplink_breaker_open.set(0);
                         state.on_connected(outbox.committed_end());
+                        // The first health message at once: the cloud sees
+                        // the gateway back (and replaces a retained will).
+                        send_health(&mut session, &settings, &metrics);
+                        health_tick.reset();
                     }
                     Ok(SessionEvent::Published(pkid)) => state.on_outgoing(pkid),
                     Ok(SessionEvent::Acked(pkid)) => {
@@ -654,6 +707,11 @@ pub async fn run<C: Connector>(
                 },
                 _ = outbox.appended() => {}
                 _ = rate_wait => {}
+                _ = health_tick.tick(), if settings.health.is_some() => {
+                    if state.is_connected() {
+                        send_health(&mut session, &settings, &metrics);
+                    }
+                }
                 _ = stop.drain.cancelled(), if !stop.drain.is_cancelled() => {}
                 _ = stop.now.cancelled() => {
                     return outbox.stats().depth;
@@ -674,6 +732,25 @@ pub async fn run<C: Connector>(
             _ = tokio::time::sleep(delay) => {}
             _ = stop.now.cancelled() => return outbox.stats().depth,
         }
+    }
+}
+
+/// Publish a health message (QoS 0: lost with the connection, never
+/// resent; the next one carries newer numbers anyway).
+fn send_health<S: Session>(session: &mut S, settings: &UplinkSettings, metrics: &Metrics) {
+    let Some(h) = &settings.health else {
+        return;
+    };
+    let status =
+        crate::status::Status::snapshot(metrics, &settings.gateway, crate::reading::now_ms());
+    // Plain data with string keys: serializing cannot fail.
+    let payload = serde_json::to_vec(&status).unwrap_or_default();
+    match session.try_publish_health(h.topic.clone(), payload, h.retain) {
+        Ok(true) => {
+            metrics.health_sent.inc();
+        }
+        Ok(false) => tracing::debug!("health message skipped: client queue full"),
+        Err(e) => tracing::warn!(error = %e, "health message refused"),
     }
 }
 
@@ -744,11 +821,13 @@ fn send_ready<S: Session>(
             if settings.compression == Compression::Zstd {
                 topic.push_str(ZSTD_TOPIC_SUFFIX);
             }
+            let size = (topic.len() + payload.len()) as u64;
             match session.try_publish(topic, payload) {
                 Ok(true) => {
                     state.on_sent_batch(batch.iter().map(|r| r.seq).collect());
                     metrics.uplink_sent.inc_by(batch.len() as u64);
                     metrics.uplink_messages.inc();
+                    metrics.uplink_bytes.inc_by(size);
                 }
                 Ok(false) => return None,
                 Err(e) => {
@@ -926,8 +1005,11 @@ mod tests {
 
     /// A scripted session: acknowledges every publish except those whose
     /// sequence is listed in `drop_before_ack` (then fails the connection).
+    type Health = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
     struct FakeConnector {
         published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
         fail_on: Vec<usize>,
         sessions: usize,
     }
@@ -935,6 +1017,7 @@ mod tests {
     struct FakeSession {
         queue: VecDeque<SessionEvent>,
         published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
         fail_at: Option<usize>,
         pkid: u16,
         count: usize,
@@ -948,6 +1031,7 @@ mod tests {
             FakeSession {
                 queue: VecDeque::from([SessionEvent::Connected]),
                 published: self.published.clone(),
+                health: self.health.clone(),
                 fail_at,
                 pkid: 0,
                 count: 0,
@@ -964,6 +1048,15 @@ mod tests {
             if Some(self.count) != self.fail_at {
                 self.queue.push_back(SessionEvent::Acked(self.pkid));
             }
+            Ok(true)
+        }
+        fn try_publish_health(
+            &mut self,
+            topic: String,
+            payload: Vec<u8>,
+            _retain: bool,
+        ) -> Result<bool, UplinkError> {
+            self.health.lock().unwrap().push((topic, payload));
             Ok(true)
         }
         async fn next_event(&mut self) -> Result<SessionEvent, UplinkError> {
@@ -1013,19 +1106,29 @@ mod tests {
         assert_eq!(zstd::bulk::decompress(&z, 1 << 20).unwrap(), plain);
     }
 
-    #[tokio::test]
-    async fn unacked_record_is_resent_from_the_outbox() {
-        use crate::aggregate::Aggregate;
+    /// What a run over a scripted connector left behind.
+    struct Drained {
+        outbox: SharedOutbox,
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
+        metrics: Arc<Metrics>,
+    }
+
+    /// `records` aggregates in a memory outbox, delivered through a fake
+    /// session whose connections fail at the publishes in `fail_on`; runs
+    /// until the outbox is empty (draining) and checks nothing is left.
+    async fn drain_fake(records: i64, fail_on: Vec<usize>, settings: UplinkSettings) -> Drained {
         use crate::outbox::MemoryOutbox;
         let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(100)));
-        for i in 0..5 {
+        for i in 0..records {
             outbox.append(&crate::outbox::tests::agg(i)).unwrap();
         }
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-        // First session: the 3rd publish is never acknowledged and the connection drops.
+        let health = Health::default();
         let connector = FakeConnector {
             published: published.clone(),
-            fail_on: vec![3],
+            health: health.clone(),
+            fail_on,
             sessions: 0,
         };
         let state = UplinkState::new(
@@ -1037,14 +1140,15 @@ mod tests {
             now: CancellationToken::new(),
         };
         stop.drain.cancel();
+        let metrics = Arc::new(Metrics::new());
         let left = tokio::time::timeout(
             Duration::from_secs(10),
             run(
                 connector,
                 state,
                 outbox.clone(),
-                UplinkSettings::new("t/{group}", "g"),
-                Arc::new(Metrics::new()),
+                settings,
+                metrics.clone(),
                 stop,
             ),
         )
@@ -1052,7 +1156,22 @@ mod tests {
         .expect("uplink drains");
         assert_eq!(left, 0);
         assert_eq!(outbox.stats().depth, 0);
-        let ids: std::collections::BTreeSet<String> = published
+        Drained {
+            outbox,
+            published,
+            health,
+            metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn unacked_record_is_resent_from_the_outbox() {
+        use crate::aggregate::Aggregate;
+        // First session: the 3rd publish is never acknowledged and the connection drops.
+        let d = drain_fake(5, vec![3], UplinkSettings::new("t/{group}", "g")).await;
+        assert_eq!(d.outbox.stats().acked, 5);
+        let ids: std::collections::BTreeSet<String> = d
+            .published
             .lock()
             .unwrap()
             .iter()
@@ -1060,8 +1179,38 @@ mod tests {
             .collect();
         assert_eq!(ids.len(), 5, "every aggregate delivered");
         assert!(
-            published.lock().unwrap().len() > 5,
+            d.published.lock().unwrap().len() > 5,
             "the unacknowledged ones were re-sent"
         );
+    }
+
+    #[tokio::test]
+    async fn health_goes_at_qos0_on_connect_and_bytes_are_counted() {
+        let mut settings = UplinkSettings::new("t/{group}", "gw-9");
+        settings.health = Some(HealthSettings {
+            topic: "outpost/gw-9/health".into(),
+            interval: Duration::from_secs(60),
+            retain: true,
+        });
+        // Two connections (the first fails at its 2nd publish): one health
+        // message at each CONNACK, none taking a packet id from the window.
+        let d = drain_fake(3, vec![2], settings).await;
+        let health = d.health.lock().unwrap();
+        assert_eq!(health.len(), 2, "{health:?}");
+        assert_eq!(d.metrics.health_sent.get(), 2);
+        let status: crate::status::Status = serde_json::from_slice(&health[0].1).unwrap();
+        assert_eq!(health[0].0, "outpost/gw-9/health");
+        assert_eq!(status.gateway, "gw-9");
+        assert_eq!(status.kind, crate::status::HEALTH_KIND);
+        // Bytes: topic and payload of every aggregate message sent.
+        let sent: u64 = d
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.len() as u64 + "t/x".len() as u64)
+            .sum();
+        assert_eq!(d.metrics.uplink_bytes.get(), sent);
+        assert_eq!(d.metrics.uplink_acked.get(), 3);
     }
 }

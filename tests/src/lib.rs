@@ -445,6 +445,16 @@ impl Outpost {
         }
     }
 
+    /// Wait until its MQTT source has subscribed to the site topics
+    /// (readings published before that would not be delivered).
+    pub fn wait_subscribed(&self) {
+        wait_until(
+            "the site source to subscribe",
+            Duration::from_secs(20),
+            || self.log().contains("subscribed to site topics"),
+        );
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
@@ -591,6 +601,22 @@ impl Publisher {
             self.acked.lock().map(|n| *n >= sent).unwrap_or(false)
         });
     }
+}
+
+/// Publish `n` readings of sensor `s1` to `sensors/s1/data` on the broker at
+/// `site`, 100 ms apart from a window-aligned start ten minutes ago (so the
+/// first 10 s window closes at once), and wait for every PUBACK.
+pub fn publish_old_readings(site: u16, n: i64) {
+    let mut p = Publisher::connect(site);
+    let t = now_ms() - 600_000;
+    let base = t - t.rem_euclid(10_000);
+    for k in 0..n {
+        p.publish(
+            "sensors/s1/data",
+            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
+        );
+    }
+    p.flush();
 }
 
 /// Milliseconds since the epoch.

@@ -170,5 +170,5 @@ fn the_annotated_example_config_is_valid() {
             .args(["check", "--config"])
             .arg(&cfg),
     );
-    assert!(String::from_utf8_lossy(&stdout).contains("3 source(s)"));
+    assert!(String::from_utf8_lossy(&stdout).contains("5 source(s)"));
 }

@@ -97,7 +97,7 @@ fn arm_binary_carries_readings_from_site_to_cloud() {
     for target in TARGETS {
         let site = Broker::start();
         let cloud = Broker::start();
-        let cloud_sub = Subscriber::start(cloud.port, "outpost/#");
+        let cloud_sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
         let config = format!(
             "{}\n[uplink]\nbroker = {{ host = \"127.0.0.1\", port = {} }}\nallow_plaintext = true\ntopic = \"outpost/{{gateway}}/agg/{{group}}\"\n",
             site_config("gw-arm", site.port),

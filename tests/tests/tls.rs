@@ -38,38 +38,21 @@ fn tls_cloud(pki: &Pki) -> (Broker, u16) {
     (Broker::start_with(&extra), tls_port)
 }
 
-fn publish_readings(site: u16, n: i64) {
-    let mut p = Publisher::connect(site);
-    let t = now_ms() - 600_000;
-    let base = t - t.rem_euclid(10_000);
-    for k in 0..n {
-        p.publish(
-            "sensors/s1/data",
-            reading("s1", base + k * 100, &[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]),
-        );
-    }
-    p.flush();
-}
-
 #[test]
 fn aggregates_cross_mutual_tls() {
     let pki = Pki::new();
     let site = Broker::start();
     let (cloud, tls_port) = tls_cloud(&pki);
-    let sub = Subscriber::start(cloud.port, "outpost/#");
+    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
     let mut o = Outpost::run(&tls_config(site.port, tls_port, &pki, &pki.path("ca.pem")));
-    wait_until(
-        "the site source to subscribe",
-        Duration::from_secs(20),
-        || o.log().contains("subscribed to site topics"),
-    );
+    o.wait_subscribed();
     o.wait_metric(
         "outpost_uplink_connected",
         &[],
         1.0,
         Duration::from_secs(20),
     );
-    publish_readings(site.port, 150);
+    publish_old_readings(site.port, 150);
     o.wait_metric(
         "outpost_readings_total",
         &[],
@@ -93,7 +76,7 @@ fn an_untrusted_server_is_refused() {
     let other = Pki::new();
     let site = Broker::start();
     let (cloud, tls_port) = tls_cloud(&pki);
-    let sub = Subscriber::start(cloud.port, "outpost/#");
+    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
     // The gateway trusts another CA: the handshake must fail and nothing is sent.
     let o = Outpost::run(&tls_config(
         site.port,
