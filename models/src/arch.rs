@@ -40,6 +40,16 @@ pub struct Fcn {
 }
 
 impl Fcn {
+    /// The conv and batch norm of each block, in order.
+    pub fn blocks(&self) -> impl Iterator<Item = (&Conv1d, &BatchNorm)> {
+        self.blocks.iter().map(|b| (&b.conv, &b.norm))
+    }
+
+    /// The linear head after the pooling.
+    pub fn head(&self) -> &Linear {
+        &self.head
+    }
+
     /// Input `[batch, channels, length]` → logits `[batch, outputs]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
         let mut h = x;
@@ -60,6 +70,16 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The hidden layers, in order (each followed by a ReLU).
+    pub fn layers(&self) -> &[Linear] {
+        &self.layers
+    }
+
+    /// The output layer.
+    pub fn head(&self) -> &Linear {
+        &self.head
+    }
+
     /// Input `[batch, features, 1]` (or `[batch, c, l]`, flattened) → logits `[batch, outputs]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
         let [b, c, l] = x.dims();

@@ -201,6 +201,21 @@ impl LoadedModel {
         })
     }
 
+    /// A model from a network already in memory, e.g. freshly initialized
+    /// for a benchmark. Nothing is verified: no file, no hash.
+    pub fn from_network(manifest: Manifest, net: Network, device: &Device) -> Self {
+        Self {
+            manifest,
+            net: net.valid(),
+            device: device.clone(),
+        }
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
     /// The verified manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -229,6 +244,13 @@ impl LoadedModel {
 
     /// Run the network on `n` normalized windows laid out `[n][channels][length]`.
     pub fn predict(&self, windows: &[f32], n: usize) -> Result<Vec<Prediction>, ModelError> {
+        let values = self.outputs(windows, n)?;
+        Ok(self.predictions(values))
+    }
+
+    /// The network's outputs on `n` normalized windows, `[n][outputs]`:
+    /// class probabilities (classifiers) or the anomaly score (detectors).
+    pub fn outputs(&self, windows: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
         let (c, l) = (self.manifest.input.channels, self.manifest.input.length);
         if windows.len() != n * c * l || n == 0 {
             return Err(ModelError::InputShape {
@@ -245,12 +267,15 @@ impl LoadedModel {
             Task::Classifier => softmax(out, 1),
             Task::Detector => out,
         };
-        let values: Vec<f32> = out
-            .into_data()
+        out.into_data()
             .try_to_vec_as::<f32>()
-            .map_err(|e| ModelError::Backend(format!("{e:?}")))?;
+            .map_err(|e| ModelError::Backend(format!("{e:?}")))
+    }
+
+    /// Turn raw outputs ([`LoadedModel::outputs`]) into predictions.
+    fn predictions(&self, values: Vec<f32>) -> Vec<Prediction> {
         let k = self.manifest.outputs();
-        Ok(values
+        values
             .chunks_exact(k)
             .map(|row| match self.manifest.task {
                 Task::Classifier => {
@@ -270,7 +295,7 @@ impl LoadedModel {
                     }
                 }
             })
-            .collect())
+            .collect()
     }
 }
 

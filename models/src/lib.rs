@@ -6,10 +6,13 @@
 
 pub mod arch;
 pub mod artifact;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod dataset;
 pub mod eval;
 pub mod features;
 pub mod manifest;
+pub mod onnx;
 #[cfg(feature = "train")]
 pub mod report;
 #[cfg(feature = "train")]

@@ -162,9 +162,8 @@ impl OutpostBin {
         }
     }
 
-    /// `target/<target>/release/outpost`, run by `qemu-<arch>-static` with
-    /// the Debian cross toolchain's sysroot for the dynamic loader.
-    pub fn cross(target: &str) -> Self {
+    /// `target/<target>/release/outpost`.
+    fn cross_path(target: &str) -> PathBuf {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target
         let dir = exe
@@ -172,7 +171,19 @@ impl OutpostBin {
             .and_then(Path::parent)
             .and_then(Path::parent)
             .expect("target dir");
-        let bin = dir.join(target).join("release").join("outpost");
+        dir.join(target).join("release").join("outpost")
+    }
+
+    /// Whether the release build for `target` is there.
+    pub fn cross_exists(target: &str) -> bool {
+        Self::cross_path(target).exists()
+    }
+
+    /// `target/<target>/release/outpost`, run by `qemu-<arch>-static` with
+    /// the Debian cross toolchain's sysroot for the dynamic loader (a static
+    /// musl binary ignores it).
+    pub fn cross(target: &str) -> Self {
+        let bin = Self::cross_path(target);
         assert!(
             bin.exists(),
             "{} is missing: run cross/build.sh first (scripts/test.sh does)",

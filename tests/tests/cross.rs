@@ -14,6 +14,24 @@ use serde_json::Value;
 
 const TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"];
 
+/// Static musl builds (`cross/build.sh --musl` after `cross/setup-musl.sh`):
+/// tested the same way when they have been built, skipped otherwise (the
+/// test run does not build them; README, "ARM gateways").
+const MUSL_TARGETS: [&str; 1] = ["aarch64-unknown-linux-musl"];
+
+/// The glibc targets, and the musl ones that were built.
+fn targets() -> Vec<&'static str> {
+    let mut t = TARGETS.to_vec();
+    for m in MUSL_TARGETS {
+        if OutpostBin::cross_exists(m) {
+            t.push(m);
+        } else {
+            eprintln!("{m}: not built (cross/build.sh --musl); skipped");
+        }
+    }
+    t
+}
+
 fn replay(bin: &OutpostBin, input: &std::path::Path) -> Vec<Value> {
     let out = run_ok(bin.command().args(["replay", "--input"]).arg(input));
     String::from_utf8(out)
@@ -66,7 +84,7 @@ fn arm_replay_matches_x86_64() {
     let host = replay(&OutpostBin::host(), &input);
     assert!(host.len() >= 3, "{} aggregates", host.len());
     assert!(host.iter().any(|a| a["classes"].is_object()));
-    for target in TARGETS {
+    for target in targets() {
         let arm = replay(&OutpostBin::cross(target), &input);
         assert_eq!(arm.len(), host.len(), "{target}: aggregate count");
         let mut worst: f64 = 0.0;
@@ -94,7 +112,7 @@ fn arm_binary_carries_readings_from_site_to_cloud() {
         load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
     let t0 = now_ms() - 10 * 60_000;
     let base = t0 - t0.rem_euclid(10_000);
-    for target in TARGETS {
+    for target in targets() {
         let site = Broker::start();
         let cloud = Broker::start();
         let cloud_sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
