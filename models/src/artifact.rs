@@ -77,6 +77,10 @@ pub enum ModelError {
     /// Data given to the model does not fit it.
     #[error("{0}")]
     Data(String),
+    /// The artifact's signature is missing, untrusted or wrong
+    /// ([`LoadedModel::load_dir_signed`]).
+    #[error(transparent)]
+    Signature(#[from] crate::signing::SigningError),
 }
 
 /// The output of the network for one window.
@@ -103,7 +107,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn parse_manifest(text: &[u8], origin: &str) -> Result<Manifest, ModelError> {
+/// Parse and check a manifest; `origin` names it in errors.
+pub(crate) fn parse_manifest(text: &[u8], origin: &str) -> Result<Manifest, ModelError> {
     let manifest: Manifest =
         serde_json::from_slice(text).map_err(|e| ModelError::ManifestSyntax {
             path: origin.to_string(),
@@ -139,26 +144,54 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
     })
 }
 
+/// Read every file `manifest` lists from `dir` and check its sha256; returns
+/// the bytes of the weights, as read (so that what was hashed is what is loaded).
+pub(crate) fn read_verified_files(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>, ModelError> {
+    let mut weights = None;
+    for file in manifest.files.keys() {
+        let bytes = read(&dir.join(file))?;
+        verify(file, &bytes, manifest)?;
+        if *file == manifest.weights {
+            weights = Some(bytes);
+        }
+    }
+    weights
+        .ok_or_else(|| ModelError::Weights(format!("{} is not listed in files", manifest.weights)))
+}
+
 impl LoadedModel {
     /// Load an artifact directory: parse and check the manifest, verify the
     /// sha256 of every file it lists, then load the weights onto `device`.
+    /// No signature is checked: see [`LoadedModel::load_dir_signed`].
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest =
             parse_manifest(&read(&manifest_path)?, &manifest_path.display().to_string())?;
-        let mut weights = None;
-        for file in manifest.files.keys() {
-            let bytes = read(&dir.join(file))?;
-            verify(file, &bytes, &manifest)?;
-            if *file == manifest.weights {
-                weights = Some(bytes);
-            }
-        }
-        let weights = weights.ok_or_else(|| {
-            ModelError::Weights(format!("{} is not listed in files", manifest.weights))
-        })?;
+        let weights = read_verified_files(dir, &manifest)?;
         let store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(weights)));
         Self::from_store(manifest, store, device)
+    }
+
+    /// Load a signed artifact directory: read manifest.json once, check that
+    /// its `manifest.sig` is a valid signature of one of `trusted` over
+    /// exactly those bytes, then verify the sha256 of every file and load the
+    /// weights onto `device`. Returns the model and the signing key's id.
+    ///
+    /// Errors: [`ModelError::Signature`] for an unsigned artifact, an
+    /// untrusted key or a manifest changed after signing;
+    /// [`ModelError::Checksum`] for a file changed after signing.
+    pub fn load_dir_signed(
+        dir: &Path,
+        device: &Device,
+        trusted: &[crate::signing::TrustedKey],
+    ) -> Result<(Self, String), ModelError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest_bytes = read(&manifest_path)?;
+        let key_id = crate::signing::verify_manifest_bytes(dir, &manifest_bytes, trusted)?;
+        let manifest = parse_manifest(&manifest_bytes, &manifest_path.display().to_string())?;
+        let weights = read_verified_files(dir, &manifest)?;
+        let store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(weights)));
+        Ok((Self::from_store(manifest, store, device)?, key_id))
     }
 
     /// Load a model compiled into the binary (the bundled default).
@@ -305,22 +338,8 @@ pub fn predict_dataset(
     model: &LoadedModel,
     ds: &crate::dataset::Dataset,
 ) -> Result<Vec<Prediction>, ModelError> {
-    let input = &model.manifest().input;
-    let converted;
-    let ds = match input.kind {
-        crate::manifest::InputKind::Raw => ds,
-        crate::manifest::InputKind::Features => {
-            if let Some(w) = input.window.filter(|&w| w != ds.length) {
-                return Err(ModelError::Data(format!(
-                    "the model's features were computed over {w}-sample windows, the data has {}",
-                    ds.length
-                )));
-            }
-            converted =
-                crate::features::dataset_features(ds, &input.features).map_err(ModelError::Data)?;
-            &converted
-        }
-    };
+    let ds = model_dataset(model, ds)?;
+    let ds = ds.as_ref();
     let per = ds.channels * ds.length;
     let mut out = Vec::with_capacity(ds.len());
     for start in (0..ds.len()).step_by(64) {
@@ -330,6 +349,30 @@ pub fn predict_dataset(
         out.extend(model.predict(&x, end - start)?);
     }
     Ok(out)
+}
+
+/// What the network of `model` reads from `ds`, not yet normalized: `ds`
+/// itself for raw models, its feature vectors for feature models (the same
+/// extractors as the runtime's windower).
+pub(crate) fn model_dataset<'a>(
+    model: &LoadedModel,
+    ds: &'a crate::dataset::Dataset,
+) -> Result<std::borrow::Cow<'a, crate::dataset::Dataset>, ModelError> {
+    let input = &model.manifest().input;
+    match input.kind {
+        crate::manifest::InputKind::Raw => Ok(std::borrow::Cow::Borrowed(ds)),
+        crate::manifest::InputKind::Features => {
+            if let Some(w) = input.window.filter(|&w| w != ds.length) {
+                return Err(ModelError::Data(format!(
+                    "the model's features were computed over {w}-sample windows, the data has {}",
+                    ds.length
+                )));
+            }
+            crate::features::dataset_features(ds, &input.features)
+                .map(std::borrow::Cow::Owned)
+                .map_err(ModelError::Data)
+        }
+    }
 }
 
 /// Index and value of the largest element; the first one on ties. NaN never wins.

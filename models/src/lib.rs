@@ -9,17 +9,20 @@ pub mod artifact;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod dataset;
+pub mod drift;
 pub mod eval;
 pub mod features;
 pub mod manifest;
 pub mod onnx;
 #[cfg(feature = "train")]
 pub mod report;
+pub mod signing;
 #[cfg(feature = "train")]
 pub mod train;
 
 pub use artifact::{LoadedModel, ModelError, Prediction};
 pub use manifest::Manifest;
+pub use signing::{SigningError, TrustedKey};
 
 /// The default model compiled into the runtime: an FCN trained on
 /// BasicMotions (6-axis accelerometer + gyroscope, 4 activities, 100 samples

@@ -157,6 +157,11 @@ pub struct Manifest {
     /// Evaluation metrics (e.g. `test_accuracy`).
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// Reference statistics of the model's inputs and scores on its training
+    /// data, against which drift is measured ([`crate::drift`]). Absent in
+    /// manifests written before drift detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<crate::drift::Reference>,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// sha256 (hex) of every other file in the artifact, by file name.
@@ -261,6 +266,9 @@ impl Manifest {
                     p.push("an autoencoder is a detector (task = \"detector\")".into());
                 }
             }
+        }
+        if let Some(r) = &self.reference {
+            p.extend(r.problems(self.input.channels));
         }
         if !self.files.contains_key(&self.weights) {
             p.push(format!(

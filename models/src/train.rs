@@ -234,9 +234,28 @@ fn manifest_for(
             settings,
         }),
         metrics: BTreeMap::new(),
+        reference: None,
         created_at: String::new(),
         files: BTreeMap::new(),
     }
+}
+
+/// Drift reference statistics ([`crate::drift`]) of a freshly trained
+/// network over every window of the data it was given (`ds`, as loaded:
+/// training and validation windows; for a detector, the anomalous ones too,
+/// at the rate the data has them), prepared exactly as the runtime prepares
+/// its windows. `outpost-train reference` computes the same from the same file.
+fn training_reference(
+    manifest: &Manifest,
+    network: &Network,
+    ds: &Dataset,
+) -> Result<crate::drift::Reference, ModelError> {
+    let model = crate::artifact::LoadedModel::from_network(
+        manifest.clone(),
+        network.clone(),
+        &Device::flex(),
+    );
+    crate::drift::reference_for_dataset(&model, ds)
 }
 
 fn batch_tensors(
@@ -395,6 +414,7 @@ pub fn train_classifier(
         // The fingerprint names the recorded data, not the derived features.
         p.data_fingerprint = raw.fingerprint();
     }
+    manifest.reference = Some(training_reference(&manifest, &network, raw)?);
     Ok(Trained {
         network,
         manifest,
@@ -532,7 +552,7 @@ pub fn train_detector(
         "threshold_quantile".into(),
         cfg.threshold_quantile.to_string(),
     );
-    let manifest = manifest_for(
+    let mut manifest = manifest_for(
         name,
         version,
         Task::Detector,
@@ -545,9 +565,93 @@ pub fn train_detector(
         history.len(),
         settings,
     );
+    manifest.reference = Some(training_reference(&manifest, &network, ds)?);
     Ok(Trained {
         network,
         manifest,
         history,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two classes of sine windows, `n` samples of 2 channels × 32.
+    fn synthetic(n: usize) -> Dataset {
+        let (channels, length) = (2, 32);
+        let mut x = Vec::with_capacity(n * channels * length);
+        let mut y = Vec::with_capacity(n);
+        for i in 0..n {
+            let class = i % 2;
+            for c in 0..channels {
+                for t in 0..length {
+                    let f = 0.2 + 0.3 * class as f32 + 0.05 * c as f32;
+                    x.push((t as f32 * f + i as f32).sin() * (1.0 + class as f32));
+                }
+            }
+            y.push(class);
+        }
+        Dataset {
+            name: "synthetic".into(),
+            channels,
+            length,
+            labels: vec!["0".into(), "1".into()],
+            channel_names: Vec::new(),
+            x,
+            y,
+        }
+    }
+
+    #[test]
+    fn trained_classifier_carries_its_training_reference() {
+        let ds = synthetic(24);
+        let cfg = TrainConfig {
+            architecture: Architecture::Mlp { hidden: vec![8] },
+            epochs: 1,
+            features: vec!["rms".into(), "bands:2".into()],
+            ..TrainConfig::default()
+        };
+        let t = train_classifier(&ds, &cfg, "syn", "1.0.0", |_| {}).unwrap();
+        let r = t.manifest.reference.clone().unwrap();
+        assert_eq!(r.samples, 24);
+        let names: Vec<&str> = r.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ch0.rms",
+                "ch0.bands:2[0]",
+                "ch0.bands:2[1]",
+                "ch1.rms",
+                "ch1.bands:2[0]",
+                "ch1.bands:2[1]"
+            ]
+        );
+        // What the trainer stores is what the reference of the saved artifact gives.
+        let dir = tempfile::tempdir().unwrap();
+        crate::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
+        let model = crate::artifact::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
+        assert_eq!(model.manifest().reference.as_ref(), Some(&r));
+        assert_eq!(crate::drift::reference_for_dataset(&model, &ds).unwrap(), r);
+    }
+
+    #[test]
+    fn trained_detector_carries_its_training_reference() {
+        let ds = synthetic(24);
+        let mut cfg = DetectorConfig::default();
+        cfg.base.architecture = Architecture::Autoencoder {
+            channels: vec![4],
+            kernel: 3,
+        };
+        cfg.base.epochs = 1;
+        let t = train_detector(&ds, &cfg, "syn", "1.0.0", |_| {}).unwrap();
+        let r = t.manifest.reference.clone().unwrap();
+        assert_eq!(r.samples, 24);
+        assert_eq!(r.features.len(), 2);
+        assert!(r.score.bins() > 1, "{r:?}");
+        let dir = tempfile::tempdir().unwrap();
+        crate::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
+        let model = crate::artifact::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
+        assert_eq!(model.manifest().reference.as_ref(), Some(&r));
+    }
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use outpost::aggregate::{AGGREGATE_SCHEMA, Aggregate, ModelRef, ScoreStats};
+use outpost::aggregate::{AGGREGATE_SCHEMA, Aggregate, ModelRef, PolicyRef, ScoreStats};
 use outpost::outbox::{DiskOutbox, DiskSettings, FullPolicy, Outbox};
 use rusqlite::{Connection, params};
 
@@ -51,6 +51,10 @@ fn aggregate(i: u64) -> Aggregate {
             max: 0.999,
             p95: 0.997,
         }),
+        policy: PolicyRef::default(),
+        models: None,
+        shadow: None,
+        drift: None,
     };
     a.id = a.compute_id();
     a

@@ -18,13 +18,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AggregationConfig, GroupBy};
+use crate::inference::Runner;
 use crate::reading::Reading;
 
 /// Version of the aggregate's JSON layout.
-pub const AGGREGATE_SCHEMA: u32 = 1;
+pub const AGGREGATE_SCHEMA: u32 = 2;
 
 /// A window's result on its way to aggregation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Inferred {
     /// Sensor.
     pub sensor: Arc<str>,
@@ -36,6 +37,12 @@ pub struct Inferred {
     pub readings: Vec<i64>,
     /// The prediction (`None` for a tail without inference).
     pub prediction: Option<Prediction>,
+    /// The model that made the prediction.
+    pub model: Option<Arc<Runner>>,
+    /// Input summary of the window for drift ([`outpost_models::drift::input_summary`]).
+    pub summary: Option<Vec<f32>>,
+    /// The shadow model and its prediction on the same window.
+    pub shadow: Option<(Arc<Runner>, Prediction)>,
 }
 
 /// Model identity carried in aggregates.
@@ -56,6 +63,50 @@ pub struct ScoreStats {
     pub max: f64,
     /// 95th percentile (nearest rank).
     pub p95: f64,
+}
+
+/// The privacy policy an aggregate was released under.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRef {
+    /// `privacy.policy_version`.
+    pub version: String,
+    /// Id of the pseudonymization key in use, when identifiers are pseudonymized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Differential privacy: the epsilon spent on this aggregate's noisy counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+}
+
+/// A candidate model run in shadow beside the active one, over the same windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowStats {
+    /// The candidate.
+    pub model: ModelRef,
+    /// Windows both models ran on.
+    pub inferences: u64,
+    /// Share of those windows where the two agree (same class; same anomaly decision).
+    pub agreement: f64,
+    /// The candidate's score statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<ScoreStats>,
+}
+
+/// Drift of this window's inputs and scores against the model's training
+/// reference (population stability index).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftStats {
+    /// Largest PSI over the input features.
+    pub input_psi: f64,
+    /// The input feature with that PSI.
+    pub input_feature: String,
+    /// PSI of the model's scores.
+    pub score_psi: f64,
+    /// Whether either PSI is at or above `governance.drift_alert_psi`.
+    pub alert: bool,
 }
 
 /// What leaves the gateway: counts and statistics over a group and a window.
@@ -99,6 +150,18 @@ pub struct Aggregate {
     /// Score statistics; absent when there was no inference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<ScoreStats>,
+    /// The privacy policy applied.
+    pub policy: PolicyRef,
+    /// Inferences per model (`name@version`) when more than one model
+    /// contributed to the window (a model was activated inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<BTreeMap<String, u64>>,
+    /// The shadow candidate's comparison, when one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStats>,
+    /// Drift against the model's training reference, when it carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftStats>,
 }
 
 impl Aggregate {
@@ -138,16 +201,57 @@ impl Aggregate {
             self.anomaly_rate =
                 (self.inferences > 0).then(|| total as f64 / self.inferences as f64);
         }
-        self.score = match (self.score.take(), &later.score) {
-            (Some(a), Some(b)) => Some(ScoreStats {
-                mean: if n1 + n2 > 0.0 {
-                    (a.mean * n1 + b.mean * n2) / (n1 + n2)
+        self.score = merge_scores(self.score.take(), &later.score, n1, n2);
+        // Inferences per model: a single-model aggregate counts all its inferences for `model`.
+        let per_model = |a: &Aggregate| {
+            a.models.clone().unwrap_or_else(|| {
+                [(
+                    format!("{}@{}", a.model.name, a.model.version),
+                    a.inferences,
+                )]
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect()
+            })
+        };
+        let mut models = per_model(self);
+        for (k, v) in per_model(later) {
+            *models.entry(k).or_insert(0) += v;
+        }
+        self.models = (models.len() > 1).then_some(models);
+        self.model = later.model.clone();
+        self.shadow = match (self.shadow.take(), &later.shadow) {
+            (Some(a), Some(b)) if a.model == b.model => {
+                let (s1, s2) = (a.inferences as f64, b.inferences as f64);
+                let inferences = a.inferences + b.inferences;
+                Some(ShadowStats {
+                    agreement: if inferences > 0 {
+                        round6((a.agreement * s1 + b.agreement * s2) / (s1 + s2))
+                    } else {
+                        0.0
+                    },
+                    score: merge_scores(a.score, &b.score, s1, s2),
+                    model: b.model.clone(),
+                    inferences,
+                })
+            }
+            (a, b) => b.clone().or(a),
+        };
+        // Drift of the merged window is bounded by the larger of the two.
+        self.drift = match (self.drift.take(), &later.drift) {
+            (Some(a), Some(b)) => {
+                let (input_psi, input_feature) = if b.input_psi > a.input_psi {
+                    (b.input_psi, b.input_feature.clone())
                 } else {
-                    a.mean
-                },
-                max: a.max.max(b.max),
-                p95: a.p95.max(b.p95),
-            }),
+                    (a.input_psi, a.input_feature)
+                };
+                Some(DriftStats {
+                    input_psi,
+                    input_feature,
+                    score_psi: a.score_psi.max(b.score_psi),
+                    alert: a.alert || b.alert,
+                })
+            }
             (a, b) => a.or_else(|| b.clone()),
         };
         self.id = self.compute_id();
@@ -178,6 +282,11 @@ impl Grouper {
         }
     }
 
+    /// The group a sensor is assigned to in `aggregation.groups`, if any.
+    pub fn fixed_group(&self, sensor: &str) -> Option<Arc<str>> {
+        self.fixed.get(sensor).cloned()
+    }
+
     /// The group of a reading.
     pub fn group_of(&self, r: &Reading) -> Arc<str> {
         if let Some(g) = self.fixed.get(&*r.sensor) {
@@ -203,6 +312,40 @@ struct Bucket {
     anomalies: u64,
     scores: Vec<f32>,
     sensors: BTreeSet<Arc<str>>,
+    /// Inferences per model.
+    models: BTreeMap<Arc<str>, u64>,
+    /// The model of the latest inference.
+    last_model: Option<Arc<Runner>>,
+    /// Drift input summaries, one per inference.
+    summaries: Vec<Vec<f32>>,
+    shadow: Option<ShadowBucket>,
+}
+
+#[derive(Debug, Clone)]
+struct ShadowBucket {
+    model: Arc<Runner>,
+    inferences: u64,
+    agree: u64,
+    scores: Vec<f32>,
+}
+
+/// Drift settings of the aggregator.
+#[derive(Debug, Clone, Copy)]
+pub struct DriftSettings {
+    /// PSI at or above which an aggregate's drift is an alert.
+    pub alert_psi: f64,
+    /// Fewest inferences in a window for its drift to be computed (PSI over
+    /// a handful of values says nothing).
+    pub min_inferences: u64,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        Self {
+            alert_psi: 0.25,
+            min_inferences: 10,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -239,10 +382,50 @@ pub struct Aggregator {
     labels: Vec<String>,
     groups: BTreeMap<Arc<str>, GroupState>,
     stats: AggregatorStats,
+    drift: DriftSettings,
 }
 
 fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
+}
+
+/// Score statistics of two windows with `n1` and `n2` inferences: the mean
+/// weighted, the max exact, the p95 the larger (an upper bound).
+fn merge_scores(
+    a: Option<ScoreStats>,
+    b: &Option<ScoreStats>,
+    n1: f64,
+    n2: f64,
+) -> Option<ScoreStats> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(ScoreStats {
+            mean: if n1 + n2 > 0.0 {
+                (a.mean * n1 + b.mean * n2) / (n1 + n2)
+            } else {
+                a.mean
+            },
+            max: a.max.max(b.max),
+            p95: a.p95.max(b.p95),
+        }),
+        (a, b) => a.or_else(|| b.clone()),
+    }
+}
+
+/// Mean, max and p95 (nearest rank) of `scores`; `None` when empty.
+fn score_stats(scores: &[f32]) -> Option<ScoreStats> {
+    if scores.is_empty() {
+        return None;
+    }
+    let mut s = scores.to_vec();
+    s.sort_by(f32::total_cmp);
+    let n = s.len();
+    let mean = s.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
+    Some(ScoreStats {
+        mean: round6(mean),
+        max: round6(s[n - 1] as f64),
+        p95: round6(s[rank - 1] as f64),
+    })
 }
 
 impl Aggregator {
@@ -261,7 +444,14 @@ impl Aggregator {
             labels: model.labels.clone(),
             groups: BTreeMap::new(),
             stats: AggregatorStats::default(),
+            drift: DriftSettings::default(),
         }
+    }
+
+    /// With these drift settings.
+    pub fn with_drift(mut self, drift: DriftSettings) -> Self {
+        self.drift = drift;
+        self
     }
 
     /// Counters so far.
@@ -323,6 +513,32 @@ impl Aggregator {
                     b.anomalies += 1;
                 }
                 b.scores.push(p.score);
+                if let Some(m) = &ev.model {
+                    *b.models.entry(m.id.clone()).or_insert(0) += 1;
+                    b.last_model = Some(m.clone());
+                }
+                if let Some(s) = ev.summary {
+                    b.summaries.push(s);
+                }
+                if let Some((runner, sp)) = ev.shadow {
+                    let agree = match self.task {
+                        Task::Classifier => sp.class == p.class,
+                        Task::Detector => sp.anomaly == p.anomaly,
+                    };
+                    // A new shadow model starts its own comparison.
+                    let sb = match &mut b.shadow {
+                        Some(sb) if sb.model.id == runner.id => sb,
+                        _ => b.shadow.insert(ShadowBucket {
+                            model: runner,
+                            inferences: 0,
+                            agree: 0,
+                            scores: Vec::new(),
+                        }),
+                    };
+                    sb.inferences += 1;
+                    sb.agree += u64::from(agree);
+                    sb.scores.push(sp.score);
+                }
             }
         }
         gs.max_ts = gs.max_ts.max(ev.ts_ms);
@@ -375,21 +591,75 @@ impl Aggregator {
         }
     }
 
+    /// PSI of the window's input summaries and scores against the reference
+    /// of the model that ran last; `None` without a reference or with too
+    /// few inferences.
+    fn drift_of(&self, b: &Bucket) -> Option<DriftStats> {
+        let runner = b.last_model.as_ref()?;
+        let reference = runner.manifest().reference.as_ref()?;
+        if b.inferences < self.drift.min_inferences || b.summaries.is_empty() {
+            return None;
+        }
+        let mut input_psi = 0.0f64;
+        let mut input_feature = String::new();
+        for (i, named) in reference.features.iter().enumerate() {
+            let values: Vec<f64> = b
+                .summaries
+                .iter()
+                .filter_map(|s| s.get(i).map(|&v| v as f64))
+                .collect();
+            let psi = outpost_models::drift::psi(
+                &named.histogram.proportions,
+                &named.histogram.counts(&values),
+            );
+            if psi > input_psi || input_feature.is_empty() {
+                input_psi = psi;
+                input_feature = named.name.clone();
+            }
+        }
+        let scores: Vec<f64> = b.scores.iter().map(|&v| v as f64).collect();
+        let score_psi = outpost_models::drift::psi(
+            &reference.score.proportions,
+            &reference.score.counts(&scores),
+        );
+        let (input_psi, score_psi) = (round6(input_psi), round6(score_psi));
+        Some(DriftStats {
+            alert: input_psi >= self.drift.alert_psi || score_psi >= self.drift.alert_psi,
+            input_psi,
+            input_feature,
+            score_psi,
+        })
+    }
+
     fn finish(&self, group: &str, start: i64, b: Bucket, late: u64, partial: bool) -> Aggregate {
-        let score = if b.scores.is_empty() {
-            None
-        } else {
-            let mut s: Vec<f32> = b.scores;
-            s.sort_by(f32::total_cmp);
-            let n = s.len();
-            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-            let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
-            Some(ScoreStats {
-                mean: round6(mean),
-                max: round6(s[n - 1] as f64),
-                p95: round6(s[rank - 1] as f64),
-            })
+        let drift = self.drift_of(&b);
+        let score = score_stats(&b.scores);
+        let model = match &b.last_model {
+            Some(r) => ModelRef {
+                name: r.manifest().name.clone(),
+                version: r.manifest().version.clone(),
+            },
+            None => self.model.clone(),
         };
+        let models = (b.models.len() > 1).then(|| {
+            b.models
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<BTreeMap<_, _>>()
+        });
+        let shadow = b.shadow.as_ref().map(|sb| ShadowStats {
+            model: ModelRef {
+                name: sb.model.manifest().name.clone(),
+                version: sb.model.manifest().version.clone(),
+            },
+            inferences: sb.inferences,
+            agreement: if sb.inferences > 0 {
+                round6(sb.agree as f64 / sb.inferences as f64)
+            } else {
+                0.0
+            },
+            score: score_stats(&sb.scores),
+        });
         let (classes, anomalies, anomaly_rate) = match self.task {
             Task::Classifier => {
                 let mut m = BTreeMap::new();
@@ -419,11 +689,15 @@ impl Aggregator {
             late_readings: late,
             inferences: b.inferences,
             sensors: b.sensors.len() as u64,
-            model: self.model.clone(),
+            model,
             classes,
             anomalies,
             anomaly_rate,
             score,
+            policy: PolicyRef::default(),
+            models,
+            shadow,
+            drift,
         };
         agg.id = agg.compute_id();
         agg
@@ -508,6 +782,7 @@ mod tests {
             metrics: Default::default(),
             created_at: String::new(),
             files: [("w".to_string(), String::new())].into(),
+            reference: None,
         }
     }
 
@@ -537,6 +812,7 @@ mod tests {
                 score,
                 anomaly: false,
             }),
+            ..Default::default()
         }
     }
 
@@ -608,6 +884,81 @@ mod tests {
         assert_eq!(&*g.group_of(&r("a", serde_json::json!({}))), "gw");
     }
 
+    /// `n` values spread over `h`'s bins in its proportions.
+    fn like(h: &outpost_models::drift::Histogram, n: usize) -> Vec<f64> {
+        let e = &h.edges;
+        let mut v = Vec::new();
+        for (i, p) in h.proportions.iter().enumerate() {
+            let rep = match (i, e.len()) {
+                (_, 0) => 0.0,
+                (0, _) => e[0] - 1.0,
+                (i, l) if i == l => e[l - 1] + 1.0,
+                (i, _) => (e[i - 1] + e[i]) / 2.0,
+            };
+            v.extend(std::iter::repeat_n(rep, (p * n as f64).round() as usize));
+        }
+        v.resize(n, v.last().copied().unwrap_or(0.0));
+        v
+    }
+
+    #[test]
+    fn drift_against_the_training_reference() {
+        let model = crate::inference::load_model(&crate::inference::ModelSource::Bundled)
+            .expect("bundled model loads");
+        let reference = model
+            .manifest()
+            .reference
+            .clone()
+            .expect("the bundled manifest has a reference");
+        let runner = Runner::new(Arc::new(model));
+        let n = 400;
+        let features: Vec<Vec<f64>> = reference
+            .features
+            .iter()
+            .map(|f| like(&f.histogram, n))
+            .collect();
+        let scores = like(&reference.score, n);
+        let run = |shift: f64| {
+            let mut a = Aggregator::new(&cfg(1_000_000, 0), "gw", runner.manifest()).with_drift(
+                DriftSettings {
+                    alert_psi: 0.25,
+                    min_inferences: 10,
+                },
+            );
+            let mut out = Vec::new();
+            for k in 0..n {
+                a.push(
+                    Inferred {
+                        sensor: Arc::from("s"),
+                        group: Arc::from("g"),
+                        ts_ms: k as i64,
+                        readings: vec![k as i64],
+                        prediction: Some(Prediction {
+                            class: Some(0),
+                            score: scores[k] as f32,
+                            anomaly: false,
+                        }),
+                        model: Some(runner.clone()),
+                        summary: Some(features.iter().map(|f| (f[k] + shift) as f32).collect()),
+                        shadow: None,
+                    },
+                    &mut out,
+                );
+            }
+            a.flush(&mut out);
+            out.remove(0)
+                .drift
+                .expect("drift with a reference and enough inferences")
+        };
+        let same = run(0.0);
+        assert!(same.input_psi < 0.1 && same.score_psi < 0.1, "{same:?}");
+        assert!(!same.alert);
+        let shifted = run(100.0);
+        assert!(shifted.input_psi > 0.25, "{shifted:?}");
+        assert!(shifted.alert);
+        assert!(shifted.input_feature.starts_with("ch"), "{shifted:?}");
+    }
+
     #[test]
     fn detector_aggregates_count_anomalies() {
         let mut m = manifest();
@@ -628,6 +979,7 @@ mod tests {
                         score: if anomaly { 0.9 } else { 0.1 },
                         anomaly,
                     }),
+                    ..Default::default()
                 },
                 &mut out,
             );

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use sha2::Digest;
 
 /// One problem in a configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +99,13 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     /// The model.
     pub model: ModelConfig,
+    /// Model registry, signatures, shadow runs, probation and rollback.
+    pub governance: GovernanceConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+    /// sha256 of the configuration file's text (audited at start-up); `None`
+    /// for the embedded default.
+    pub source_sha256: Option<String>,
     /// Sliding windows over each sensor's readings.
     pub windowing: WindowingConfig,
     /// Inference threads and batching.
@@ -543,12 +551,280 @@ impl Default for IngestConfig {
     }
 }
 
-/// `[privacy]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+/// `[privacy]`: the policy applied to every reading at ingest and to every
+/// aggregate before it is queued. The guarantees and their limits are
+/// documented in `runtime/src/privacy.rs`. The defaults keep the allowlist
+/// only.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyConfig {
+    /// Version of this policy, carried in every aggregate (`policy.version`).
+    pub policy_version: String,
     /// Attributes allowed past ingest; all others are dropped and counted.
     pub allow_attrs: Vec<String>,
+    /// Replace every sensor id by a keyed token (`p_` and 32 hex digits).
+    pub pseudonymize_sensor: bool,
+    /// Attributes, each also in `allow_attrs`, whose values are replaced by
+    /// keyed tokens.
+    pub pseudonymize_attrs: Vec<String>,
+    /// The pseudonymization key, `<key id>:<hex secret of at least 32
+    /// bytes>`, from a file (reloaded when it changes, no restart) or an
+    /// environment variable; required when anything is pseudonymized.
+    pub key: Option<SecretSource>,
+    /// Built-in patterns cut out of every string attribute value that
+    /// passes: `email`, `phone`, `ipv4`, `iban`.
+    pub redact: Vec<BuiltinPattern>,
+    /// Named regular expressions cut out likewise, e.g. `{ badge = "B-[0-9]{6}" }`.
+    pub redact_patterns: BTreeMap<String, String>,
+    /// Attributes (each also in `allow_attrs`) whose whole value is
+    /// replaced by `"[redacted]"`.
+    pub free_text_attrs: Vec<String>,
+    /// k-anonymity of released aggregates; absent: off.
+    pub k_anonymity: Option<KAnonymityConfig>,
+    /// Differential privacy of released counts; absent: off.
+    pub differential_privacy: Option<DifferentialPrivacyConfig>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            policy_version: "1".into(),
+            allow_attrs: Vec::new(),
+            pseudonymize_sensor: false,
+            pseudonymize_attrs: Vec::new(),
+            key: None,
+            redact: Vec::new(),
+            redact_patterns: BTreeMap::new(),
+            free_text_attrs: Vec::new(),
+            k_anonymity: None,
+            differential_privacy: None,
+        }
+    }
+}
+
+/// A built-in redaction pattern (`privacy.redact`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinPattern {
+    /// E-mail addresses.
+    Email,
+    /// Phone numbers: a `+` or a digit and at least six more digits with
+    /// single separators (also removes other long digit runs).
+    Phone,
+    /// IPv4 addresses.
+    Ipv4,
+    /// IBANs (bank account numbers).
+    Iban,
+}
+
+impl BuiltinPattern {
+    /// Its name in the configuration and in `[redacted:<name>]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BuiltinPattern::Email => "email",
+            BuiltinPattern::Phone => "phone",
+            BuiltinPattern::Ipv4 => "ipv4",
+            BuiltinPattern::Iban => "iban",
+        }
+    }
+}
+
+/// What happens to an aggregate below the k-anonymity thresholds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KAnonymityAction {
+    /// It is dropped and counted.
+    #[default]
+    Suppress,
+    /// It is held and the group's next windows are folded into it until the
+    /// thresholds are met, or suppressed after `max_merge_windows` windows.
+    Merge,
+}
+
+/// `[privacy.k_anonymity]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KAnonymityConfig {
+    /// k: fewest distinct subjects (sensors) in a released aggregate.
+    pub min_subjects: u64,
+    /// Fewest readings in a released aggregate.
+    #[serde(default = "default_privacy_min_readings")]
+    pub min_readings: u64,
+    /// `suppress` (default) or `merge`.
+    #[serde(default)]
+    pub action: KAnonymityAction,
+    /// `merge`: most windows one released aggregate may cover.
+    #[serde(default = "default_privacy_max_merge_windows")]
+    pub max_merge_windows: u32,
+}
+
+fn default_privacy_min_readings() -> u64 {
+    1
+}
+fn default_privacy_max_merge_windows() -> u32 {
+    6
+}
+
+/// An exact, non-count field of an aggregate that differential privacy
+/// would remove (`privacy.differential_privacy.keep_exact`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExactField {
+    /// `score` (mean, max, p95 of the window scores).
+    Score,
+    /// `models` (exact inferences per model).
+    Models,
+    /// `shadow` (exact inferences and agreement of the shadow model).
+    Shadow,
+    /// `drift` (PSI against the training reference).
+    Drift,
+}
+
+/// `[privacy.differential_privacy]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DifferentialPrivacyConfig {
+    /// Epsilon spent on each released aggregate, shared by its counts.
+    pub epsilon: f64,
+    /// Epsilon a group may spend per period; then its aggregates are
+    /// suppressed until the next period.
+    pub budget: f64,
+    /// Length of a budget period in seconds (event time, aligned to the epoch).
+    #[serde(default = "default_privacy_period_s")]
+    pub period_s: u64,
+    /// Most one protected unit adds to any one count of an aggregate
+    /// (1: one reading or one inference window).
+    #[serde(default = "default_privacy_sensitivity")]
+    pub sensitivity: u64,
+    /// Non-count fields released exact, without protection; by default they
+    /// are removed.
+    #[serde(default)]
+    pub keep_exact: Vec<ExactField>,
+}
+
+fn default_privacy_period_s() -> u64 {
+    86_400
+}
+fn default_privacy_sensitivity() -> u64 {
+    1
+}
+
+impl PrivacyConfig {
+    fn check(&self, c: &mut Collector, aggregation: &AggregationConfig) {
+        let v = &self.policy_version;
+        if v.trim().is_empty() || v.len() > 64 || v.chars().any(char::is_control) {
+            c.push(
+                "privacy.policy_version",
+                "must be 1 to 64 characters, without control characters",
+            );
+        }
+        let allowed = |a: &str| self.allow_attrs.iter().any(|x| x == a);
+        for (i, a) in self.pseudonymize_attrs.iter().enumerate() {
+            let path = format!("privacy.pseudonymize_attrs[{i}]");
+            if !allowed(a) {
+                c.push(
+                    &path,
+                    format!("{a:?} is not in privacy.allow_attrs: it would be dropped, not pseudonymized"),
+                );
+            }
+            if self.free_text_attrs.contains(a) {
+                c.push(&path, format!("{a:?} is also in privacy.free_text_attrs"));
+            }
+            if a.contains('\0') {
+                c.push(&path, "must not contain a NUL character");
+            }
+        }
+        for (i, a) in self.free_text_attrs.iter().enumerate() {
+            if !allowed(a) {
+                c.push(
+                    format!("privacy.free_text_attrs[{i}]"),
+                    format!("{a:?} is not in privacy.allow_attrs: it would be dropped anyway"),
+                );
+            }
+        }
+        let pseudonymizes = self.pseudonymize_sensor || !self.pseudonymize_attrs.is_empty();
+        match &self.key {
+            None if pseudonymizes => c.push(
+                "privacy.key",
+                "required when pseudonymize_sensor or pseudonymize_attrs is set, e.g. \
+                 key = { file = \"/etc/outpost/pseudonym.key\" } holding `<key id>:<hex secret of at least 32 bytes>`",
+            ),
+            Some(k) if k.file.is_some() == k.env.is_some() => {
+                c.push("privacy.key", "set exactly one of `file` or `env`")
+            }
+            _ => {}
+        }
+        for (name, pattern) in &self.redact_patterns {
+            let path = format!("privacy.redact_patterns.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+            {
+                c.push(&path, "the name must be letters, digits, '_' or '-'");
+            }
+            if let Err(e) = crate::privacy::compile_pattern(pattern) {
+                c.push(&path, e);
+            }
+        }
+        if let Some(k) = &self.k_anonymity {
+            if k.min_subjects == 0 {
+                c.push("privacy.k_anonymity.min_subjects", "must be at least 1");
+            }
+            if k.min_subjects > 1
+                && aggregation.group_by == GroupBy::Sensor
+                && aggregation.groups.is_empty()
+            {
+                c.push(
+                    "privacy.k_anonymity.min_subjects",
+                    format!(
+                        "with aggregation.group_by = \"sensor\" every aggregate covers one sensor, \
+                         so {} would suppress them all; group by an attribute or the gateway",
+                        k.min_subjects
+                    ),
+                );
+            }
+            if k.action == KAnonymityAction::Merge && k.max_merge_windows < 2 {
+                c.push(
+                    "privacy.k_anonymity.max_merge_windows",
+                    "must be at least 2 with action = \"merge\"",
+                );
+            }
+        }
+        if let Some(d) = &self.differential_privacy {
+            let p = "privacy.differential_privacy";
+            let epsilon_ok = d.epsilon.is_finite() && d.epsilon >= crate::privacy::MIN_EPSILON;
+            if !epsilon_ok {
+                c.push(
+                    format!("{p}.epsilon"),
+                    "must be a finite number greater than 0 (at least 0.000001)",
+                );
+            }
+            if !(d.budget.is_finite() && d.budget > 0.0) {
+                c.push(
+                    format!("{p}.budget"),
+                    "must be a finite number greater than 0",
+                );
+            } else if epsilon_ok && d.budget < d.epsilon {
+                c.push(
+                    format!("{p}.budget"),
+                    format!(
+                        "must be at least epsilon ({}): a smaller budget allows no release",
+                        d.epsilon
+                    ),
+                );
+            }
+            if !(1..=crate::privacy::MAX_PERIOD_S).contains(&d.period_s) {
+                c.push(
+                    format!("{p}.period_s"),
+                    "must be between 1 and 315360000 (ten years)",
+                );
+            }
+            if !(1..=crate::privacy::MAX_SENSITIVITY).contains(&d.sensitivity) {
+                c.push(format!("{p}.sensitivity"), "must be between 1 and 1000000");
+            }
+        }
+    }
 }
 
 /// `[model]`
@@ -557,6 +833,126 @@ pub struct PrivacyConfig {
 pub struct ModelConfig {
     /// Artifact directory; absent: the bundled BasicMotions FCN.
     pub path: Option<PathBuf>,
+}
+
+/// `[governance]`: which models may run, and how a new one earns its place.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GovernanceConfig {
+    /// Follow the model registry (off in the embedded default, which keeps
+    /// nothing on disk).
+    pub enabled: bool,
+    /// The model registry; absent: `<gateway.state_dir>/models`.
+    pub registry_dir: Option<PathBuf>,
+    /// Public key files of trusted model publishers (`ed25519-public <hex>`).
+    pub trusted_keys: Vec<PathBuf>,
+    /// Refuse models not signed by a trusted key; default: true as soon as
+    /// `trusted_keys` is not empty. The bundled model is part of the binary
+    /// and needs no signature.
+    pub require_signature: Option<bool>,
+    /// How often the gateway looks for a new desired state in the registry.
+    pub poll_interval_ms: u64,
+    /// Least agreement between a shadow (candidate, or the baseline during a
+    /// probation) and the active model; under it a candidate is rejected and a
+    /// model on probation rolled back.
+    pub min_agreement: f64,
+    /// Fewest inferences in an aggregate for it to be judged.
+    pub min_inferences: u64,
+    /// Aggregates a promoted model must pass before its probation ends; 0:
+    /// no probation (no automatic rollback).
+    pub probation_windows: u32,
+    /// Highest anomaly rate of a model on probation (detectors).
+    pub max_anomaly_rate: Option<f64>,
+    /// Lowest mean score of a model on probation.
+    pub min_mean_score: Option<f64>,
+    /// PSI at or above which drift is an alert (aggregates, metrics, log).
+    pub drift_alert_psi: f64,
+    /// Fewest inferences in an aggregation window for its drift to be computed.
+    pub drift_min_inferences: u64,
+}
+
+impl Default for GovernanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            registry_dir: None,
+            trusted_keys: Vec::new(),
+            require_signature: None,
+            poll_interval_ms: 1000,
+            min_agreement: 0.8,
+            min_inferences: 10,
+            probation_windows: 6,
+            max_anomaly_rate: None,
+            min_mean_score: None,
+            drift_alert_psi: 0.25,
+            drift_min_inferences: 10,
+        }
+    }
+}
+
+impl GovernanceConfig {
+    /// The registry's directory.
+    pub fn registry_dir(&self, gateway: &GatewayConfig) -> PathBuf {
+        self.registry_dir
+            .clone()
+            .unwrap_or_else(|| gateway.state_dir.join("models"))
+    }
+
+    fn check(&self, c: &mut Collector) {
+        if !(0.0..=1.0).contains(&self.min_agreement) {
+            c.push("governance.min_agreement", "must be between 0 and 1");
+        }
+        if let Some(r) = self.max_anomaly_rate
+            && !(0.0..=1.0).contains(&r)
+        {
+            c.push("governance.max_anomaly_rate", "must be between 0 and 1");
+        }
+        if self.poll_interval_ms == 0 {
+            c.push("governance.poll_interval_ms", "must be at least 1");
+        }
+        if !(self.drift_alert_psi.is_finite() && self.drift_alert_psi > 0.0) {
+            c.push("governance.drift_alert_psi", "must be a positive number");
+        }
+        if self.require_signature == Some(true) && self.trusted_keys.is_empty() {
+            c.push(
+                "governance.require_signature",
+                "signatures are required but governance.trusted_keys is empty: no model could load",
+            );
+        }
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            if let Err(e) = outpost_models::signing::read_public_key(k) {
+                c.push(format!("governance.trusted_keys[{i}]"), e.to_string());
+            }
+        }
+    }
+}
+
+/// `[audit]`: the hash-chained audit log.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Keep the audit log (off in the embedded default, which keeps nothing on disk).
+    pub enabled: bool,
+    /// The log file; absent: `<gateway.state_dir>/audit/audit.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The log file.
+    pub fn path(&self, gateway: &GatewayConfig) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| crate::audit::default_path(&gateway.state_dir))
+    }
 }
 
 /// `[windowing]`
@@ -942,6 +1338,9 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             privacy: PrivacyConfig::default(),
             model: ModelConfig::default(),
+            governance: GovernanceConfig::default(),
+            audit: AuditConfig::default(),
+            source_sha256: None,
             windowing: WindowingConfig::default(),
             inference: InferenceConfig::default(),
             aggregation: AggregationConfig {
@@ -1072,6 +1471,7 @@ impl Config {
             aggregation: AggregationConfig::default(),
             ..Config::default()
         };
+        cfg.source_sha256 = Some(hex::encode(sha2::Sha256::digest(text.as_bytes())));
         let mut saw_sources = false;
         for (key, value) in table {
             match key.as_str() {
@@ -1079,6 +1479,8 @@ impl Config {
                 "ingest" => cfg.ingest = c.section(&key, value).unwrap_or_default(),
                 "privacy" => cfg.privacy = c.section(&key, value).unwrap_or_default(),
                 "model" => cfg.model = c.section(&key, value).unwrap_or_default(),
+                "governance" => cfg.governance = c.section(&key, value).unwrap_or_default(),
+                "audit" => cfg.audit = c.section(&key, value).unwrap_or_default(),
                 "windowing" => cfg.windowing = c.section(&key, value).unwrap_or_default(),
                 "inference" => cfg.inference = c.section(&key, value).unwrap_or_default(),
                 "aggregation" => cfg.aggregation = c.section(&key, value).unwrap_or_default(),
@@ -1115,6 +1517,8 @@ impl Config {
     }
 
     fn check(&self, c: &mut Collector) {
+        self.governance.check(c);
+        self.privacy.check(c, &self.aggregation);
         if self.gateway.id.trim().is_empty() || self.gateway.id.contains(['+', '#', '/']) {
             c.push(
                 "gateway.id",
@@ -1509,5 +1913,130 @@ mod tests {
             ),
             "o/g1/agg/a_b_"
         );
+    }
+
+    #[test]
+    fn privacy_problems_are_reported_with_their_paths() {
+        let text = r#"
+            [[sources]]
+            type = "simulated"
+            [privacy]
+            policy_version = ""
+            allow_attrs = ["line", "note"]
+            pseudonymize_attrs = ["patient", "note"]
+            free_text_attrs = ["note", "ward"]
+            redact_patterns = { badge = "B-[0-9", any = "x*", "bad name" = "y" }
+            [privacy.k_anonymity]
+            min_subjects = 3
+            action = "merge"
+            max_merge_windows = 1
+            [privacy.differential_privacy]
+            epsilon = 0.0
+            budget = -1.0
+            period_s = 0
+            sensitivity = 0
+        "#;
+        let ConfigError::Invalid { problems, .. } = Config::parse(text, "t").unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "privacy.policy_version",
+            "privacy.pseudonymize_attrs[0]",
+            "privacy.pseudonymize_attrs[1]",
+            "privacy.free_text_attrs[1]",
+            "privacy.key",
+            "privacy.redact_patterns.badge",
+            "privacy.redact_patterns.any",
+            "privacy.redact_patterns.bad name",
+            "privacy.k_anonymity.min_subjects",
+            "privacy.k_anonymity.max_merge_windows",
+            "privacy.differential_privacy.epsilon",
+            "privacy.differential_privacy.budget",
+            "privacy.differential_privacy.period_s",
+            "privacy.differential_privacy.sensitivity",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        assert!(!paths.contains(&"privacy.free_text_attrs[0]"), "{paths:?}");
+        assert!(!paths.contains(&"privacy.redact_patterns.y"), "{paths:?}");
+
+        // An unknown built-in pattern.
+        let text = r#"
+            [[sources]]
+            type = "simulated"
+            [privacy]
+            redact = ["email", "fax"]
+        "#;
+        let ConfigError::Invalid { problems, .. } = Config::parse(text, "t").unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let text = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert!(
+            text.iter()
+                .any(|p| p.starts_with("privacy.redact[1]") && p.contains("fax")),
+            "{text:?}"
+        );
+
+        // A key given both ways; a budget smaller than epsilon.
+        let text = r#"
+            [[sources]]
+            type = "simulated"
+            [privacy]
+            pseudonymize_sensor = true
+            key = { file = "/k", env = "K" }
+            [privacy.differential_privacy]
+            epsilon = 1.0
+            budget = 0.5
+        "#;
+        let ConfigError::Invalid { problems, .. } = Config::parse(text, "t").unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["privacy.key", "privacy.differential_privacy.budget"]
+        );
+    }
+
+    #[test]
+    fn a_full_privacy_policy_parses() {
+        let text = r#"
+            [[sources]]
+            type = "simulated"
+            [aggregation]
+            group_by = "attr:line"
+            [privacy]
+            policy_version = "2026-01"
+            allow_attrs = ["line", "patient", "note"]
+            pseudonymize_sensor = true
+            pseudonymize_attrs = ["patient"]
+            key = { file = "/etc/outpost/pseudonym.key" }
+            redact = ["email", "phone", "ipv4", "iban"]
+            redact_patterns = { badge = "B-[0-9]{6}" }
+            free_text_attrs = ["note"]
+            [privacy.k_anonymity]
+            min_subjects = 3
+            [privacy.differential_privacy]
+            epsilon = 0.5
+            budget = 10.0
+            keep_exact = ["drift"]
+        "#;
+        let cfg = Config::parse(text, "t").unwrap();
+        let p = &cfg.privacy;
+        assert_eq!(p.redact.len(), 4);
+        let k = p.k_anonymity.as_ref().unwrap();
+        assert_eq!(
+            (k.min_readings, k.action, k.max_merge_windows),
+            (1, KAnonymityAction::Suppress, 6)
+        );
+        let d = p.differential_privacy.as_ref().unwrap();
+        assert_eq!((d.period_s, d.sensitivity), (86_400, 1));
+        assert_eq!(d.keep_exact, vec![ExactField::Drift]);
+        // The defaults: the allowlist only.
+        let cfg = Config::parse("[[sources]]\ntype = \"simulated\"\n", "t").unwrap();
+        assert_eq!(cfg.privacy, PrivacyConfig::default());
+        assert_eq!(cfg.privacy.policy_version, "1");
+        assert!(cfg.privacy.k_anonymity.is_none() && cfg.privacy.differential_privacy.is_none());
     }
 }

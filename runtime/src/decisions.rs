@@ -130,6 +130,7 @@ mod tests {
                 score: 0.9,
                 anomaly,
             }),
+            ..Default::default()
         }
     }
 

@@ -11,11 +11,13 @@
 //! input, independent of timing, so replay output is deterministic.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use outpost_models::{LoadedModel, ModelError};
+use outpost_models::manifest::{InputKind, Manifest};
+use outpost_models::{LoadedModel, ModelError, Prediction};
 
 use crate::aggregate::Inferred;
 use crate::metrics::Metrics;
@@ -83,42 +85,206 @@ pub struct Batching {
     pub max_wait: Option<Duration>,
 }
 
-/// Run the windows of `batch` that carry data through the model and pair
-/// every window (tails too) with its prediction, in order.
+/// A loaded model with the identity the pipeline carries with its results.
+#[derive(Debug)]
+pub struct Runner {
+    /// The model.
+    pub model: Arc<LoadedModel>,
+    /// `name@version`.
+    pub id: Arc<str>,
+}
+
+impl Runner {
+    /// Wrap a loaded model.
+    pub fn new(model: Arc<LoadedModel>) -> Arc<Self> {
+        let id = Arc::from(model.manifest().id());
+        Arc::new(Self { model, id })
+    }
+
+    /// The model's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        self.model.manifest()
+    }
+}
+
+/// The models the inference thread runs: the active one, whose predictions
+/// are aggregated, and optionally a shadow (a candidate, or the previous
+/// model during a probation) run on the same windows for comparison only.
+#[derive(Debug, Clone)]
+pub struct ModelSet {
+    /// The active model.
+    pub active: Arc<Runner>,
+    /// The shadow model.
+    pub shadow: Option<Arc<Runner>>,
+}
+
+/// Hands a new [`ModelSet`] to the inference thread. The thread takes it
+/// between two batches, so every window is run by exactly one active model:
+/// a swap neither drops nor double-counts a reading.
+#[derive(Debug)]
+pub struct ModelSlot {
+    generation: AtomicU64,
+    set: Mutex<ModelSet>,
+}
+
+impl ModelSlot {
+    /// A slot holding `set`.
+    pub fn new(set: ModelSet) -> Arc<Self> {
+        Arc::new(Self {
+            generation: AtomicU64::new(0),
+            set: Mutex::new(set),
+        })
+    }
+
+    /// The set now in the slot.
+    pub fn current(&self) -> ModelSet {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace the set; the inference thread takes it before its next batch.
+    pub fn replace(&self, set: ModelSet) {
+        *self.set.lock().unwrap_or_else(|e| e.into_inner()) = set;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// Why `candidate` cannot replace `running` without restarting: windows are
+/// cut for the running model's input, so the input must be the same. The
+/// normalization may differ (each model normalizes its own windows).
+pub fn swap_problems(running: &Manifest, candidate: &Manifest) -> Vec<String> {
+    let mut p = Vec::new();
+    let (a, b) = (&running.input, &candidate.input);
+    if a.kind != b.kind || a.channels != b.channels || a.features != b.features {
+        p.push(format!(
+            "input differs: {:?} {} channels {:?} vs {:?} {} channels {:?}",
+            a.kind, a.channels, a.features, b.kind, b.channels, b.features
+        ));
+    }
+    if a.length != b.length || a.window != b.window {
+        p.push(format!(
+            "window length differs: {}/{:?} vs {}/{:?}",
+            a.length, a.window, b.length, b.window
+        ));
+    }
+    if running.task != candidate.task {
+        p.push(format!(
+            "task differs: {:?} vs {:?}",
+            running.task, candidate.task
+        ));
+    }
+    if running.labels != candidate.labels {
+        p.push(format!(
+            "labels differ: {:?} vs {:?}",
+            running.labels, candidate.labels
+        ));
+    }
+    p
+}
+
+/// Normalize `n` windows of the model's input in place, as at training time
+/// (the windower leaves windows raw).
+pub fn normalize_for(m: &Manifest, windows: &mut [f32]) {
+    let length = match m.input.kind {
+        InputKind::Raw => m.input.length,
+        // A feature window is one vector of `channels` values.
+        InputKind::Features => 1,
+    };
+    outpost_models::artifact::normalize(&m.normalization, m.input.channels, length, windows);
+}
+
+/// Run one model over `n` raw windows in `raw`: normalize a copy, predict.
+fn run_model(
+    runner: &Runner,
+    raw: &[f32],
+    n: usize,
+    buf: &mut Vec<f32>,
+) -> Result<Vec<Prediction>, ModelError> {
+    buf.clear();
+    buf.extend_from_slice(raw);
+    normalize_for(runner.manifest(), buf);
+    // A panic inside the backend must not take the readings of this batch with it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runner.model.predict(buf, n)
+    }))
+    .map_err(|_| ModelError::Backend("the backend panicked".into()))?
+}
+
+/// Scratch buffers of [`infer_batch`].
+#[derive(Debug, Default)]
+pub struct Scratch {
+    raw: Vec<f32>,
+    normalized: Vec<f32>,
+}
+
+/// Run the windows of `batch` that carry data through the active model (and
+/// the shadow, if any) and pair every window (tails too) with its
+/// prediction, in order. A failing shadow never costs the active results:
+/// its predictions are left out and the error is returned beside them.
 pub fn infer_batch(
-    model: &LoadedModel,
+    set: &ModelSet,
     batch: &[Window],
-    scratch: &mut Vec<f32>,
-) -> Result<Vec<Inferred>, ModelError> {
-    scratch.clear();
+    scratch: &mut Scratch,
+) -> Result<(Vec<Inferred>, Option<ModelError>), ModelError> {
+    scratch.raw.clear();
     let mut n = 0;
     for w in batch {
         if let Some(d) = &w.data {
-            scratch.extend_from_slice(d);
+            scratch.raw.extend_from_slice(d);
             n += 1;
         }
     }
-    let mut preds = if n > 0 {
-        // A panic inside the backend must not take the readings of this batch with it.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.predict(scratch, n)))
-            .map_err(|_| ModelError::Backend("the backend panicked".into()))??
-            .into_iter()
+    let (preds, shadow, summaries, shadow_error) = if n > 0 {
+        let active = run_model(&set.active, &scratch.raw, n, &mut scratch.normalized)?;
+        // Drift summaries of the active model's normalized input.
+        let per = scratch.normalized.len() / n;
+        let summaries: Vec<Vec<f32>> = scratch
+            .normalized
+            .chunks_exact(per.max(1))
+            .map(|w| outpost_models::drift::input_summary(set.active.manifest(), w))
+            .collect();
+        let (shadow, err) = match &set.shadow {
+            Some(s) => match run_model(s, &scratch.raw, n, &mut scratch.normalized) {
+                Ok(p) => (Some((s.id.clone(), p)), None),
+                Err(e) => (None, Some(e)),
+            },
+            None => (None, None),
+        };
+        (active, shadow, summaries, err)
     } else {
-        Vec::new().into_iter()
+        (Vec::new(), None, Vec::new(), None)
     };
-    Ok(batch
+    let mut preds = preds.into_iter();
+    let mut summaries = summaries.into_iter();
+    let (shadow_id, mut shadow_preds) = match shadow {
+        Some((id, p)) => (Some(id), p.into_iter()),
+        None => (None, Vec::new().into_iter()),
+    };
+    let out = batch
         .iter()
         .map(|w| {
-            let prediction = if w.data.is_some() { preds.next() } else { None };
+            let data = w.data.is_some();
             Inferred {
                 sensor: w.sensor.clone(),
                 group: w.group.clone(),
                 ts_ms: w.end_ms,
                 readings: w.readings.clone(),
-                prediction,
+                prediction: if data { preds.next() } else { None },
+                model: data.then(|| set.active.clone()),
+                summary: if data { summaries.next() } else { None },
+                shadow: match (&shadow_id, data) {
+                    (Some(_), true) => shadow_preds
+                        .next()
+                        .and_then(|p| set.shadow.clone().map(|r| (r, p))),
+                    _ => None,
+                },
             }
         })
-        .collect())
+        .collect();
+    Ok((out, shadow_error))
 }
 
 /// The batch's windows as results without predictions (after a failed pass).
@@ -131,13 +297,17 @@ fn without_predictions(batch: Vec<Window>) -> Vec<Inferred> {
             ts_ms: w.end_ms,
             readings: w.readings,
             prediction: None,
+            model: None,
+            summary: None,
+            shadow: None,
         })
         .collect()
 }
 
-/// Start the inference thread.
+/// Start the inference thread. It takes a new model set from `slot`
+/// between batches.
 pub fn spawn(
-    model: Arc<LoadedModel>,
+    slot: Arc<ModelSlot>,
     input: flume::Receiver<Window>,
     output: flume::Sender<Inferred>,
     batching: Batching,
@@ -145,19 +315,21 @@ pub fn spawn(
 ) -> Result<JoinHandle<Result<(), InferenceError>>, InferenceError> {
     std::thread::Builder::new()
         .name("outpost-inference".into())
-        .spawn(move || run(&model, &input, &output, batching, &metrics))
+        .spawn(move || run(&slot, &input, &output, batching, &metrics))
         .map_err(InferenceError::Spawn)
 }
 
 fn run(
-    model: &LoadedModel,
+    slot: &ModelSlot,
     input: &flume::Receiver<Window>,
     output: &flume::Sender<Inferred>,
     batching: Batching,
     metrics: &Metrics,
 ) -> Result<(), InferenceError> {
     let max_batch = batching.max_batch.max(1);
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::default();
+    let mut generation = slot.generation();
+    let mut set = slot.current();
     let mut closed = false;
     while !closed {
         let Ok(first) = input.recv() else { break };
@@ -182,10 +354,23 @@ fn run(
                 }
             }
         }
+        // A new model set applies from a batch boundary on.
+        let g = slot.generation();
+        if g != generation {
+            generation = g;
+            set = slot.current();
+            tracing::info!(model = %set.active.id, shadow = ?set.shadow.as_ref().map(|s| &s.id), "inference switched models");
+        }
         let started = Instant::now();
         let cpu_before = crate::metrics::thread_cpu_time();
-        let results = match infer_batch(model, &batch, &mut scratch) {
-            Ok(r) => r,
+        let results = match infer_batch(&set, &batch, &mut scratch) {
+            Ok((r, shadow_error)) => {
+                if let Some(e) = shadow_error {
+                    tracing::warn!(error = %e, "the shadow model failed for a batch");
+                    metrics.inference_errors.inc();
+                }
+                r
+            }
             Err(e) => {
                 // Keep the readings counted; the windows go without a prediction.
                 tracing::error!(error = %e, windows = with_data, "inference failed for a batch");
@@ -226,14 +411,38 @@ mod tests {
         }
     }
 
+    fn bundled() -> Arc<Runner> {
+        Runner::new(Arc::new(
+            load_model(&ModelSource::Bundled).expect("bundled model loads"),
+        ))
+    }
+
+    /// The bundled model under another version, with other statistics.
+    fn variant(version: &str, std_scale: f32) -> Arc<Runner> {
+        let base = load_model(&ModelSource::Bundled).expect("bundled model loads");
+        let mut m = base.manifest().clone();
+        m.version = version.into();
+        if let outpost_models::manifest::Normalization::PerChannel { std, .. } =
+            &mut m.normalization
+        {
+            std.iter_mut().for_each(|s| *s *= std_scale);
+        }
+        let net = base.network().clone();
+        Runner::new(Arc::new(LoadedModel::from_network(m, net, base.device())))
+    }
+
     #[test]
     fn batches_by_count_keep_order_and_pass_tails_through() {
-        let model = Arc::new(load_model(&ModelSource::Bundled).expect("bundled model loads"));
+        let runner = bundled();
+        let slot = ModelSlot::new(ModelSet {
+            active: runner.clone(),
+            shadow: None,
+        });
         let metrics = Arc::new(Metrics::new());
         let (win_tx, win_rx) = flume::bounded(64);
         let (inf_tx, inf_rx) = flume::bounded(64);
         let handle = spawn(
-            model.clone(),
+            slot.clone(),
             win_rx,
             inf_tx,
             Batching {
@@ -254,15 +463,106 @@ mod tests {
         for (w, r) in inputs.iter().zip(&out) {
             assert_eq!(w.end_ms, r.ts_ms, "results come out in input order");
             assert_eq!(w.data.is_some(), r.prediction.is_some());
+            assert_eq!(w.data.is_some(), r.summary.is_some());
         }
         // 10 windows with data in batches of 4, 4, 2.
         assert_eq!(metrics.inferences.get(), 10);
         // Batching does not change a window's prediction.
-        let mut scratch = Vec::new();
-        let alone = infer_batch(&model, &inputs[0..1], &mut scratch).unwrap();
+        let mut scratch = Scratch::default();
+        let set = slot.current();
+        let (alone, _) = infer_batch(&set, &inputs[0..1], &mut scratch).unwrap();
         let p1 = alone[0].prediction.as_ref().unwrap();
         let p2 = out[0].prediction.as_ref().unwrap();
         assert_eq!(p1.class, p2.class);
         assert!((p1.score - p2.score).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_swap_mid_stream_neither_drops_nor_repeats_a_window() {
+        let a = bundled();
+        let b = variant("9.9.9", 1.0);
+        let slot = ModelSlot::new(ModelSet {
+            active: a.clone(),
+            shadow: None,
+        });
+        let metrics = Arc::new(Metrics::new());
+        let (win_tx, win_rx) = flume::bounded(4);
+        let (inf_tx, inf_rx) = flume::bounded(1024);
+        let handle = spawn(
+            slot.clone(),
+            win_rx,
+            inf_tx,
+            Batching {
+                max_batch: 3,
+                max_wait: Some(Duration::from_millis(1)),
+            },
+            metrics,
+        )
+        .unwrap();
+        let n = 200;
+        let sender = std::thread::spawn(move || {
+            for i in 0..n {
+                win_tx.send(window(i, true)).unwrap();
+            }
+        });
+        // Swap once results are flowing, while windows are still queued.
+        let mut out: Vec<Inferred> = Vec::new();
+        while out.len() < 20 {
+            out.push(inf_rx.recv().unwrap());
+        }
+        slot.replace(ModelSet {
+            active: b.clone(),
+            shadow: Some(a.clone()),
+        });
+        sender.join().unwrap();
+        out.extend(inf_rx.iter());
+        handle.join().unwrap().unwrap();
+        assert_eq!(out.len(), n, "every window once");
+        let ends: Vec<i64> = out.iter().map(|r| r.ts_ms).collect();
+        let expected: Vec<i64> = (0..n).map(|i| i as i64 * 10).collect();
+        assert_eq!(ends, expected, "in order, none repeated");
+        let ids: Vec<&str> = out
+            .iter()
+            .map(|r| &*r.model.as_ref().expect("every window has a model").id)
+            .collect();
+        let first_b = ids
+            .iter()
+            .position(|id| *id == &*b.id)
+            .expect("the swap took effect");
+        assert!(first_b >= 20, "results before the swap are the old model's");
+        assert!(ids[..first_b].iter().all(|id| *id == &*a.id));
+        assert!(ids[first_b..].iter().all(|id| *id == &*b.id), "no way back");
+        // After the swap, the old model runs in shadow on the same windows and,
+        // with the same weights and statistics, agrees everywhere.
+        for r in &out[first_b..] {
+            let (shadow, sp) = r.shadow.as_ref().expect("shadow prediction");
+            assert_eq!(shadow.id, a.id);
+            assert_eq!(sp.class, r.prediction.as_ref().unwrap().class);
+        }
+    }
+
+    #[test]
+    fn each_model_normalizes_with_its_own_statistics() {
+        let a = bundled();
+        let flat = variant("2.0.0", 1000.0);
+        let set = ModelSet {
+            active: a.clone(),
+            shadow: Some(flat.clone()),
+        };
+        let windows: Vec<Window> = (0..8).map(|i| window(i, true)).collect();
+        let (out, err) = infer_batch(&set, &windows, &mut Scratch::default()).unwrap();
+        assert!(err.is_none());
+        let differs = out.iter().any(|r| {
+            let (_, sp) = r.shadow.as_ref().unwrap();
+            (sp.score - r.prediction.as_ref().unwrap().score).abs() > 1e-4
+        });
+        assert!(differs, "the shadow used its own normalization");
+        assert!(
+            swap_problems(a.manifest(), flat.manifest()).is_empty(),
+            "statistics may differ"
+        );
+        let mut other = a.manifest().clone();
+        other.input.channels = 3;
+        assert_eq!(swap_problems(a.manifest(), &other).len(), 1);
     }
 }

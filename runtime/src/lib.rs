@@ -6,8 +6,10 @@
 //! [`outbox`] → [`uplink`], with [`decisions`] to the site broker on the side.
 
 pub mod aggregate;
+pub mod audit;
 pub mod config;
 pub mod decisions;
+pub mod governance;
 pub mod inference;
 pub mod ingest;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use outpost::config::{Config, ConfigError, FileFormat, LogFormat};
+use outpost::governance::{HistoryEvent, Registry, Trust};
 use outpost::pipeline::{self, Prepared};
 use tokio_util::sync::CancellationToken;
 
@@ -69,8 +70,126 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Model governance: publisher keys, signatures, the registry.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// The hash-chained audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the version, git commit and enabled backends.
     Version,
+}
+
+/// Where the gateway's configuration is, for commands that act on its state.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The gateway's configuration (its state_dir, registry and trusted keys).
+    #[arg(
+        long,
+        short,
+        env = "OUTPOST_CONFIG",
+        default_value = "/etc/outpost/outpost.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Create a publisher key pair (ed25519); the secret file is mode 0600.
+    Keygen {
+        /// Secret key file to create.
+        #[arg(long)]
+        secret: PathBuf,
+        /// Public key file to create (give it to operators for governance.trusted_keys).
+        #[arg(long)]
+        public: PathBuf,
+    },
+    /// Sign an artifact directory (publishers): checks every file's hash
+    /// against the manifest, then writes manifest.sig.
+    Sign {
+        /// Secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The artifact directory.
+        dir: PathBuf,
+    },
+    /// Verify an artifact (operators): its signature against trusted keys,
+    /// and every file's hash. Exit status 1 when it does not verify.
+    Verify {
+        /// The artifact directory.
+        dir: PathBuf,
+        /// A trusted public key file (repeat for several); default: the
+        /// configuration's governance.trusted_keys.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// The gateway's configuration, for its trusted keys.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Verify an artifact and copy it into the registry (not activated).
+    Install {
+        /// The artifact directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Installed versions, what runs, and the history of changes.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the registry state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an installed version in shadow beside the active model.
+    Shadow {
+        /// `name@version`.
+        version: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make a version active (default: the candidate in shadow); the one it
+    /// replaces runs in shadow during the probation.
+    Promote {
+        /// `name@version`; default: the candidate.
+        version: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Go back to the version active before this one.
+    Rollback {
+        /// Why (recorded in the history and the audit log).
+        #[arg(long, default_value = "operator rollback")]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Stop the candidate's shadow run.
+    Reject {
+        /// Why.
+        #[arg(long, default_value = "operator rejection")]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole hash chain; say where it was edited, cut, extended or
+    /// reordered. Exit status 1 when it does not verify.
+    Verify {
+        /// The audit log file; default: the configuration's.
+        #[arg(long, conflicts_with = "config")]
+        log: Option<PathBuf>,
+        /// The gateway's configuration, for its audit log.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
@@ -80,6 +199,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
             // The embedded demo only logs its aggregates: nothing to keep on disk.
             let mut cfg = Config::default();
             cfg.outbox.kind = outpost::config::OutboxKind::Memory;
+            cfg.governance.enabled = false;
+            cfg.audit.enabled = false;
             Ok(cfg)
         }
     }
@@ -209,6 +330,27 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => ExitCode::from(3),
             })
         }
+        Command::Models { command } => models_command(command),
+        Command::Audit {
+            command: AuditCommand::Verify { log, config },
+        } => {
+            let path = match (log, config) {
+                (Some(l), _) => l,
+                (None, c) => {
+                    let c = c.unwrap_or_else(|| "/etc/outpost/outpost.toml".into());
+                    let cfg = Config::load(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    cfg.audit.path(&cfg.gateway)
+                }
+            };
+            let report = outpost::audit::verify(&path)
+                .with_context(|| format!("cannot read the audit log {}", path.display()))?;
+            println!("{}: {report}", path.display());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Replay {
             config,
             input,
@@ -242,6 +384,143 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn registry_of(config: &ConfigArg) -> anyhow::Result<(Config, Registry)> {
+    let cfg = Config::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway))?;
+    Ok((cfg, registry))
+}
+
+fn trust_of(cfg: &Config) -> anyhow::Result<Trust> {
+    Ok(Trust::from_config(&cfg.governance)?)
+}
+
+fn print_event(ev: &HistoryEvent) {
+    let from = ev
+        .from
+        .as_deref()
+        .map(|f| format!(" (was {f})"))
+        .unwrap_or_default();
+    let model = ev.model.as_deref().unwrap_or("-");
+    println!("{} {model}{from}", ev.action);
+}
+
+fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
+    use outpost_models::signing;
+    match command {
+        ModelsCommand::Keygen { secret, public } => {
+            let key_id = signing::generate_keypair(&secret, &public)?;
+            println!(
+                "key {key_id}: secret {} (keep it offline), public {}",
+                secret.display(),
+                public.display()
+            );
+        }
+        ModelsCommand::Sign { key, dir } => {
+            let key = signing::read_secret_key(&key)?;
+            let sig = signing::sign_artifact(&dir, &key)?;
+            println!("signed {} with key {}", dir.display(), sig.key_id);
+        }
+        ModelsCommand::Verify {
+            dir,
+            trusted_keys,
+            config,
+        } => {
+            let keys = if trusted_keys.is_empty() {
+                let path = config.unwrap_or_else(|| "/etc/outpost/outpost.toml".into());
+                let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                trust_of(&cfg)?.keys
+            } else {
+                trusted_keys
+                    .iter()
+                    .map(|p| signing::read_public_key(p))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            if keys.is_empty() {
+                anyhow::bail!("no trusted key: give --trusted-key or set governance.trusted_keys");
+            }
+            match signing::verify_artifact(&dir, &keys) {
+                Ok(v) => {
+                    println!(
+                        "ok: {} is {} signed by trusted key {}, {} file(s) match the manifest",
+                        dir.display(),
+                        v.manifest.id(),
+                        v.key_id,
+                        v.manifest.files.len()
+                    );
+                }
+                Err(e) => {
+                    eprintln!("refused: {}: {e}", dir.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        ModelsCommand::Install { dir, config } => {
+            let (cfg, registry) = registry_of(&config)?;
+            let trust = trust_of(&cfg)?;
+            if !trust.require_signature {
+                eprintln!(
+                    "warning: governance.require_signature is off: installing without a signature check"
+                );
+            }
+            let id = registry.install(&dir, &trust)?;
+            println!("installed {id} in {}", registry.dir().display());
+        }
+        ModelsCommand::List { config, json } => {
+            let (_, registry) = registry_of(&config)?;
+            let state = registry.state()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                println!("active    {}", state.active_id());
+                println!("candidate {}", state.candidate.as_deref().unwrap_or("-"));
+                if let Some(b) = &state.probation {
+                    println!("probation (baseline {b} in shadow)");
+                }
+                println!("installed:");
+                for v in registry.versions()? {
+                    println!("  {v}");
+                }
+                println!("history:");
+                for h in &state.history {
+                    print!("  {:>4} ", h.n);
+                    print_event(h);
+                }
+            }
+        }
+        ModelsCommand::Shadow { version, config } => {
+            let (_, registry) = registry_of(&config)?;
+            if !registry.versions()?.contains(&version) {
+                anyhow::bail!("{version} is not installed (outpost models install DIR)");
+            }
+            let (ev, _) = registry.update(|s| s.shadow(&version, "cli"))?;
+            print_event(&ev);
+        }
+        ModelsCommand::Promote { version, config } => {
+            let (cfg, registry) = registry_of(&config)?;
+            if let Some(v) = &version
+                && v != outpost::governance::CONFIGURED
+                && !registry.versions()?.contains(v)
+            {
+                anyhow::bail!("{v} is not installed (outpost models install DIR)");
+            }
+            let probation = cfg.governance.probation_windows > 0;
+            let (ev, _) = registry.update(|s| s.promote(version.as_deref(), probation, "cli"))?;
+            print_event(&ev);
+        }
+        ModelsCommand::Rollback { reason, config } => {
+            let (_, registry) = registry_of(&config)?;
+            let (ev, _) = registry.update(|s| s.rollback(&reason, "cli"))?;
+            print_event(&ev);
+        }
+        ModelsCommand::Reject { reason, config } => {
+            let (_, registry) = registry_of(&config)?;
+            let (ev, _) = registry.update(|s| s.reject_candidate(&reason, "cli"))?;
+            print_event(&ev);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bundled_model_id() -> String {

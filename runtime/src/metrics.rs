@@ -147,6 +147,52 @@ pub struct Metrics {
     started: AtomicU64,
     /// A cloud uplink is configured (else aggregates are logged).
     pub uplink_configured: AtomicBool,
+    /// Audit log entries written.
+    pub audit_entries: Counter,
+    /// Audit log writes that failed.
+    pub audit_errors: Counter,
+    /// Changes of the running models (activation, shadow start or end).
+    pub model_swaps: Counter,
+    /// Models refused (signature, checksum, incompatible input).
+    pub model_refused: Counter,
+    /// Automatic rollbacks.
+    pub model_rollbacks: Counter,
+    /// Agreement of the shadow model with the active one in the latest aggregate.
+    pub shadow_agreement: Gauge<f64, AtomicU64>,
+    /// PSI against the training reference in the latest aggregate, by kind
+    /// (`input`: the largest over input features; `score`).
+    pub drift_psi: Family<KindLabels, Gauge<f64, AtomicU64>>,
+    /// Aggregates whose drift reached `governance.drift_alert_psi`.
+    pub drift_alerts: Counter,
+    /// Identifiers replaced by keyed tokens.
+    pub privacy_pseudonymized: Counter,
+    /// Redactions in attribute values.
+    pub privacy_redactions: Counter,
+    /// Aggregates withheld, by reason (`k_anonymity`, `budget`).
+    pub privacy_suppressed: Family<KindLabels, Counter>,
+    /// Aggregates merged into a coarser window to reach k.
+    pub privacy_merged: Counter,
+    /// Aggregates released with Laplace noise.
+    pub privacy_noised: Counter,
+    /// Pseudonymization key changes picked up without restart.
+    pub privacy_key_rotations: Counter,
+    /// Key files that could not be read (the previous key stays).
+    pub privacy_key_errors: Counter,
+    audit_head: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+/// A `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: String,
+}
+
+impl KindLabels {
+    /// The label `kind = k`.
+    pub fn of(k: &str) -> Self {
+        Self { kind: k.into() }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -207,6 +253,22 @@ impl Metrics {
             ready: AtomicBool::new(false),
             started: AtomicU64::new(0),
             uplink_configured: AtomicBool::new(false),
+            audit_entries: Counter::default(),
+            audit_errors: Counter::default(),
+            model_swaps: Counter::default(),
+            model_refused: Counter::default(),
+            model_rollbacks: Counter::default(),
+            shadow_agreement: Gauge::default(),
+            drift_psi: Family::default(),
+            drift_alerts: Counter::default(),
+            privacy_pseudonymized: Counter::default(),
+            privacy_redactions: Counter::default(),
+            privacy_suppressed: Family::default(),
+            privacy_merged: Counter::default(),
+            privacy_noised: Counter::default(),
+            privacy_key_rotations: Counter::default(),
+            privacy_key_errors: Counter::default(),
+            audit_head: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("readings", "Readings accepted", m.readings.clone());
@@ -373,6 +435,81 @@ impl Metrics {
             "Decisions dropped",
             m.decisions_dropped.clone(),
         );
+        registry.register(
+            "audit_entries",
+            "Audit log entries written",
+            m.audit_entries.clone(),
+        );
+        registry.register(
+            "audit_errors",
+            "Audit log writes that failed",
+            m.audit_errors.clone(),
+        );
+        registry.register(
+            "model_swaps",
+            "Changes of the running models",
+            m.model_swaps.clone(),
+        );
+        registry.register(
+            "model_refused",
+            "Models refused (signature, checksum, incompatible input)",
+            m.model_refused.clone(),
+        );
+        registry.register(
+            "model_rollbacks",
+            "Automatic model rollbacks",
+            m.model_rollbacks.clone(),
+        );
+        registry.register(
+            "shadow_agreement",
+            "Agreement of the shadow model with the active one, latest aggregate",
+            m.shadow_agreement.clone(),
+        );
+        registry.register(
+            "drift_psi",
+            "Population stability index against the training reference, latest aggregate",
+            m.drift_psi.clone(),
+        );
+        registry.register(
+            "drift_alerts",
+            "Aggregates whose drift reached governance.drift_alert_psi",
+            m.drift_alerts.clone(),
+        );
+        registry.register(
+            "privacy_pseudonymized",
+            "Identifiers replaced by keyed tokens",
+            m.privacy_pseudonymized.clone(),
+        );
+        registry.register(
+            "privacy_redactions",
+            "Redactions in attribute values",
+            m.privacy_redactions.clone(),
+        );
+        registry.register(
+            "privacy_suppressed",
+            "Aggregates withheld by the privacy policy, by reason",
+            m.privacy_suppressed.clone(),
+        );
+        registry.register(
+            "privacy_merged",
+            "Aggregates merged into a coarser window to reach k",
+            m.privacy_merged.clone(),
+        );
+        registry.register(
+            "privacy_noised",
+            "Aggregates released with Laplace noise",
+            m.privacy_noised.clone(),
+        );
+        registry.register(
+            "privacy_key_rotations",
+            "Pseudonymization key changes picked up without restart",
+            m.privacy_key_rotations.clone(),
+        );
+        registry.register(
+            "privacy_key_errors",
+            "Pseudonymization key files that could not be read",
+            m.privacy_key_errors.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -473,6 +610,37 @@ impl Metrics {
             })
             .set(1);
         *current = model.clone();
+    }
+
+    /// The audit log's last committed entry (sequence number, hash).
+    pub fn set_audit_head(&self, head: (u64, String)) {
+        *self
+            .audit_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(head);
+    }
+
+    /// See [`Metrics::set_audit_head`].
+    pub fn audit_head(&self) -> Option<(u64, String)> {
+        self.audit_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Record the shadow and drift figures of an aggregate.
+    pub fn observe_aggregate(&self, a: &crate::aggregate::Aggregate) {
+        if let Some(s) = &a.shadow {
+            self.shadow_agreement.set(s.agreement);
+        }
+        if let Some(d) = &a.drift {
+            for (kind, psi) in [("input", d.input_psi), ("score", d.score_psi)] {
+                self.drift_psi.get_or_create(&KindLabels::of(kind)).set(psi);
+            }
+            if d.alert {
+                self.drift_alerts.inc();
+            }
+        }
     }
 
     /// The model set by [`Metrics::set_model`].

@@ -301,7 +301,7 @@ impl SharedOutbox {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef};
+    use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef, PolicyRef};
 
     /// A small aggregate of group `x`, window `i`.
     pub(crate) fn agg(i: i64) -> Aggregate {
@@ -325,6 +325,10 @@ pub(crate) mod tests {
             anomalies: None,
             anomaly_rate: None,
             score: None,
+            policy: PolicyRef::default(),
+            models: None,
+            shadow: None,
+            drift: None,
         };
         a.id = a.compute_id();
         a

@@ -17,25 +17,28 @@
 
 use std::io::Write;
 use std::sync::Arc;
+
+use sha2::Digest;
 use std::time::Duration;
 
 use outpost_models::LoadedModel;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{Aggregate, Aggregator, Grouper, Inferred};
+use crate::aggregate::{Aggregate, Aggregator, DriftSettings, Grouper, Inferred};
 use crate::config::{
     Config, DEFAULT_METRICS_LISTEN, FileFormat, FileSourceConfig, OutboxKind, SourceConfig,
     render_topic,
 };
 use crate::decisions::{Decision, DecisionFilter};
-use crate::inference::{self, Batching, InferenceError, ModelSource};
+use crate::governance::{self, GovernanceTask, Observation, Registry, SharedAudit, Trust};
+use crate::inference::{self, Batching, InferenceError, ModelSet, ModelSlot, ModelSource, Runner};
 use crate::ingest::{self, IngestCtx};
 use crate::metrics::Metrics;
 use crate::outbox::{
     DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox, StreamCaps,
 };
-use crate::privacy::Privacy;
+use crate::privacy::{ApplyStats, Privacy, Release, ReleaseStats};
 use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
 use crate::status::ModelStatus;
@@ -73,6 +76,15 @@ pub enum PipelineError {
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
+    /// A model was refused, or the registry is unusable.
+    #[error(transparent)]
+    Governance(#[from] governance::GovernanceError),
+    /// The privacy policy cannot be applied (key, budget state).
+    #[error(transparent)]
+    Privacy(#[from] crate::privacy::PrivacyError),
+    /// The audit log cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// The model source a config names.
@@ -87,8 +99,17 @@ pub fn model_source(cfg: &Config) -> ModelSource {
 pub struct Prepared {
     /// The configuration.
     pub cfg: Config,
-    /// The loaded model.
+    /// The configured model (`model.path` or the bundled one): windows are
+    /// cut for its input, and it runs unless the registry activates another.
     pub model: Arc<LoadedModel>,
+    /// The same, as the inference thread runs it.
+    pub configured: Arc<Runner>,
+    /// Where the inference thread takes its models (hot swap).
+    pub slot: Arc<ModelSlot>,
+    /// Which models may load.
+    pub trust: Trust,
+    /// The key that signed the configured model, when it was verified.
+    pub signed_by: Option<String>,
     /// Window geometry.
     pub spec: WindowSpec,
     /// Metrics.
@@ -96,13 +117,32 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Load the model and check the windows against it.
+    /// Load the model (verifying its signature when the configuration
+    /// requires one) and check the windows against it.
     pub fn new(cfg: Config) -> Result<Self, PipelineError> {
-        let model = inference::load_model(&model_source(&cfg))?;
+        let trust = Trust::from_config(&cfg.governance)?;
+        let (model, signed_by) = match model_source(&cfg) {
+            ModelSource::Dir(dir) => {
+                let l = governance::load_artifact(&dir, &trust, &burn::tensor::Device::flex())?;
+                (l.model, l.key_id)
+            }
+            // Part of the binary: as trusted as the binary itself.
+            bundled => (inference::load_model(&bundled)?, None),
+        };
         let spec = WindowSpec::new(model.manifest(), cfg.windowing.size, cfg.windowing.hop)?;
+        let model = Arc::new(model);
+        let configured = Runner::new(model.clone());
+        let slot = ModelSlot::new(ModelSet {
+            active: configured.clone(),
+            shadow: None,
+        });
         Ok(Self {
             cfg,
-            model: Arc::new(model),
+            model,
+            configured,
+            slot,
+            trust,
+            signed_by,
             spec,
             metrics: Arc::new(Metrics::new()),
         })
@@ -132,6 +172,7 @@ fn start_core(
     p: &Prepared,
     readings: flume::Receiver<Reading>,
     decisions: Option<(flume::Sender<Decision>, DecisionFilter)>,
+    observations: Option<flume::Sender<Observation>>,
     live: bool,
 ) -> Result<Core, PipelineError> {
     let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
@@ -140,17 +181,19 @@ fn start_core(
     let mut tasks = Vec::new();
 
     // Privacy + windowing.
-    let privacy = Privacy::new(&p.cfg.privacy);
+    let mut privacy = Privacy::new(&p.cfg.privacy)?;
+    let key_handle = privacy.key_id_handle();
     let grouper = Grouper::new(&p.cfg.aggregation, &p.cfg.gateway.id);
     let mut windower = Windower::new(p.spec.clone())?;
     let metrics = p.metrics.clone();
     tasks.push(tokio::spawn(async move {
         while let Ok(r) = readings.recv_async().await {
-            let (r, dropped) = privacy.apply(r);
-            if dropped > 0 {
-                metrics.attrs_dropped.inc_by(dropped as u64);
-            }
-            let group = grouper.group_of(&r);
+            // Fixed group assignments name sensors as configured, before
+            // the sensor id is pseudonymized.
+            let fixed = grouper.fixed_group(&r.sensor);
+            let (r, s) = privacy.apply(r);
+            count_privacy(&metrics, &s);
+            let group = fixed.unwrap_or_else(|| grouper.group_of(&r));
             if let Some(w) = windower.push(r, group) {
                 metrics.windows.inc();
                 if win_tx.send_async(w).await.is_err() {
@@ -170,11 +213,22 @@ fn start_core(
         max_batch: p.cfg.inference.max_batch,
         max_wait: live.then(|| Duration::from_millis(p.cfg.inference.max_wait_ms)),
     };
-    let inference = inference::spawn(p.model.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
+    let inference = inference::spawn(p.slot.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
 
     // Aggregation (and local decisions).
-    let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest());
+    let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
+        .with_drift(DriftSettings {
+            alert_psi: p.cfg.governance.drift_alert_psi,
+            min_inferences: p.cfg.governance.drift_min_inferences,
+        });
     let metrics = p.metrics.clone();
+    let mut egress = Egress {
+        tx: agg_tx,
+        metrics: p.metrics.clone(),
+        observations,
+        release: Release::new(&p.cfg.privacy, &p.cfg.gateway.state_dir, key_handle)?,
+        released: Vec::new(),
+    };
     tasks.push(tokio::spawn(async move {
         let mut decisions = decisions;
         let mut out = Vec::new();
@@ -186,7 +240,7 @@ fn start_core(
                     r = inf_rx.recv_async() => r.ok(),
                     _ = ticker.tick() => {
                         aggregator.tick(crate::reading::now_ms(), &mut out);
-                        if !forward(&mut out, &agg_tx, &metrics).await { return; }
+                        if !egress.forward(&mut out).await { return; }
                         continue;
                     }
                 }
@@ -204,12 +258,14 @@ fn start_core(
             let late = aggregator.stats().late_readings;
             metrics.late_readings.inc_by(late - late_seen);
             late_seen = late;
-            if !forward(&mut out, &agg_tx, &metrics).await {
+            if !egress.forward(&mut out).await {
                 return;
             }
         }
         aggregator.flush(&mut out);
-        forward(&mut out, &agg_tx, &metrics).await;
+        if egress.forward(&mut out).await {
+            egress.finish().await;
+        }
     }));
 
     Ok(Core {
@@ -219,18 +275,76 @@ fn start_core(
     })
 }
 
-async fn forward(
-    out: &mut Vec<Aggregate>,
-    tx: &flume::Sender<Aggregate>,
-    metrics: &Metrics,
-) -> bool {
-    for a in out.drain(..) {
-        metrics.aggregates.inc();
-        if tx.send_async(a).await.is_err() {
-            return false;
-        }
+fn count_privacy(m: &Metrics, s: &ApplyStats) {
+    if *s == ApplyStats::default() {
+        return;
     }
-    true
+    m.attrs_dropped.inc_by(s.attrs_dropped);
+    m.privacy_pseudonymized.inc_by(s.pseudonymized);
+    m.privacy_redactions.inc_by(s.redactions + s.free_text);
+    m.privacy_key_rotations.inc_by(s.key_reloads);
+    m.privacy_key_errors.inc_by(s.key_reload_failures);
+}
+
+/// The end of the core: every closed aggregate is observed (metrics, the
+/// governor: true figures, which never leave the process), passes the
+/// privacy release (k-anonymity, noise, budget), and what is released goes
+/// to the outbox.
+struct Egress {
+    tx: flume::Sender<Aggregate>,
+    metrics: Arc<Metrics>,
+    observations: Option<flume::Sender<Observation>>,
+    release: Release,
+    released: Vec<Aggregate>,
+}
+
+impl Egress {
+    /// Returns false when the outbox side is gone.
+    async fn forward(&mut self, out: &mut Vec<Aggregate>) -> bool {
+        for a in out.iter() {
+            self.metrics.observe_aggregate(a);
+            if let Some(tx) = &self.observations {
+                // Full: the governor misses one aggregate, the data does not.
+                let _ = tx.try_send(Observation::of(a));
+            }
+        }
+        // One budget write per batch.
+        let stats = self.release.admit_all(out.drain(..), &mut self.released);
+        self.count(&stats);
+        self.send().await
+    }
+
+    /// At the end: what the release still holds.
+    async fn finish(&mut self) {
+        let stats = self.release.flush(&mut self.released);
+        self.count(&stats);
+        self.send().await;
+    }
+
+    fn count(&self, s: &ReleaseStats) {
+        let m = &self.metrics;
+        for (kind, n) in [
+            ("k_anonymity", s.suppressed_k),
+            ("budget", s.suppressed_budget),
+            ("budget_write", s.budget_write_failures),
+        ] {
+            m.privacy_suppressed
+                .get_or_create(&crate::metrics::KindLabels::of(kind))
+                .inc_by(n);
+        }
+        m.privacy_merged.inc_by(s.merged);
+        m.privacy_noised.inc_by(s.noised);
+    }
+
+    async fn send(&mut self) -> bool {
+        for a in self.released.drain(..) {
+            self.metrics.aggregates.inc();
+            if self.tx.send_async(a).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// What a run did, for the final log line and tests.
@@ -311,9 +425,59 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         None => None,
     };
 
+    // Audit log: what runs, under which configuration and policy.
+    let audit: Option<SharedAudit> = if cfg.audit.enabled {
+        let path = cfg.audit.path(&cfg.gateway);
+        let m = metrics.clone();
+        let log = tokio::task::spawn_blocking(move || open_audit(&path, &m))
+            .await
+            .map_err(|_| InferenceError::Panicked)??;
+        metrics.set_audit_head(log.committed());
+        Some(Arc::new(std::sync::Mutex::new(log)))
+    } else {
+        None
+    };
+    governance::audit(
+        &audit,
+        &metrics,
+        &[(
+            "start",
+            serde_json::json!({
+                "outpost": env!("CARGO_PKG_VERSION"),
+                "gateway": &cfg.gateway.id,
+                "config_sha256": &cfg.source_sha256,
+                "policy_version": &cfg.privacy.policy_version,
+                "policy_sha256": hex::encode(sha2::Sha256::digest(format!("{:?}", cfg.privacy))),
+                "model": &*p.configured.id,
+                "weights_sha256": manifest.files.get(&manifest.weights),
+                "signed_by": &p.signed_by,
+            }),
+        )],
+    );
+
+    // Governance: follow the registry (applied once before the first window).
+    let (obs_tx, obs_rx) = flume::bounded::<Observation>(64);
+    let governance_task = if cfg.governance.enabled {
+        let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway))?;
+        let mut task = GovernanceTask::new(
+            registry,
+            p.trust.clone(),
+            p.configured.clone(),
+            p.slot.clone(),
+            audit.clone(),
+            metrics.clone(),
+            &cfg.governance,
+        );
+        task.poll_once().await;
+        Some(tokio::spawn(task.run(obs_rx, stop_all.clone())))
+    } else {
+        None
+    };
+    let observations = governance_task.is_some().then_some(obs_tx);
+
     // Core stages.
     let (read_tx, read_rx) = flume::bounded(cfg.ingest.channel_capacity);
-    let core = start_core(&p, read_rx, decisions, true)?;
+    let core = start_core(&p, read_rx, decisions, observations, true)?;
 
     // Outbox and uplink.
     let outbox: Box<dyn crate::outbox::Outbox> = match cfg.outbox.kind {
@@ -422,8 +586,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         let (outbox, metrics, drain) = (outbox.clone(), metrics.clone(), stop.drain.clone());
         let aggregates = core.aggregates.clone();
         let interval = Duration::from_millis(cfg.outbox.fsync_interval_ms);
+        let audit = audit.clone();
         tokio::task::spawn_blocking(move || {
-            write_outbox(&aggregates, &outbox, &metrics, interval);
+            write_outbox(&aggregates, &outbox, &audit, &metrics, interval);
             drain.cancel();
             outbox.wake();
         })
@@ -507,6 +672,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         let _ = s.await;
     }
     let _ = observer.await;
+    if let Some(g) = governance_task {
+        let _ = g.await;
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -524,6 +692,46 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         Ok(Ok(())) => Ok(RunReport { undelivered }),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(InferenceError::Panicked.into()),
+    }
+}
+
+/// Open the audit log. A log that no longer matches its head file (cut
+/// short, rewritten) is evidence: it is moved aside with its head file,
+/// untouched, and a new chain starts whose first entry says where the old
+/// one went and why, so the gateway keeps running and the break is on record.
+fn open_audit(
+    path: &std::path::Path,
+    metrics: &Metrics,
+) -> Result<crate::audit::AuditLog, crate::audit::AuditError> {
+    match crate::audit::AuditLog::open(path) {
+        Err(crate::audit::AuditError::Corrupt { detail, .. }) => {
+            metrics.audit_errors.inc();
+            let stamp = crate::reading::now_ms();
+            let suffixed = |suffix: &str| {
+                let mut p = path.as_os_str().to_os_string();
+                p.push(suffix);
+                std::path::PathBuf::from(p)
+            };
+            let moved = suffixed(&format!(".corrupt-{stamp}"));
+            let head = suffixed(".head");
+            let moved_head = suffixed(&format!(".head.corrupt-{stamp}"));
+            tracing::error!(log = %path.display(), moved_to = %moved.display(), %detail, "the audit log does not match its head: moved aside, a new chain starts");
+            std::fs::rename(path, &moved).map_err(|source| crate::audit::AuditError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            if head.exists() {
+                let _ = std::fs::rename(&head, &moved_head);
+            }
+            let mut log = crate::audit::AuditLog::open(path)?;
+            log.append(
+                "audit_restarted",
+                serde_json::json!({ "reason": detail, "previous_log": moved.display().to_string() }),
+            )?;
+            log.commit()?;
+            Ok(log)
+        }
+        other => other,
     }
 }
 
@@ -580,14 +788,28 @@ async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
 }
 
 /// Append aggregates as they come and commit them as a group every
-/// `interval`; returns when the aggregation stage has ended, after a final commit.
+/// `interval`; returns when the aggregation stage has ended, after a final
+/// commit. Each aggregate gets an audit entry (id, model, policy), committed
+/// before the outbox commit that lets the uplink see the aggregate: every
+/// aggregate that can leave has its entry.
 fn write_outbox(
     aggregates: &flume::Receiver<Aggregate>,
     outbox: &SharedOutbox,
+    audit: &Option<SharedAudit>,
     metrics: &Metrics,
     interval: Duration,
 ) {
     let commit = |outbox: &SharedOutbox| {
+        if let Some(a) = audit {
+            let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
+            match log.commit() {
+                Ok(()) => metrics.set_audit_head(log.committed()),
+                Err(e) => {
+                    metrics.audit_errors.inc();
+                    tracing::error!(error = %e, "audit log commit failed");
+                }
+            }
+        }
         if let Err(e) = outbox.commit() {
             tracing::error!(error = %e, "outbox commit failed");
         }
@@ -600,7 +822,29 @@ fn write_outbox(
         let wait = interval.saturating_sub(last_commit.elapsed());
         match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
             Ok(a) => match outbox.append(&a) {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(log) = audit {
+                        let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
+                            "aggregate",
+                            serde_json::json!({
+                                "id": &a.id,
+                                "group": &a.group,
+                                "window_start": a.window_start,
+                                "model": format!("{}@{}", a.model.name, a.model.version),
+                                "policy": &a.policy,
+                            }),
+                        );
+                        match r {
+                            Ok(_) => {
+                                metrics.audit_entries.inc();
+                            }
+                            Err(e) => {
+                                metrics.audit_errors.inc();
+                                tracing::error!(error = %e, id = %a.id, "audit append failed");
+                            }
+                        }
+                    }
+                }
                 Err(e @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
                     tracing::warn!(id = %a.id, group = %a.group, "{e}");
                 }
@@ -687,7 +931,7 @@ pub async fn replay(
     out: &mut dyn Write,
 ) -> Result<Arc<Metrics>, PipelineError> {
     let (read_tx, read_rx) = flume::bounded(p.cfg.ingest.channel_capacity);
-    let core = start_core(&p, read_rx, None, false)?;
+    let core = start_core(&p, read_rx, None, None, false)?;
     let ctx = IngestCtx::new("replay", p.validator(), read_tx, p.metrics.clone());
     let source = SourceConfig::File(FileSourceConfig {
         name: "replay".into(),

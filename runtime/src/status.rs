@@ -124,6 +124,20 @@ pub struct Status {
     pub outbox: OutboxStatus,
     /// The cloud connection.
     pub uplink: UplinkStatus,
+    /// The audit log's last committed entry: kept in the cloud, it anchors
+    /// the local log (a rewritten log no longer reaches this hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_head: Option<AuditHead>,
+}
+
+/// Sequence number and hash of an audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    /// Sequence number.
+    pub seq: u64,
+    /// SHA-256 of the entry, hex.
+    pub sha256: String,
 }
 
 impl Status {
@@ -172,6 +186,9 @@ impl Status {
                 reconnects: metrics.uplink_reconnects.get(),
                 bytes: metrics.uplink_bytes.get(),
             },
+            audit_head: metrics
+                .audit_head()
+                .map(|(seq, sha256)| AuditHead { seq, sha256 }),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Windowing and features: per sensor, sliding windows of `size` samples with
-//! hop `hop`, normalized with the model manifest's statistics, or turned into
-//! a feature vector for feature models. Pure state, no I/O.
+//! hop `hop`, raw, or turned into a feature vector for feature models
+//! (inference normalizes them with the statistics of the model that runs
+//! them, so models can be swapped live). Pure state, no I/O.
 //!
 //! Input: [`Reading`] (after privacy) with its aggregation group.
 //! Output: [`Window`], which also carries the timestamps of the readings it
@@ -11,7 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use outpost_models::features::Extractor;
-use outpost_models::manifest::{InputKind, Manifest, Normalization};
+use outpost_models::manifest::{InputKind, Manifest};
 
 use crate::reading::Reading;
 
@@ -62,7 +63,7 @@ pub struct Window {
     pub end_ms: i64,
     /// Timestamps of the readings this window covers for the first time.
     pub readings: Vec<i64>,
-    /// Model input (normalized samples `[channels][size]` or features); `None`
+    /// Model input before normalization (samples `[channels][size]` or features); `None`
     /// for a tail that only carries reading counts.
     pub data: Option<Vec<f32>>,
 }
@@ -76,7 +77,6 @@ pub struct WindowSpec {
     pub hop: usize,
     /// Values per reading.
     pub channels: usize,
-    normalization: Normalization,
     features: Vec<String>,
     kind: InputKind,
 }
@@ -130,7 +130,6 @@ impl WindowSpec {
             size,
             hop,
             channels,
-            normalization: manifest.normalization.clone(),
             features: manifest.input.features.clone(),
             kind,
         })
@@ -211,15 +210,13 @@ impl Windower {
                 data[ch * size + t] = *v;
             }
         }
+        // Not normalized here: each model normalizes with its own statistics
+        // (inference), so a model with new statistics can be swapped in live.
         let data = match &mut self.extractor {
-            None => {
-                outpost_models::artifact::normalize(&self.spec.normalization, c, size, &mut data);
-                data
-            }
+            None => data,
             Some(ex) => {
                 let mut f = Vec::with_capacity(c * ex.width());
                 ex.extract(&data, &mut f);
-                outpost_models::artifact::normalize(&self.spec.normalization, f.len(), 1, &mut f);
                 f
             }
         };
@@ -286,6 +283,7 @@ mod tests {
             metrics: Default::default(),
             created_at: String::new(),
             files: [("w".to_string(), String::new())].into(),
+            reference: None,
         }
     }
 
@@ -314,10 +312,10 @@ mod tests {
         );
         assert_eq!(windows[0].readings, vec![0, 1, 2, 3]);
         assert_eq!(windows[1].readings, vec![4, 5]);
-        // Channel-major and normalized: channel 0 = (t - 1) / 2.
+        // Channel-major, raw (each model normalizes in inference).
         assert_eq!(
             &windows[0].data.as_ref().unwrap()[..4],
-            &[-0.5, 0.0, 0.5, 1.0]
+            &[0.0, 1.0, 2.0, 3.0]
         );
         assert_eq!(
             &windows[0].data.as_ref().unwrap()[4..],

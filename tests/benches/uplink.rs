@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost::aggregate::{AGGREGATE_SCHEMA, Aggregate, ModelRef};
+use outpost::aggregate::{AGGREGATE_SCHEMA, Aggregate, ModelRef, PolicyRef};
 use outpost::metrics::Metrics;
 use outpost::outbox::{DiskOutbox, DiskSettings, FullPolicy, MemoryOutbox, Outbox, SharedOutbox};
 use outpost::uplink::{self, Backoff, RumqttConnector, Stop, UplinkSettings, UplinkState};
@@ -41,6 +41,10 @@ fn aggregate(i: u64) -> Aggregate {
         anomalies: Some(i % 3),
         anomaly_rate: Some(0.1),
         score: None,
+        policy: PolicyRef::default(),
+        models: None,
+        shadow: None,
+        drift: None,
     };
     a.id = a.compute_id();
     a

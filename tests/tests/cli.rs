@@ -149,7 +149,10 @@ fn run_on_the_embedded_default_logs_aggregates_and_exits_on_sigint() {
     while std::time::Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200))
             && line.contains("outpost::aggregate")
-            && line.contains("\"schema\":1")
+            && line.contains(&format!(
+                "\"schema\":{}",
+                outpost::aggregate::AGGREGATE_SCHEMA
+            ))
         {
             saw_aggregate = true;
             break;

@@ -132,7 +132,7 @@ fn aggregates_from_real_sensor_data_reach_the_cloud() {
     let mut per_group: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for a in &aggs {
         assert_eq!(a["gateway"], "gw-test");
-        assert_eq!(a["schema"], 1);
+        assert_eq!(a["schema"], outpost::aggregate::AGGREGATE_SCHEMA);
         assert_eq!(a["model"]["name"], "basicmotions-fcn");
         let classes = a["classes"].as_object().unwrap();
         let total: u64 = classes.values().map(|v| v.as_u64().unwrap()).sum();

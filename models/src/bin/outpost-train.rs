@@ -11,9 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use outpost_models::artifact::{predict_dataset, save_artifact};
 use outpost_models::dataset::{Dataset, DatasetError, load_csv_windows, load_ts};
+use outpost_models::drift::{reference_for_dataset, store_reference};
 use outpost_models::eval::{classifier_metrics, detector_metrics, quantile};
 use outpost_models::manifest::{Architecture, Task};
 use outpost_models::report::{Findings, ReportError, write_report};
+use outpost_models::signing::SIGNATURE_FILE;
 use outpost_models::train::{
     DetectorConfig, EpochStats, NormalizationKind, TrainConfig, Trained, train_classifier,
     train_detector,
@@ -152,6 +154,19 @@ enum Command {
         /// (`{"sample","truth","class","score","anomaly"}`).
         #[arg(long)]
         predictions: Option<PathBuf>,
+        #[command(flatten)]
+        csv: CsvWindows,
+    },
+    /// Compute the drift reference statistics of an existing artifact from a
+    /// dataset (normally its training split) and store them in its
+    /// manifest.json. Any signature of the artifact must be made again.
+    Reference {
+        /// Artifact directory (its manifest.json is rewritten; the weights stay as they are).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset (`.ts` or CSV), e.g. `BasicMotions_TRAIN.ts`.
+        #[arg(long)]
+        dataset: PathBuf,
         #[command(flatten)]
         csv: CsvWindows,
     },
@@ -529,6 +544,47 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             evaluate(&loaded, &ds, report.as_deref(), history.as_deref())?;
+            Ok(())
+        }
+        Command::Reference {
+            model,
+            dataset,
+            csv,
+        } => {
+            let loaded = LoadedModel::load_dir(&model, &burn::tensor::Device::flex())?;
+            let ds = load(&dataset, &csv)?;
+            if let Some(p) = &loaded.manifest().provenance
+                && p.data_fingerprint != ds.fingerprint()
+            {
+                eprintln!(
+                    "note: {} is not the data {} was trained on (fingerprints differ)",
+                    dataset.display(),
+                    loaded.manifest().id()
+                );
+            }
+            let reference = reference_for_dataset(&loaded, &ds)?;
+            let bins: Vec<String> = reference
+                .features
+                .iter()
+                .map(|f| format!("{} {}", f.name, f.histogram.bins()))
+                .collect();
+            println!(
+                "reference over {} windows: bins per input value [{}], score {} bins",
+                reference.samples,
+                bins.join(", "),
+                reference.score.bins()
+            );
+            store_reference(&model, reference)?;
+            let manifest = model.join(outpost_models::artifact::MANIFEST_FILE);
+            println!("rewrote {}", manifest.display());
+            if model.join(SIGNATURE_FILE).exists() {
+                println!(
+                    "{} no longer matches the manifest: sign the artifact again",
+                    model.join(SIGNATURE_FILE).display()
+                );
+            } else {
+                println!("any signature of this artifact must be made again");
+            }
             Ok(())
         }
     }

@@ -1646,11 +1646,11 @@ mod tests {
     #[test]
     fn a_stream_at_its_cap_follows_the_policy_and_leaves_the_others_alone() {
         // Coarsen merges within a segment: 1000 records of one stream in
-        // 4 KiB segments fit 32 KiB merged, not 8 KiB (then it drops too).
+        // 4 KiB segments fit 48 KiB merged, not 8 KiB (then it drops too).
         for (policy, cap) in [
             (FullPolicy::DropOldest, 8192),
             (FullPolicy::RejectNew, 8192),
-            (FullPolicy::Coarsen, 32768),
+            (FullPolicy::Coarsen, 49152),
             (FullPolicy::Coarsen, 8192),
         ] {
             let dir = tempfile::tempdir().unwrap();
@@ -1707,7 +1707,7 @@ mod tests {
                     // head of a dropped one.
                     assert_eq!(c.len() as u64 + st.coarsened + st.dropped, chatty);
                     let readings: u64 = c.iter().map(|a| a.readings).sum();
-                    if cap == 32768 {
+                    if cap == 49152 {
                         assert_eq!(st.dropped, 0, "merging made enough room: {st:?}");
                         assert_eq!(readings, 3 * chatty, "reading counts exact");
                     } else {

@@ -1,0 +1,189 @@
+//! Egress: what leaves the gateway. Daphnet freezing-of-gait readings (health
+//! data) with a patient's name, ids, e-mail and phone attached go in through
+//! the site broker; every byte published to the cloud broker, on every topic
+//! (aggregates, health, last will), is captured, and none of the personal
+//! data or raw values is in it.
+
+use std::time::Duration;
+
+use outpost_tests::*;
+use serde_json::Value;
+
+const NAME: &str = "Jane Doe";
+const PATIENT_ID: &str = "S06-4471";
+const EMAIL: &str = "jane.doe@example.org";
+const PHONE: &str = "+41 79 555 12 34";
+const SENSOR: &str = "jane-doe-S06-ankle";
+const WARD: &str = "neuro-ward-3";
+
+/// Daphnet rows: the first 6 of the 9 accelerometer channels (the bundled
+/// model takes 6), as text exactly as in the file, and as numbers.
+fn daphnet(rows: usize) -> Vec<(Vec<String>, Vec<f32>)> {
+    let path = workspace().join(".cache/datasets/Daphnet_S06R02E0/S06R02E0.csv");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-datasets.sh", path.display()));
+    text.lines()
+        .skip(1)
+        .take(rows)
+        .map(|l| {
+            let f: Vec<String> = l.split(',').skip(1).take(6).map(str::to_string).collect();
+            let v = f
+                .iter()
+                .map(|x| x.parse::<f32>().expect("number"))
+                .collect();
+            (f, v)
+        })
+        .collect()
+}
+
+#[test]
+fn nothing_personal_or_raw_leaves_the_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("pseudonym.key");
+    std::fs::write(
+        &key,
+        "k2026-11:8f2a6c1e9b7d4a3f0e5c2b1a9d8e7f6c5b4a3928170615f4e3d2c1b0a9f8e7d6\n",
+    )
+    .unwrap();
+    let site = Broker::start();
+    let cloud = Broker::start();
+    // Everything the cloud broker carries, retained messages and last wills included.
+    let all = Subscriber::start(cloud.port, "#");
+    let config = format!(
+        r#"{}
+[privacy]
+policy_version = "egress-test-1"
+allow_attrs = ["ward", "patient_id", "note"]
+pseudonymize_sensor = true
+pseudonymize_attrs = ["patient_id"]
+key = {{ file = "{}" }}
+free_text_attrs = ["note"]
+redact = ["email", "phone"]
+
+[privacy.k_anonymity]
+min_subjects = 1
+min_readings = 1
+
+[uplink]
+broker = {{ host = "127.0.0.1", port = {} }}
+allow_plaintext = true
+topic = "outpost/{{gateway}}/agg/{{group}}"
+health_interval_s = 1
+"#,
+        site_config("gw-egress", site.port),
+        key.display(),
+        cloud.port
+    );
+    let mut gw = Outpost::run(&config);
+    gw.wait_subscribed();
+
+    let rows = daphnet(1500);
+    let t = now_ms() - 10 * 60_000;
+    let base = t - t.rem_euclid(10_000);
+    let mut p = Publisher::connect(site.port);
+    for (i, (_, values)) in rows.iter().enumerate() {
+        let payload = serde_json::json!({
+            "sensor": SENSOR,
+            // 64 Hz, as recorded.
+            "ts": base + (i as i64 * 1000) / 64,
+            "values": values,
+            "attrs": {
+                "patient": NAME,
+                "patient_id": PATIENT_ID,
+                "email": EMAIL,
+                "ward": WARD,
+                "note": format!("{NAME} froze at the door, call {PHONE} or {EMAIL}"),
+            },
+        });
+        p.publish(&format!("sensors/{SENSOR}/data"), payload.to_string());
+    }
+    p.flush();
+    gw.wait_metric(
+        "outpost_readings_total",
+        &[],
+        rows.len() as f64,
+        Duration::from_secs(30),
+    );
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(30)).success());
+    // The drain published everything; wait until the subscriber has it.
+    wait_until(
+        "every reading in an aggregate",
+        Duration::from_secs(20),
+        || {
+            let mut ids = std::collections::BTreeSet::new();
+            all.json()
+                .iter()
+                .filter(|a| a.get("readings").is_some() && ids.insert(a["id"].to_string()))
+                .map(|a| a["readings"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                == rows.len() as u64
+        },
+    );
+
+    let messages = all.messages();
+    assert!(!messages.is_empty());
+    let mut aggregates = 0;
+    for m in &messages {
+        let text = String::from_utf8_lossy(&m.payload).to_string() + " " + &m.topic;
+        for secret in [
+            NAME,
+            "Jane",
+            "Doe",
+            PATIENT_ID,
+            EMAIL,
+            "example.org",
+            PHONE,
+            "555 12 34",
+            SENSOR,
+            WARD,
+            "froze",
+        ] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} left the gateway on {}: {text}",
+                m.topic
+            );
+        }
+        // Raw values: no three consecutive readings' values of a row, in
+        // any of the forms a serializer would write them.
+        for (fields, values) in &rows {
+            let as_text = fields[..3].join(",");
+            let as_f32 = values[..3]
+                .iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            assert!(
+                !text.contains(&format!("[{as_text}")),
+                "raw values {as_text} left: {text}"
+            );
+            assert!(!text.contains(&as_f32), "raw values {as_f32} left: {text}");
+        }
+        // What leaves is an aggregate (or a batch of them), or the health message.
+        let v: Value = serde_json::from_slice(&m.payload).expect("every message is JSON");
+        if m.topic.contains("/agg/") {
+            let batch = match v {
+                Value::Array(items) => items,
+                one => vec![one],
+            };
+            for a in batch {
+                let a: outpost::aggregate::Aggregate =
+                    serde_json::from_value(a).expect("only the aggregate type is published");
+                assert!(
+                    a.group.starts_with("p_"),
+                    "the group is a token: {}",
+                    a.group
+                );
+                assert_eq!(a.policy.version, "egress-test-1");
+                assert_eq!(a.policy.key_id.as_deref(), Some("k2026-11"));
+                aggregates += 1;
+            }
+        } else {
+            assert!(m.topic.ends_with("/health"), "unexpected topic {}", m.topic);
+            let _: outpost::status::Status =
+                serde_json::from_value(v).expect("the health message is a status");
+        }
+    }
+    assert!(aggregates > 0);
+}
