@@ -196,9 +196,9 @@ fn main() {
             f / 1e6
         );
         println!(
-            "| batch | burn µs/sample | tract µs/sample | burn / tract | burn GFLOP/s (% peak) | tract GFLOP/s (% peak) | max |Δ output| |"
+            "| batch | burn µs/sample | tract µs/sample | burn / tract | burn GFLOP/s (% peak) | tract GFLOP/s (% peak) | max |Δ output| | burn as trained µs/sample (same run) | as trained / compiled |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut per_sample = Vec::new();
         for b in BATCHES {
             let x = windows(b * c * l);
@@ -220,17 +220,31 @@ fn main() {
                     std::hint::black_box(tract_outputs(&tract, &x, b, c, l));
                 },
             );
+            // The network as trained (no folding, flex's own convolution),
+            // against the compiled form, in alternating rounds too.
+            let (t_unfolded, t_compiled) = measure(
+                round,
+                rounds,
+                || {
+                    std::hint::black_box(model.outputs_unfolded(&x, b).expect("burn runs"));
+                },
+                || {
+                    std::hint::black_box(model.outputs(&x, b).expect("burn runs"));
+                },
+            );
             let (ub, ut) = (tb * 1e6 / b as f64, tt * 1e6 / b as f64);
             let gb = f * b as f64 / tb;
             let gt = f * b as f64 / tt;
             per_sample.push((b, ub, ut));
             println!(
-                "| {b} | {ub:.1} | {ut:.1} | {:.2}× | {:.2} ({:.1} %) | {:.2} ({:.1} %) | {diff:.1e} |",
+                "| {b} | {ub:.1} | {ut:.1} | {:.2}× | {:.2} ({:.1} %) | {:.2} ({:.1} %) | {diff:.1e} | {:.1} | {:.2}× |",
                 ub / ut,
                 gb / 1e9,
                 100.0 * gb / peak,
                 gt / 1e9,
-                100.0 * gt / peak
+                100.0 * gt / peak,
+                t_unfolded * 1e6 / b as f64,
+                t_unfolded / t_compiled
             );
         }
         // Saturation: the smallest batch within 10 % of the best µs/sample.

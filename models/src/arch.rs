@@ -100,6 +100,11 @@ pub struct Autoencoder {
 }
 
 impl Autoencoder {
+    /// The convolutions, in order.
+    pub fn layers(&self) -> &[Conv1d] {
+        &self.layers
+    }
+
     /// Reconstruction of `[batch, channels, length]`.
     pub fn reconstruct(&self, x: Tensor<3>) -> Tensor<3> {
         let mut h = x;

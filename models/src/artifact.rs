@@ -99,6 +99,8 @@ pub struct Prediction {
 pub struct LoadedModel {
     manifest: Manifest,
     net: Network,
+    /// The inference form of `net` ([`crate::fast`]).
+    compiled: crate::fast::Compiled,
     device: Device,
 }
 
@@ -227,19 +229,18 @@ impl LoadedModel {
                 applied.errors
             )));
         }
-        Ok(Self {
-            manifest,
-            net: net.valid(),
-            device: device.clone(),
-        })
+        Ok(Self::from_network(manifest, net, device))
     }
 
     /// A model from a network already in memory, e.g. freshly initialized
     /// for a benchmark. Nothing is verified: no file, no hash.
     pub fn from_network(manifest: Manifest, net: Network, device: &Device) -> Self {
+        let net = net.valid();
+        let compiled = crate::fast::Compiled::new(&net, device);
         Self {
             manifest,
-            net: net.valid(),
+            net,
+            compiled,
             device: device.clone(),
         }
     }
@@ -284,6 +285,22 @@ impl LoadedModel {
     /// The network's outputs on `n` normalized windows, `[n][outputs]`:
     /// class probabilities (classifiers) or the anomaly score (detectors).
     pub fn outputs(&self, windows: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+        self.outputs_via(windows, n, true)
+    }
+
+    /// [`LoadedModel::outputs`] through the network as trained (batch norm
+    /// apart, flex's own convolution): the benchmark's reference for [`crate::fast`].
+    #[doc(hidden)]
+    pub fn outputs_unfolded(&self, windows: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+        self.outputs_via(windows, n, false)
+    }
+
+    fn outputs_via(
+        &self,
+        windows: &[f32],
+        n: usize,
+        compiled: bool,
+    ) -> Result<Vec<f32>, ModelError> {
         let (c, l) = (self.manifest.input.channels, self.manifest.input.length);
         if windows.len() != n * c * l || n == 0 {
             return Err(ModelError::InputShape {
@@ -295,7 +312,11 @@ impl LoadedModel {
             });
         }
         let x = Tensor::<3>::from_data(TensorData::new(windows.to_vec(), [n, c, l]), &self.device);
-        let out = self.net.forward(x);
+        let out = if compiled {
+            self.compiled.forward(&self.net, x)
+        } else {
+            self.net.forward(x)
+        };
         let out = match self.manifest.task {
             Task::Classifier => softmax(out, 1),
             Task::Detector => out,

@@ -11,6 +11,7 @@ pub mod bench_support;
 pub mod dataset;
 pub mod drift;
 pub mod eval;
+pub mod fast;
 pub mod features;
 pub mod manifest;
 pub mod onnx;

@@ -191,8 +191,28 @@ impl Manifest {
                 self.schema
             ));
         }
-        if self.name.trim().is_empty() {
-            p.push("name is empty".into());
+        if !is_plain_name(&self.name) {
+            p.push(format!(
+                "name {:?} must be letters, digits, '.', '_' or '-', not starting with '.' (it names a directory)",
+                self.name
+            ));
+        }
+        if !self
+            .version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            p.push(format!(
+                "version {:?} may only hold letters, digits, '.', '-' and '+'",
+                self.version
+            ));
+        }
+        for f in self.files.keys() {
+            if !is_plain_name(f) {
+                p.push(format!(
+                    "files: {f:?} must be a plain file name in the artifact directory"
+                ));
+            }
         }
         if !is_semver(&self.version) {
             p.push(format!(
@@ -280,6 +300,15 @@ impl Manifest {
     }
 }
 
+/// A file or directory name that stays inside its directory.
+fn is_plain_name(n: &str) -> bool {
+    !n.is_empty()
+        && !n.starts_with('.')
+        && n.len() <= 128
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 fn is_semver(v: &str) -> bool {
     let core = v.split(['-', '+']).next().unwrap_or("");
     let parts: Vec<&str> = core.split('.').collect();
@@ -292,6 +321,16 @@ fn is_semver(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_cannot_leave_their_directory() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+        for good in ["basicmotions-fcn", "model.bpk", "v1_2"] {
+            assert!(is_plain_name(good), "{good:?}");
+        }
+    }
 
     #[test]
     fn semver_check() {

@@ -1,8 +1,7 @@
 //! The audit log: an append-only, hash-chained, crash-safe record of what the
 //! gateway did with its models, policies and data: model loads, activations,
 //! promotions and rollbacks, policy and configuration versions, and for every
-//! published aggregate its id, model version and policy version
-//! ([`AuditEvent`]).
+//! published aggregate its id, model version and policy version ([`kinds`]).
 //!
 //! # File format
 //!
@@ -106,24 +105,35 @@ const MAX_VERIFY_LINE: usize = 16 * MAX_ENTRY;
 const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
 const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 
-/// Entry kinds written by the runtime (the `kind` field).
+/// Entry kinds written by the runtime (the `kind` field) and their `data`.
 pub mod kinds {
-    /// A torn tail was quarantined at open ([`super::AuditLog::open`]).
+    /// A torn tail was quarantined at open ([`super::AuditLog::open`]):
+    /// `{quarantined_bytes, file, offset}`.
     pub const RECOVERED: &str = "recovered";
-    /// [`super::AuditEvent::ModelLoaded`].
+    /// The log did not match its head file at start-up and was moved aside;
+    /// this new chain starts here: `{reason, previous_log}`.
+    pub const AUDIT_RESTARTED: &str = "audit_restarted";
+    /// A run started: `{outpost, gateway, config_sha256, policy_version,
+    /// model, weights_sha256, signed_by}`.
+    pub const START: &str = "start";
+    /// A model was loaded from the registry: `{model, role (active|shadow),
+    /// weights_sha256, signed_by}`.
     pub const MODEL_LOADED: &str = "model_loaded";
-    /// [`super::AuditEvent::ModelActivated`].
+    /// The inference thread was handed a new model set: `{active, shadow, generation}`.
     pub const MODEL_ACTIVATED: &str = "model_activated";
-    /// [`super::AuditEvent::ModelPromoted`].
-    pub const MODEL_PROMOTED: &str = "model_promoted";
-    /// [`super::AuditEvent::ModelRolledBack`].
-    pub const MODEL_ROLLED_BACK: &str = "model_rolled_back";
-    /// [`super::AuditEvent::PolicyVersion`].
-    pub const POLICY_VERSION: &str = "policy_version";
-    /// [`super::AuditEvent::ConfigVersion`].
-    pub const CONFIG_VERSION: &str = "config_version";
-    /// [`super::AuditEvent::AggregatePublished`].
-    pub const AGGREGATE_PUBLISHED: &str = "aggregate_published";
+    /// A model was refused (signature, checksum, incompatible input): `{model, reason}`.
+    pub const MODEL_REFUSED: &str = "model_refused";
+    /// A registry change, `model_<action>` for every action of the
+    /// registry's history (`model_install`, `model_shadow`, `model_promote`,
+    /// `model_rollback`, `model_reject_candidate`, `model_probation_passed`,
+    /// `model_activation_failed`): the history event `{n, ts_ms, action,
+    /// model, from, reason, by}`.
+    pub const MODEL_REGISTRY_PREFIX: &str = "model_";
+    /// The pseudonymization key changed (rotation without restart): `{key_id}`.
+    pub const PRIVACY_KEY_ROTATED: &str = "privacy_key_rotated";
+    /// An aggregate was released to the outbox: `{id, group, window_start,
+    /// model, policy}`.
+    pub const AGGREGATE: &str = "aggregate";
 }
 
 /// Errors of the audit log.
@@ -184,127 +194,6 @@ fn io(path: &Path, source: std::io::Error) -> AuditError {
 /// Where the audit log lives under the runtime's state directory.
 pub fn default_path(state_dir: &Path) -> PathBuf {
     state_dir.join("audit").join("audit.log")
-}
-
-/// An event the runtime records, with its [`kinds`] name and `data` layout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditEvent {
-    /// A model artifact was loaded (not yet serving).
-    ModelLoaded {
-        /// Model name.
-        name: String,
-        /// Model version.
-        version: String,
-        /// SHA-256 of the artifact, hex.
-        sha256: String,
-    },
-    /// A model started serving inferences.
-    ModelActivated {
-        /// Model name.
-        name: String,
-        /// Model version.
-        version: String,
-    },
-    /// A candidate model was promoted to active.
-    ModelPromoted {
-        /// Model name.
-        name: String,
-        /// The promoted version.
-        version: String,
-        /// The version it replaced, if one was active.
-        previous: Option<String>,
-    },
-    /// The active model was rolled back to an earlier version.
-    ModelRolledBack {
-        /// Model name.
-        name: String,
-        /// The version taken out of service.
-        from_version: String,
-        /// The version serving again.
-        to_version: String,
-        /// Why.
-        reason: String,
-    },
-    /// A privacy policy version took effect.
-    PolicyVersion {
-        /// `privacy.policy_version`.
-        version: String,
-    },
-    /// A configuration took effect.
-    ConfigVersion {
-        /// Its version or digest.
-        version: String,
-    },
-    /// An aggregate was published.
-    AggregatePublished {
-        /// The aggregate's id.
-        id: String,
-        /// The model that produced it (name).
-        model: String,
-        /// That model's version.
-        model_version: String,
-        /// The privacy policy version it was released under.
-        policy_version: String,
-    },
-}
-
-impl AuditEvent {
-    /// The entry's `kind`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            AuditEvent::ModelLoaded { .. } => kinds::MODEL_LOADED,
-            AuditEvent::ModelActivated { .. } => kinds::MODEL_ACTIVATED,
-            AuditEvent::ModelPromoted { .. } => kinds::MODEL_PROMOTED,
-            AuditEvent::ModelRolledBack { .. } => kinds::MODEL_ROLLED_BACK,
-            AuditEvent::PolicyVersion { .. } => kinds::POLICY_VERSION,
-            AuditEvent::ConfigVersion { .. } => kinds::CONFIG_VERSION,
-            AuditEvent::AggregatePublished { .. } => kinds::AGGREGATE_PUBLISHED,
-        }
-    }
-
-    /// The entry's `data`: an object with the variant's fields.
-    pub fn data(&self) -> Value {
-        match self {
-            AuditEvent::ModelLoaded {
-                name,
-                version,
-                sha256,
-            } => json!({"name": name, "version": version, "sha256": sha256}),
-            AuditEvent::ModelActivated { name, version } => {
-                json!({"name": name, "version": version})
-            }
-            AuditEvent::ModelPromoted {
-                name,
-                version,
-                previous,
-            } => json!({"name": name, "version": version, "previous": previous}),
-            AuditEvent::ModelRolledBack {
-                name,
-                from_version,
-                to_version,
-                reason,
-            } => json!({
-                "name": name,
-                "from_version": from_version,
-                "to_version": to_version,
-                "reason": reason,
-            }),
-            AuditEvent::PolicyVersion { version } | AuditEvent::ConfigVersion { version } => {
-                json!({"version": version})
-            }
-            AuditEvent::AggregatePublished {
-                id,
-                model,
-                model_version,
-                policy_version,
-            } => json!({
-                "id": id,
-                "model": model,
-                "model_version": model_version,
-                "policy_version": policy_version,
-            }),
-        }
-    }
 }
 
 /// The hashed part of an entry, in file order.
@@ -792,11 +681,6 @@ impl AuditLog {
         self.hash = hash;
         self.dirty = true;
         Ok(seq)
-    }
-
-    /// Record an event ([`AuditLog::append`] with its kind and data).
-    pub fn record(&mut self, event: &AuditEvent) -> Result<u64, AuditError> {
-        self.append(event.kind(), event.data())
     }
 
     /// Make every entry appended so far durable: sync the log, then replace
@@ -2015,83 +1899,6 @@ mod tests {
         let log = AuditLog::open(&path).unwrap();
         assert_eq!(log.head().0, 2);
         assert!(quarantine_files(dir.path()).is_empty());
-    }
-
-    #[test]
-    fn events_are_recorded_with_their_kind_and_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let mut log = AuditLog::open(&path).unwrap();
-        let s = |x: &str| x.to_string();
-        let events = [
-            AuditEvent::ModelLoaded {
-                name: s("pump"),
-                version: s("3"),
-                sha256: s("ab"),
-            },
-            AuditEvent::ModelActivated {
-                name: s("pump"),
-                version: s("3"),
-            },
-            AuditEvent::ModelPromoted {
-                name: s("pump"),
-                version: s("4"),
-                previous: Some(s("3")),
-            },
-            AuditEvent::ModelRolledBack {
-                name: s("pump"),
-                from_version: s("4"),
-                to_version: s("3"),
-                reason: s("drift"),
-            },
-            AuditEvent::PolicyVersion { version: s("p7") },
-            AuditEvent::ConfigVersion { version: s("c1") },
-            AuditEvent::AggregatePublished {
-                id: s("agg-1"),
-                model: s("pump"),
-                model_version: s("3"),
-                policy_version: s("p7"),
-            },
-        ];
-        for e in &events {
-            log.record(e).unwrap();
-        }
-        log.commit().unwrap();
-        drop(log);
-        let lines = read_lines(&path);
-        let got: Vec<(Value, Value)> = lines
-            .iter()
-            .map(|l| {
-                let v = value(l);
-                (v["kind"].clone(), v["data"].clone())
-            })
-            .collect();
-        let want = vec![
-            (
-                json!("model_loaded"),
-                json!({"name": "pump", "version": "3", "sha256": "ab"}),
-            ),
-            (
-                json!("model_activated"),
-                json!({"name": "pump", "version": "3"}),
-            ),
-            (
-                json!("model_promoted"),
-                json!({"name": "pump", "version": "4", "previous": "3"}),
-            ),
-            (
-                json!("model_rolled_back"),
-                json!({"name": "pump", "from_version": "4", "to_version": "3", "reason": "drift"}),
-            ),
-            (json!("policy_version"), json!({"version": "p7"})),
-            (json!("config_version"), json!({"version": "c1"})),
-            (
-                json!("aggregate_published"),
-                json!({"id": "agg-1", "model": "pump", "model_version": "3", "policy_version": "p7"}),
-            ),
-        ];
-        assert_eq!(got, want);
-        assert!(verify(&path).unwrap().ok());
     }
 
     // Tampering, each on a copy of a committed log of 20 entries.

@@ -285,6 +285,12 @@ impl RegistryState {
                 "{candidate} is already active"
             )));
         }
+        if let Some(b) = &self.probation {
+            return Err(GovernanceError::Refused(format!(
+                "{} is on probation (baseline {b} in shadow): wait for it to pass, or promote or roll back first",
+                self.active_id()
+            )));
+        }
         let from = self.candidate.replace(candidate.to_string());
         Ok(self.record("shadow", Some(candidate), from.as_deref(), "", by))
     }
@@ -344,6 +350,26 @@ impl RegistryState {
             return Err(GovernanceError::Refused("no candidate in shadow".into()));
         };
         Ok(self.record("reject_candidate", Some(&c), None, reason, by))
+    }
+
+    /// `id` could not be loaded or verified by the gateway, which runs
+    /// `running`: the desired state goes back to what runs, so that it never
+    /// names a model that is not running.
+    pub fn refuse(&mut self, id: &str, running: &str, why: &str) -> HistoryEvent {
+        if self.active_id() == id {
+            if self.previous.last().map(String::as_str) == Some(running) {
+                self.previous.pop();
+            }
+            self.active = (running != CONFIGURED).then(|| running.to_string());
+            self.probation = None;
+        }
+        if self.candidate.as_deref() == Some(id) {
+            self.candidate = None;
+        }
+        if self.probation.as_deref() == Some(id) {
+            self.probation = None;
+        }
+        self.record("activation_failed", Some(id), None, why, "auto")
     }
 
     /// The probation ended well.
@@ -563,17 +589,36 @@ impl Observation {
     }
 }
 
-/// What the governor decides.
+/// What the governor decides. Each verdict names the state it was made in,
+/// so that it is only carried out if the registry is still in that state (an
+/// operator may have changed it meanwhile).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Nothing to do.
     Continue,
     /// Stop the candidate's shadow run.
-    RejectCandidate(String),
-    /// Roll the active model back.
-    Rollback(String),
+    RejectCandidate {
+        /// The candidate.
+        candidate: String,
+        /// Why.
+        why: String,
+    },
+    /// Roll the model on probation back to its baseline.
+    Rollback {
+        /// The model on probation.
+        model: String,
+        /// The model it replaced.
+        baseline: String,
+        /// Why.
+        why: String,
+    },
     /// The probation is over.
-    ProbationPassed,
+    ProbationPassed {
+        /// The model that passed.
+        model: String,
+        /// The model it replaced.
+        baseline: String,
+    },
 }
 
 /// Thresholds of the governor.
@@ -677,8 +722,9 @@ impl Governor {
                             "agreement {agreement:.3} with {} under {} over {n} windows",
                             o.active, t.min_agreement
                         );
+                        let candidate = candidate.clone();
                         self.phase = Phase::Steady;
-                        Verdict::RejectCandidate(why)
+                        Verdict::RejectCandidate { candidate, why }
                     } else {
                         Verdict::Continue
                     }
@@ -716,13 +762,19 @@ impl Governor {
                 }
                 if !why.is_empty() {
                     let why = format!("{model} on probation: {}", why.join("; "));
+                    let (model, baseline) = (model.clone(), baseline.clone());
                     self.phase = Phase::Steady;
-                    return Verdict::Rollback(why);
+                    return Verdict::Rollback {
+                        model,
+                        baseline,
+                        why,
+                    };
                 }
                 *passed += 1;
                 if *passed >= t.probation_windows {
+                    let (model, baseline) = (model.clone(), baseline.clone());
                     self.phase = Phase::Steady;
-                    Verdict::ProbationPassed
+                    Verdict::ProbationPassed { model, baseline }
                 } else {
                     Verdict::Continue
                 }
@@ -759,13 +811,14 @@ pub type SharedAudit = Arc<std::sync::Mutex<crate::audit::AuditLog>>;
 
 /// Append entries to the audit log and commit them; a failure is logged and
 /// counted, never fatal (the gateway keeps running without a record rather
-/// than stopping the data).
+/// than stopping the data). Returns whether the entries are on disk (true
+/// without an audit log).
 pub fn audit(
     audit: &Option<SharedAudit>,
     metrics: &Metrics,
     entries: &[(&str, serde_json::Value)],
-) {
-    let Some(a) = audit else { return };
+) -> bool {
+    let Some(a) = audit else { return true };
     let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
     let r = entries
         .iter()
@@ -775,10 +828,12 @@ pub fn audit(
         Ok(()) => {
             metrics.audit_entries.inc_by(entries.len() as u64);
             metrics.set_audit_head(log.committed());
+            true
         }
         Err(e) => {
             metrics.audit_errors.inc();
             tracing::error!(error = %e, "cannot write the audit log");
+            false
         }
     }
 }
@@ -886,7 +941,7 @@ impl GovernanceTask {
             .filter(|h| h.n > done)
             .map(|h| {
                 (
-                    format!("model_{}", h.action),
+                    format!("{}{}", crate::audit::kinds::MODEL_REGISTRY_PREFIX, h.action),
                     serde_json::to_value(h).unwrap_or_default(),
                 )
             })
@@ -896,12 +951,32 @@ impl GovernanceTask {
         if new.is_empty() {
             return;
         }
-        audit(&self.audit, &self.metrics, &new);
+        // The cursor moves only past what was written: a failed write is
+        // retried with the next state.
+        if !audit(&self.audit, &self.metrics, &new) || self.audit.is_none() {
+            return;
+        }
         if let Some(last) = state.history.last()
             && let Err(e) = write_atomic(&cursor, last.n.to_string().as_bytes())
         {
             tracing::warn!(error = %e, "cannot record the audited registry history");
         }
+    }
+
+    fn audit_loaded(&self, r: &Runner, role: &str, key_id: Option<String>) {
+        audit(
+            &self.audit,
+            &self.metrics,
+            &[(
+                crate::audit::kinds::MODEL_LOADED,
+                serde_json::json!({
+                    "model": &*r.id,
+                    "role": role,
+                    "weights_sha256": weights_sha256(r),
+                    "signed_by": key_id,
+                }),
+            )],
+        );
     }
 
     /// Make the running models what `state` asks for.
@@ -912,19 +987,7 @@ impl GovernanceTask {
         let active = match self.runner(state.active_id()).await {
             Ok((r, key_id)) => {
                 if r.id != current.active.id {
-                    audit(
-                        &self.audit,
-                        &self.metrics,
-                        &[(
-                            "model_loaded",
-                            serde_json::json!({
-                                "model": &*r.id,
-                                "role": "active",
-                                "weights_sha256": weights_sha256(&r),
-                                "signed_by": key_id,
-                            }),
-                        )],
-                    );
+                    self.audit_loaded(&r, "active", key_id);
                 }
                 r
             }
@@ -934,10 +997,18 @@ impl GovernanceTask {
                 current.active.clone()
             }
         };
+        let is_active = |id: &str| {
+            id == &*active.id || (id == CONFIGURED && Arc::ptr_eq(&active, &self.configured))
+        };
         let shadow = match state.shadow_id() {
-            Some(id) if id == &*active.id => None,
+            Some(id) if is_active(id) => None,
             Some(id) => match self.runner(id).await {
-                Ok((r, _)) => Some(r),
+                Ok((r, key_id)) => {
+                    if current.shadow.as_ref().map(|s| &s.id) != Some(&r.id) {
+                        self.audit_loaded(&r, "shadow", key_id);
+                    }
+                    Some(r)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "the shadow model is refused; running without it");
                     failures.push((id.to_string(), e.to_string()));
@@ -954,7 +1025,7 @@ impl GovernanceTask {
                 &self.audit,
                 &self.metrics,
                 &[(
-                    "model_activated",
+                    crate::audit::kinds::MODEL_ACTIVATED,
                     serde_json::json!({
                         "active": &*active.id,
                         "shadow": shadow.as_ref().map(|s| s.id.to_string()),
@@ -987,18 +1058,22 @@ impl GovernanceTask {
                 &self.audit,
                 &self.metrics,
                 &[(
-                    "model_refused",
+                    crate::audit::kinds::MODEL_REFUSED,
                     serde_json::json!({ "model": id, "reason": why }),
                 )],
             );
-            match self
-                .registry
-                .update(|s| Ok(s.record("activation_failed", Some(&id), None, &why, "auto")))
-            {
-                // Our own write: do not apply it again.
+            // The registry calls the configured model CONFIGURED, not by its id.
+            let running = if Arc::ptr_eq(&active, &self.configured) {
+                CONFIGURED.to_string()
+            } else {
+                active.id.to_string()
+            };
+            match self.registry.update(|s| Ok(s.refuse(&id, &running, &why))) {
                 Ok((_, s)) => {
-                    self.applied = Some(s.generation);
                     self.audit_history(&s);
+                    // The desired state now names what runs; the next poll
+                    // applies it (and whatever the CLI wrote meanwhile).
+                    self.applied = None;
                 }
                 Err(e) => tracing::error!(error = %e, "cannot record the refusal in the registry"),
             }
@@ -1021,38 +1096,59 @@ impl GovernanceTask {
     }
 
     async fn act(&mut self, verdict: Verdict) {
+        let stale = || GovernanceError::Refused("the registry changed meanwhile".into());
         let (result, kind) = match &verdict {
             Verdict::Continue => return,
-            Verdict::RejectCandidate(why) => {
-                tracing::warn!(reason = %why, "shadow candidate rejected");
+            Verdict::RejectCandidate { candidate, why } => {
+                tracing::warn!(%candidate, reason = %why, "shadow candidate rejected");
                 (
-                    self.registry.update(|s| s.reject_candidate(why, "auto")),
+                    self.registry.update(|s| {
+                        if s.candidate.as_deref() != Some(candidate) {
+                            return Err(stale());
+                        }
+                        s.reject_candidate(why, "auto")
+                    }),
                     "candidate_rejected",
                 )
             }
-            Verdict::Rollback(why) => {
-                tracing::warn!(reason = %why, "automatic rollback");
-                self.metrics.model_rollbacks.inc();
+            Verdict::Rollback {
+                model,
+                baseline,
+                why,
+            } => {
+                tracing::warn!(%model, %baseline, reason = %why, "automatic rollback");
                 (
-                    self.registry.update(|s| s.rollback(why, "auto")),
+                    self.registry.update(|s| {
+                        if s.active_id() != model || s.probation.as_deref() != Some(baseline) {
+                            return Err(stale());
+                        }
+                        s.rollback(why, "auto")
+                    }),
                     "rollback",
                 )
             }
-            Verdict::ProbationPassed => {
-                tracing::info!("probation passed");
+            Verdict::ProbationPassed { model, baseline } => {
+                tracing::info!(%model, "probation passed");
                 (
                     self.registry.update(|s| {
-                        s.end_probation("auto")
-                            .ok_or_else(|| GovernanceError::Refused("no probation".into()))
+                        if s.active_id() != model || s.probation.as_deref() != Some(baseline) {
+                            return Err(stale());
+                        }
+                        s.end_probation("auto").ok_or_else(stale)
                     }),
                     "probation_passed",
                 )
             }
         };
         match result {
-            Ok((_, state)) => self.apply(&state).await,
+            Ok((_, state)) => {
+                if kind == "rollback" {
+                    self.metrics.model_rollbacks.inc();
+                }
+                self.apply(&state).await
+            }
             Err(e) => {
-                tracing::error!(error = %e, action = kind, "cannot record the governor's decision")
+                tracing::warn!(error = %e, action = kind, "the governor's decision was not carried out")
             }
         }
     }
@@ -1150,6 +1246,25 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_activation_puts_back_what_runs() {
+        let mut s = RegistryState::default();
+        s.promote(Some("m@1.0.0"), false, "cli").unwrap();
+        s.promote(Some("m@2.0.0"), true, "cli").unwrap();
+        s.refuse("m@2.0.0", "m@1.0.0", "bad signature");
+        assert_eq!(s.active_id(), "m@1.0.0");
+        assert_eq!(
+            s.previous,
+            vec![CONFIGURED.to_string()],
+            "no rollback to itself"
+        );
+        assert_eq!(s.probation, None);
+        assert_eq!(s.history.last().unwrap().action, "activation_failed");
+        s.shadow("m@3.0.0", "cli").unwrap();
+        s.refuse("m@3.0.0", "m@1.0.0", "checksum");
+        assert_eq!((s.active_id(), s.candidate.as_deref()), ("m@1.0.0", None));
+    }
+
+    #[test]
     fn a_disagreeing_candidate_is_rejected() {
         let mut s = RegistryState::default();
         s.shadow("m@2.0.0", "cli").unwrap();
@@ -1165,7 +1280,10 @@ mod tests {
             "too few windows to judge"
         );
         match g.observe(&obs("m@1.0.0", Some(("m@2.0.0", 10, 0.5)), None)) {
-            Verdict::RejectCandidate(why) => assert!(why.contains("0.500"), "{why}"),
+            Verdict::RejectCandidate { candidate, why } => {
+                assert_eq!(candidate, "m@2.0.0");
+                assert!(why.contains("0.500"), "{why}")
+            }
             v => panic!("expected a rejection, got {v:?}"),
         }
     }
@@ -1186,13 +1304,20 @@ mod tests {
             Verdict::Continue
         );
         match g.observe(&obs("m@2.0.0", Some((CONFIGURED, 10, 0.9)), Some(0.7))) {
-            Verdict::Rollback(why) => assert!(why.contains("anomaly rate 0.700"), "{why}"),
+            Verdict::Rollback {
+                model,
+                baseline,
+                why,
+            } => {
+                assert_eq!((model.as_str(), baseline.as_str()), ("m@2.0.0", CONFIGURED));
+                assert!(why.contains("anomaly rate 0.700"), "{why}")
+            }
             v => panic!("expected a rollback, got {v:?}"),
         }
         let mut g = Governor::new(thresholds());
         g.follow(&s);
         match g.observe(&obs("m@2.0.0", Some((CONFIGURED, 10, 0.2)), Some(0.1))) {
-            Verdict::Rollback(why) => assert!(why.contains("agreement 0.200"), "{why}"),
+            Verdict::Rollback { why, .. } => assert!(why.contains("agreement 0.200"), "{why}"),
             v => panic!("expected a rollback, got {v:?}"),
         }
         let mut g = Governor::new(thresholds());
@@ -1202,7 +1327,7 @@ mod tests {
         assert_eq!(g.observe(&good), Verdict::Continue);
         // Re-reading the same state keeps the count.
         g.follow(&s);
-        assert_eq!(g.observe(&good), Verdict::ProbationPassed);
+        assert!(matches!(g.observe(&good), Verdict::ProbationPassed { .. }));
         assert_eq!(g.observe(&good), Verdict::Continue, "steady afterwards");
     }
 

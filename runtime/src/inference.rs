@@ -486,8 +486,10 @@ mod tests {
             shadow: None,
         });
         let metrics = Arc::new(Metrics::new());
+        // Small channels: inference can be at most a few windows ahead of
+        // this test when it swaps, so the swap lands mid-stream.
         let (win_tx, win_rx) = flume::bounded(4);
-        let (inf_tx, inf_rx) = flume::bounded(1024);
+        let (inf_tx, inf_rx) = flume::bounded(4);
         let handle = spawn(
             slot.clone(),
             win_rx,
@@ -514,8 +516,9 @@ mod tests {
             active: b.clone(),
             shadow: Some(a.clone()),
         });
-        sender.join().unwrap();
+        // Drain before joining the sender: with small channels, it waits on us.
         out.extend(inf_rx.iter());
+        sender.join().unwrap();
         handle.join().unwrap().unwrap();
         assert_eq!(out.len(), n, "every window once");
         let ends: Vec<i64> = out.iter().map(|r| r.ts_ms).collect();

@@ -345,6 +345,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = outpost::audit::verify(&path)
                 .with_context(|| format!("cannot read the audit log {}", path.display()))?;
             println!("{}: {report}", path.display());
+            // A chain that starts over is whole, but says a break happened.
+            if let Some(first) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.lines().next().map(str::to_string))
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+                && first["kind"] == outpost::audit::kinds::AUDIT_RESTARTED
+            {
+                println!(
+                    "note: this chain was started over at start-up ({}); the log before it was kept as {}",
+                    first["data"]["reason"].as_str().unwrap_or("?"),
+                    first["data"]["previous_log"].as_str().unwrap_or("?")
+                );
+            }
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {

@@ -17,8 +17,6 @@
 
 use std::io::Write;
 use std::sync::Arc;
-
-use sha2::Digest;
 use std::time::Duration;
 
 use outpost_models::LoadedModel;
@@ -173,6 +171,8 @@ fn start_core(
     readings: flume::Receiver<Reading>,
     decisions: Option<(flume::Sender<Decision>, DecisionFilter)>,
     observations: Option<flume::Sender<Observation>>,
+    audit: Option<SharedAudit>,
+    privacy_state: &std::path::Path,
     live: bool,
 ) -> Result<Core, PipelineError> {
     let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
@@ -193,6 +193,16 @@ fn start_core(
             let fixed = grouper.fixed_group(&r.sensor);
             let (r, s) = privacy.apply(r);
             count_privacy(&metrics, &s);
+            if s.key_reloads > 0 {
+                governance::audit(
+                    &audit,
+                    &metrics,
+                    &[(
+                        crate::audit::kinds::PRIVACY_KEY_ROTATED,
+                        serde_json::json!({ "key_id": privacy.key_id() }),
+                    )],
+                );
+            }
             let group = fixed.unwrap_or_else(|| grouper.group_of(&r));
             if let Some(w) = windower.push(r, group) {
                 metrics.windows.inc();
@@ -226,7 +236,7 @@ fn start_core(
         tx: agg_tx,
         metrics: p.metrics.clone(),
         observations,
-        release: Release::new(&p.cfg.privacy, &p.cfg.gateway.state_dir, key_handle)?,
+        release: Release::new(&p.cfg.privacy, privacy_state, key_handle)?,
         released: Vec::new(),
     };
     tasks.push(tokio::spawn(async move {
@@ -368,6 +378,20 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     );
     let stop_sources = CancellationToken::new();
     let stop_all = CancellationToken::new();
+    // Group names leave the gateway, in each aggregate and its topic.
+    if cfg.privacy.key.is_some() && cfg.uplink.is_some() {
+        let raw = match &cfg.aggregation.group_by {
+            crate::config::GroupBy::Sensor => !cfg.privacy.pseudonymize_sensor,
+            crate::config::GroupBy::Attr(a) => !cfg.privacy.pseudonymize_attrs.contains(a),
+            crate::config::GroupBy::Gateway => false,
+        };
+        if raw {
+            tracing::warn!(
+                group_by = ?cfg.aggregation.group_by,
+                "aggregates are grouped by a field that is not pseudonymized, and group names are published: if it can identify a person, pseudonymize it (privacy.pseudonymize_sensor or privacy.pseudonymize_attrs)"
+            );
+        }
+    }
 
     let manifest = p.model.manifest();
     metrics.set_model(&ModelStatus {
@@ -441,13 +465,12 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         &audit,
         &metrics,
         &[(
-            "start",
+            crate::audit::kinds::START,
             serde_json::json!({
                 "outpost": env!("CARGO_PKG_VERSION"),
                 "gateway": &cfg.gateway.id,
                 "config_sha256": &cfg.source_sha256,
                 "policy_version": &cfg.privacy.policy_version,
-                "policy_sha256": hex::encode(sha2::Sha256::digest(format!("{:?}", cfg.privacy))),
                 "model": &*p.configured.id,
                 "weights_sha256": manifest.files.get(&manifest.weights),
                 "signed_by": &p.signed_by,
@@ -477,7 +500,15 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
 
     // Core stages.
     let (read_tx, read_rx) = flume::bounded(cfg.ingest.channel_capacity);
-    let core = start_core(&p, read_rx, decisions, observations, true)?;
+    let core = start_core(
+        &p,
+        read_rx,
+        decisions,
+        observations,
+        audit.clone(),
+        &cfg.gateway.state_dir,
+        true,
+    )?;
 
     // Outbox and uplink.
     let outbox: Box<dyn crate::outbox::Outbox> = match cfg.outbox.kind {
@@ -554,6 +585,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
                     topic: health_topic,
                     interval: Duration::from_secs(u.health_interval_s),
                     retain: u.health_retain,
+                    withhold_counts: cfg.privacy.differential_privacy.is_some(),
                 }),
             };
             let max_inflight = u.max_inflight;
@@ -725,7 +757,7 @@ fn open_audit(
             }
             let mut log = crate::audit::AuditLog::open(path)?;
             log.append(
-                "audit_restarted",
+                crate::audit::kinds::AUDIT_RESTARTED,
                 serde_json::json!({ "reason": detail, "previous_log": moved.display().to_string() }),
             )?;
             log.commit()?;
@@ -825,7 +857,7 @@ fn write_outbox(
                 Ok(_) => {
                     if let Some(log) = audit {
                         let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
-                            "aggregate",
+                            crate::audit::kinds::AGGREGATE,
                             serde_json::json!({
                                 "id": &a.id,
                                 "group": &a.group,
@@ -931,7 +963,30 @@ pub async fn replay(
     out: &mut dyn Write,
 ) -> Result<Arc<Metrics>, PipelineError> {
     let (read_tx, read_rx) = flume::bounded(p.cfg.ingest.channel_capacity);
-    let core = start_core(&p, read_rx, None, None, false)?;
+    // Replay never spends (or is stopped by) the gateway's privacy budget:
+    // its accountant lives in a directory of its own, removed at the end.
+    let scratch = std::env::temp_dir().join(format!(
+        "outpost-replay-{}-{}",
+        std::process::id(),
+        crate::reading::now_ms()
+    ));
+    let core = start_core(&p, read_rx, None, None, None, &scratch, false);
+    let result = match core {
+        Ok(core) => replay_core(&p, core, read_tx, input, format, out).await,
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.map(|()| p.metrics.clone())
+}
+
+async fn replay_core(
+    p: &Prepared,
+    core: Core,
+    read_tx: flume::Sender<Reading>,
+    input: std::path::PathBuf,
+    format: FileFormat,
+    out: &mut dyn Write,
+) -> Result<(), PipelineError> {
     let ctx = IngestCtx::new("replay", p.validator(), read_tx, p.metrics.clone());
     let source = SourceConfig::File(FileSourceConfig {
         name: "replay".into(),
@@ -961,5 +1016,5 @@ pub async fn replay(
         Ok(r) => r?,
         Err(_) => return Err(InferenceError::Panicked.into()),
     }
-    Ok(p.metrics)
+    Ok(())
 }

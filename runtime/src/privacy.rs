@@ -1,7 +1,8 @@
 //! The privacy policy (`[privacy]`), in two stages.
 //!
 //! 1. **At ingest** ([`Privacy`]), on every reading before anything is
-//!    windowed, stored or queued, in this order:
+//!    windowed or stored (it waits raw only in the bounded in-memory channel
+//!    from its source), in this order:
 //!    - *allowlist*: attributes not in `allow_attrs` are dropped and counted;
 //!    - *free text*: the whole value of each `free_text_attrs` attribute is
 //!      replaced by `"[redacted]"`;

@@ -128,6 +128,11 @@ pub struct Status {
     /// the local log (a rewritten log no longer reaches this hash).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_head: Option<AuditHead>,
+    /// The counts that describe the data (readings, rejects, inferences and
+    /// what derives from them) are zeroed: differential privacy is on, and
+    /// exact running totals would undo the noise of the aggregates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub counts_withheld: bool,
 }
 
 /// Sequence number and hash of an audit log entry.
@@ -189,7 +194,22 @@ impl Status {
             audit_head: metrics
                 .audit_head()
                 .map(|(seq, sha256)| AuditHead { seq, sha256 }),
+            counts_withheld: false,
         }
+    }
+
+    /// This status with the data counts zeroed (see
+    /// [`Status::counts_withheld`]): what the cloud gets when the privacy
+    /// policy adds noise to the aggregates.
+    pub fn withhold_counts(mut self) -> Self {
+        self.readings = 0;
+        self.rejected = 0;
+        self.inferences = 0;
+        self.inference_errors = 0;
+        self.cpu_us_per_inference = None;
+        self.uplink_bytes_per_inference = None;
+        self.counts_withheld = true;
+        self
     }
 
     /// A human summary, a few lines (`outpost status`).
@@ -365,6 +385,19 @@ mod tests {
         );
         assert!(h.contains("outbox  3 waiting (0 B), oldest 90 s"), "{h}");
         assert!(h.contains("250.0 B per window"), "{h}");
+    }
+
+    #[test]
+    fn withheld_counts_are_zero_and_marked() {
+        let m = Metrics::new();
+        m.inferences.inc_by(40);
+        m.inference_cpu_us.inc_by(4000);
+        let s = Status::snapshot(&m, "gw", 0).withhold_counts();
+        assert_eq!((s.inferences, s.cpu_us_per_inference), (0, None));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"counts_withheld\":true"), "{json}");
+        let back: Status = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -539,6 +539,8 @@ pub struct HealthSettings {
     pub interval: Duration,
     /// Publish them retained.
     pub retain: bool,
+    /// Zero the data counts ([`crate::status::Status::withhold_counts`]).
+    pub withhold_counts: bool,
 }
 
 /// Payload compression of the uplink.
@@ -741,8 +743,11 @@ fn send_health<S: Session>(session: &mut S, settings: &UplinkSettings, metrics: 
     let Some(h) = &settings.health else {
         return;
     };
-    let status =
+    let mut status =
         crate::status::Status::snapshot(metrics, &settings.gateway, crate::reading::now_ms());
+    if h.withhold_counts {
+        status = status.withhold_counts();
+    }
     // Plain data with string keys: serializing cannot fail.
     let payload = serde_json::to_vec(&status).unwrap_or_default();
     match session.try_publish_health(h.topic.clone(), payload, h.retain) {
@@ -1191,6 +1196,7 @@ mod tests {
             topic: "outpost/gw-9/health".into(),
             interval: Duration::from_secs(60),
             retain: true,
+            withhold_counts: false,
         });
         // Two connections (the first fails at its 2nd publish): one health
         // message at each CONNACK, none taking a packet id from the window.

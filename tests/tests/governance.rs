@@ -511,5 +511,78 @@ path = "{}"
     let first: Value = serde_json::from_str(fresh.lines().next().unwrap()).unwrap();
     assert_eq!(first["kind"], "audit_restarted");
     assert_eq!(first["seq"], 1);
-    run_ok(outpost().args(["audit", "verify", "--log"]).arg(&log));
+    let out = run_ok(outpost().args(["audit", "verify", "--log"]).arg(&log));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("started over"), "verify says so: {out}");
+}
+
+#[test]
+fn a_version_tampered_in_the_registry_is_refused_by_the_running_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (secret, public) = keygen(tmp.path(), "publisher");
+    let good = variant(&tmp.path().join("good"), "1.1.0", |_| {});
+    sign(&secret, &good);
+    let site = Broker::start();
+    let registry = tmp.path().join("registry");
+    let config_text = format!(
+        r#"{}
+[governance]
+registry_dir = "{}"
+trusted_keys = ["{}"]
+poll_interval_ms = 100
+"#,
+        site_config("gw-tamper", site.port),
+        registry.display(),
+        public.display()
+    );
+    let config = tmp.path().join("outpost.toml");
+    std::fs::write(&config, &config_text).unwrap();
+    let gw = Outpost::run(&config_text);
+    run_ok(
+        outpost()
+            .args(["models", "install"])
+            .arg(&good)
+            .arg("--config")
+            .arg(&config),
+    );
+    // Someone with write access to the gateway's disk swaps a weight byte.
+    let weights = registry.join("basicmotions-fcn@1.1.0").join("model.bpk");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n / 3] ^= 0x10;
+    std::fs::write(&weights, bytes).unwrap();
+    models(&config, &["promote", "basicmotions-fcn@1.1.0"]);
+    gw.wait_metric(
+        "outpost_model_refused_total",
+        &[],
+        1.0,
+        Duration::from_secs(20),
+    );
+    wait_until(
+        "the registry to name what runs again",
+        Duration::from_secs(20),
+        || {
+            let s = registry_state(&config);
+            s["active"].is_null()
+                && s["history"].as_array().unwrap().iter().any(|h| {
+                    h["action"] == "activation_failed"
+                        && h["model"] == "basicmotions-fcn@1.1.0"
+                        && h["reason"].as_str().unwrap_or("").contains("model.bpk")
+                })
+        },
+    );
+    assert_eq!(
+        gw.metric("outpost_model_swaps_total", &[]),
+        0.0,
+        "nothing was swapped in"
+    );
+    assert!(
+        gw.http("/readyz").starts_with("HTTP/1.1 200"),
+        "the gateway runs on"
+    );
+    assert!(
+        gw.metric("outpost_model_info", &["version=\"1.0.0\""]) == 1.0
+            || gw.http("/metrics").contains("version=\"1.0.0\""),
+        "the configured model still serves"
+    );
 }

@@ -36,8 +36,10 @@ fn daphnet(rows: usize) -> Vec<(Vec<String>, Vec<f32>)> {
         .collect()
 }
 
-#[test]
-fn nothing_personal_or_raw_leaves_the_gateway() {
+/// Run a gateway with `privacy` (the `[privacy]` tables) and `group_by`
+/// over Daphnet rows laden with personal data; return every message the
+/// cloud broker carried, once the gateway has drained and stopped.
+fn egress(privacy: &str, group_by: &str, rows: &[(Vec<String>, Vec<f32>)]) -> Vec<Message> {
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("pseudonym.key");
     std::fs::write(
@@ -50,7 +52,23 @@ fn nothing_personal_or_raw_leaves_the_gateway() {
     // Everything the cloud broker carries, retained messages and last wills included.
     let all = Subscriber::start(cloud.port, "#");
     let config = format!(
-        r#"{}
+        r#"
+[gateway]
+id = "gw-egress"
+shutdown_timeout_ms = 10000
+
+[[sources]]
+type = "mqtt"
+name = "site"
+broker = {{ host = "127.0.0.1", port = {} }}
+topics = ["sensors/+/data"]
+sensor_from = "topic:1"
+
+[aggregation]
+window_ms = 10000
+allowed_lateness_ms = 0
+group_by = "{group_by}"
+
 [privacy]
 policy_version = "egress-test-1"
 allow_attrs = ["ward", "patient_id", "note"]
@@ -59,10 +77,7 @@ pseudonymize_attrs = ["patient_id"]
 key = {{ file = "{}" }}
 free_text_attrs = ["note"]
 redact = ["email", "phone"]
-
-[privacy.k_anonymity]
-min_subjects = 1
-min_readings = 1
+{privacy}
 
 [uplink]
 broker = {{ host = "127.0.0.1", port = {} }}
@@ -70,14 +85,13 @@ allow_plaintext = true
 topic = "outpost/{{gateway}}/agg/{{group}}"
 health_interval_s = 1
 "#,
-        site_config("gw-egress", site.port),
+        site.port,
         key.display(),
         cloud.port
     );
     let mut gw = Outpost::run(&config);
     gw.wait_subscribed();
 
-    let rows = daphnet(1500);
     let t = now_ms() - 10 * 60_000;
     let base = t - t.rem_euclid(10_000);
     let mut p = Publisher::connect(site.port);
@@ -107,24 +121,34 @@ health_interval_s = 1
     gw.signal(libc::SIGTERM);
     assert!(gw.wait(Duration::from_secs(30)).success());
     // The drain published everything; wait until the subscriber has it.
+    let produced = gw.produced_aggregates();
+    assert!(produced > 0);
     wait_until(
-        "every reading in an aggregate",
+        "every aggregate at the cloud broker",
         Duration::from_secs(20),
         || {
             let mut ids = std::collections::BTreeSet::new();
             all.json()
                 .iter()
-                .filter(|a| a.get("readings").is_some() && ids.insert(a["id"].to_string()))
-                .map(|a| a["readings"].as_u64().unwrap_or(0))
-                .sum::<u64>()
-                == rows.len() as u64
+                .filter(|a| a.get("window_start").is_some() && ids.insert(a["id"].to_string()))
+                .count() as u64
+                == produced
         },
     );
+    all.messages()
+}
 
-    let messages = all.messages();
-    assert!(!messages.is_empty());
-    let mut aggregates = 0;
-    for m in &messages {
+/// Assert that nothing personal or raw is in `messages`; returns the
+/// aggregates and the health messages, parsed.
+fn check(
+    messages: &[Message],
+    rows: &[(Vec<String>, Vec<f32>)],
+) -> (
+    Vec<outpost::aggregate::Aggregate>,
+    Vec<outpost::status::Status>,
+) {
+    let (mut aggregates, mut health) = (Vec::new(), Vec::new());
+    for m in messages {
         let text = String::from_utf8_lossy(&m.payload).to_string() + " " + &m.topic;
         for secret in [
             NAME,
@@ -145,9 +169,9 @@ health_interval_s = 1
                 m.topic
             );
         }
-        // Raw values: no three consecutive readings' values of a row, in
-        // any of the forms a serializer would write them.
-        for (fields, values) in &rows {
+        // Raw values: no three consecutive values of a row, in any of the
+        // forms a serializer would write them.
+        for (fields, values) in rows {
             let as_text = fields[..3].join(",");
             let as_f32 = values[..3]
                 .iter()
@@ -175,15 +199,54 @@ health_interval_s = 1
                     "the group is a token: {}",
                     a.group
                 );
+                assert!(m.topic.ends_with(&a.group), "{}", m.topic);
                 assert_eq!(a.policy.version, "egress-test-1");
                 assert_eq!(a.policy.key_id.as_deref(), Some("k2026-11"));
-                aggregates += 1;
+                aggregates.push(a);
             }
         } else {
             assert!(m.topic.ends_with("/health"), "unexpected topic {}", m.topic);
-            let _: outpost::status::Status =
-                serde_json::from_value(v).expect("the health message is a status");
+            health.push(serde_json::from_value(v).expect("the health message is a status"));
         }
     }
-    assert!(aggregates > 0);
+    assert!(!aggregates.is_empty());
+    (aggregates, health)
+}
+
+#[test]
+fn nothing_personal_or_raw_leaves_the_gateway() {
+    let rows = daphnet(1500);
+    // Grouped by the (pseudonymized) sensor: exact counts.
+    let messages = egress(
+        "[privacy.k_anonymity]\nmin_subjects = 1\nmin_readings = 1\n",
+        "sensor",
+        &rows,
+    );
+    let (aggs, _) = check(&messages, &rows);
+    let readings: u64 = aggs.iter().map(|a| a.readings).sum();
+    assert_eq!(
+        readings,
+        rows.len() as u64,
+        "every reading counted, under a token"
+    );
+}
+
+#[test]
+fn nothing_personal_leaves_with_noise_grouped_by_a_pseudonymized_attribute() {
+    let rows = daphnet(1500);
+    let messages = egress(
+        "[privacy.differential_privacy]\nepsilon = 1.0\nbudget = 1000.0\n",
+        "attr:patient_id",
+        &rows,
+    );
+    let (aggs, health) = check(&messages, &rows);
+    for a in &aggs {
+        assert_eq!(a.policy.epsilon, Some(1.0), "noised: {a:?}");
+        assert!(a.score.is_none(), "scores are not released under noise");
+    }
+    assert!(!health.is_empty());
+    for h in &health {
+        assert!(h.counts_withheld, "exact totals would undo the noise");
+        assert_eq!((h.readings, h.inferences), (0, 0));
+    }
 }
