@@ -448,13 +448,9 @@ pub fn store_reference(dir: &Path, reference: Reference) -> Result<Manifest, Mod
         path: origin,
         message: e.to_string(),
     })?;
-    // Write beside and rename, so that a reader never sees half a manifest.
-    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
-    std::fs::write(&tmp, text + "\n").map_err(|source| ModelError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|source| ModelError::Io { path, source })?;
+    // Never half a manifest, even after a power cut.
+    crate::fsutil::write_atomic(&path, (text + "\n").as_bytes())
+        .map_err(|source| ModelError::Io { path, source })?;
     Ok(manifest)
 }
 

@@ -13,6 +13,7 @@ pub mod drift;
 pub mod eval;
 pub mod fast;
 pub mod features;
+pub mod fsutil;
 pub mod manifest;
 pub mod onnx;
 #[cfg(feature = "train")]

@@ -360,10 +360,8 @@ pub fn sign_artifact(dir: &Path, key: &SigningKey) -> Result<SignatureFile, Sign
     let path = dir.join(SIGNATURE_FILE);
     let text = serde_json::to_string_pretty(&file)
         .map_err(|e| sig_error(&path, format!("cannot encode: {e}")))?;
-    // Write beside and rename, so that a reader never sees half a signature.
-    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
-    std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    // Never half a signature, even after a power cut.
+    crate::fsutil::write_atomic(&path, (text + "\n").as_bytes()).map_err(io(&path))?;
     Ok(file)
 }
 

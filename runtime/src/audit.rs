@@ -330,9 +330,7 @@ fn dir_of(path: &Path) -> &Path {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
+    outpost_models::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
 }
 
 fn now_ms() -> i64 {
@@ -370,12 +368,7 @@ fn write_head(head_path: &Path, seq: u64, hash: &str) -> Result<(), AuditError> 
         hash: hash.to_string(),
     })?;
     bytes.push(b'\n');
-    let tmp = with_suffix(head_path, ".tmp");
-    let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, head_path).map_err(|e| io(head_path, e))?;
-    sync_dir(dir_of(head_path))
+    outpost_models::fsutil::write_atomic(head_path, &bytes).map_err(|e| io(head_path, e))
 }
 
 /// A complete line in the tail window.

@@ -541,18 +541,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GovernanceError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), GovernanceError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    outpost_models::fsutil::sync_dir(dir).map_err(io(dir))
 }
 
 /// Replace `path` with `bytes` atomically and durably.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GovernanceError> {
-    let tmp = path.with_extension("tmp");
-    write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
-    }
-    Ok(())
+    outpost_models::fsutil::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// What the governor learns from one aggregate.

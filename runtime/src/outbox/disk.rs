@@ -261,21 +261,12 @@ fn summarize(file: &File, size: u64) -> Summary {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
+    outpost_models::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
 }
 
-/// Write `path` whole or not at all: beside it, synced, renamed over.
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    sync_dir(dir)
+/// Write `path` whole or not at all.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
+    outpost_models::fsutil::write_atomic(path, bytes).map_err(|e| io(path, e))
 }
 
 /// Encode one record.
@@ -563,7 +554,7 @@ impl DiskOutbox {
                     let path = dir.join(seg_name(seg.first));
                     let file = File::open(&path).map_err(|e| io(&path, e))?;
                     let sum = summarize(&file, seg.size);
-                    write_atomic(&dir, &sum_path, &encode_summary(seg.size, &sum))?;
+                    write_atomic(&sum_path, &encode_summary(seg.size, &sum))?;
                     sum
                 }
             };
@@ -594,11 +585,7 @@ impl DiskOutbox {
         let sealed = self.segments.last().is_some_and(|s| s.first != first);
         if sealed && let Some(seg) = self.segments.iter().find(|s| s.first == first) {
             let dir = self.settings.dir.clone();
-            write_atomic(
-                &dir,
-                &dir.join(sum_name(first)),
-                &encode_summary(seg.size, &sum),
-            )?;
+            write_atomic(&dir.join(sum_name(first)), &encode_summary(seg.size, &sum))?;
         }
         self.forget_summary(first);
         for (g, n) in &sum {
@@ -912,7 +899,7 @@ impl DiskOutbox {
         let _ = std::fs::remove_file(&sum_path);
         // A crash leaves the old or the new segment, never half of one
         // (`*.tmp` files are removed at open).
-        write_atomic(&self.settings.dir, &path, &bytes)?;
+        write_atomic(&path, &bytes)?;
         let new_size = bytes.len() as u64;
         self.segments[idx].size = new_size;
         if self.pos.is_some_and(|p| p.segment_first == seg.first) {
@@ -1044,7 +1031,6 @@ impl DiskOutbox {
             let sum = self.summaries.get(&seg.first).cloned().unwrap_or_default();
             let dir = self.settings.dir.clone();
             write_atomic(
-                &dir,
                 &dir.join(sum_name(seg.first)),
                 &encode_summary(seg.size, &sum),
             )?;
@@ -1074,7 +1060,7 @@ impl DiskOutbox {
         }
         let c = crc32fast::hash(&b);
         b.extend_from_slice(&c.to_le_bytes());
-        write_atomic(&self.settings.dir, &self.settings.dir.join("acked"), &b)?;
+        write_atomic(&self.settings.dir.join("acked"), &b)?;
         self.acks_dirty = false;
         Ok(())
     }
