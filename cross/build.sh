@@ -29,8 +29,10 @@ case "${1:-}" in
     *) targets=("$@") ;;
 esac
 
-mkdir -p target
-: >target/cross-sizes.txt
+# Cargo's output directory (CARGO_TARGET_DIR when set).
+tgt="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$tgt"
+: >"$tgt/cross-sizes.txt"
 for t in "${targets[@]}"; do
     start=$(date +%s)
     case "$t" in
@@ -45,9 +47,9 @@ for t in "${targets[@]}"; do
             cargo build --locked --release -p outpost-runtime --bin outpost --target "$t"
             ;;
     esac
-    bin="target/$t/release/outpost"
+    bin="$tgt/$t/release/outpost"
     size=$(stat -c %s "$bin")
     line="$t $size bytes ($(awk "BEGIN{printf \"%.1f\", $size/1048576}") MiB), built in $(($(date +%s) - start)) s"
     echo "cross/build.sh: $line"
-    echo "$line" >>target/cross-sizes.txt
+    echo "$line" >>"$tgt/cross-sizes.txt"
 done

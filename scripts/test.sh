@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 start=$(date +%s)
+# Cargo's output directory (CARGO_TARGET_DIR when set).
+tgt="${CARGO_TARGET_DIR:-target}"
 step() { echo "== $* ($(($(date +%s) - start)) s)"; }
 
 step "setup: system packages and datasets"
@@ -41,10 +43,10 @@ cargo test -p outpost-tests --test cross --locked -- --ignored
 # security score, the binary's system calls against its sandbox), and every
 # example configuration through `outpost check`: deploy/README.md.
 step "deploy/tests (x86-64 debug binary)"
-deploy/tests/run.sh target/debug/outpost
+deploy/tests/run.sh "$tgt/debug/outpost"
 # The packages of the ARM binaries just tested under qemu.
 step "deploy/package.sh: arm64 and armhf"
-deploy/package.sh --out target/dist target/aarch64-unknown-linux-gnu/release/outpost arm64
-deploy/package.sh --out target/dist target/armv7-unknown-linux-gnueabihf/release/outpost armhf
+deploy/package.sh --out "$tgt/dist" "$tgt/aarch64-unknown-linux-gnu/release/outpost" arm64
+deploy/package.sh --out "$tgt/dist" "$tgt/armv7-unknown-linux-gnueabihf/release/outpost" armhf
 
 step "done"
