@@ -11,6 +11,10 @@
 #                             cargo-zigbuild (cross/setup-musl.sh installs both
 #                             from PyPI and adds the rustup targets)
 #   cross/build.sh TARGET...  only these targets
+#   cross/build.sh --features gpu [...]
+#                             with GPU inference (burn's wgpu backend, for
+#                             Jetson-class boards); adds about 20 minutes of
+#                             build per target, and is not what CI tests
 #
 # Binaries go to target/<target>/release/outpost (stripped: see
 # [profile.release] in Cargo.toml); their sizes are printed and written to
@@ -20,6 +24,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 GNU=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 MUSL=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
+
+features=()
+if [[ "${1:-}" == --features ]]; then
+    [[ $# -ge 2 ]] || { echo "cross/build.sh: --features needs a value" >&2; exit 2; }
+    features=(--features "$2")
+    shift 2
+fi
 
 targets=()
 case "${1:-}" in
@@ -41,10 +52,10 @@ for t in "${targets[@]}"; do
                 echo "cross/build.sh: cargo-zigbuild not found; run cross/setup-musl.sh" >&2
                 exit 1
             }
-            cargo zigbuild --locked --release -p outpost-runtime --bin outpost --target "$t"
+            cargo zigbuild --locked --release -p outpost-runtime --bin outpost --target "$t" ${features[@]+"${features[@]}"}
             ;;
         *)
-            cargo build --locked --release -p outpost-runtime --bin outpost --target "$t"
+            cargo build --locked --release -p outpost-runtime --bin outpost --target "$t" ${features[@]+"${features[@]}"}
             ;;
     esac
     bin="$tgt/$t/release/outpost"

@@ -37,6 +37,8 @@ PACKAGES=(
     qemu-user-static         # cross/: runs the ARM binaries in the tests
     strace                   # deploy/tests/test-sandbox.sh: the gateway's system calls against the unit's filter
     binutils                 # deploy/package.sh: readelf (architecture, glibc version)
+    mesa-vulkan-drivers      # lavapipe, a software Vulkan device: the GPU (wgpu) tests run on it
+    libvulkan1               # the Vulkan loader wgpu opens at run time
 )
 
 # ---------------------------------------------------------------------------

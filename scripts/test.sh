@@ -18,14 +18,18 @@ cargo fmt --all -- --check
 
 # --all-targets: the binaries the end-to-end tests run are built with the
 # same feature set as the tests, so `cargo test` reuses every artifact.
-step "cargo build --all-targets"
-cargo build --workspace --all-targets --locked
+# --features gpu: one build with burn's wgpu backend serves the CPU and the
+# GPU tests alike (the GPU ones run on lavapipe, installed by setup.sh); the
+# build without it is the ARM one below, which is what ships.
+features=(--features gpu)
+step "cargo build --all-targets ${features[*]}"
+cargo build --workspace --all-targets --locked "${features[@]}"
 
 step "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 step "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked "${features[@]}"
 
 # The sensor driver is no_std and generic over embedded-hal: it must build
 # for a microcontroller as well as for the gateway.

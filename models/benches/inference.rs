@@ -12,10 +12,11 @@
 //! cargo bench -p outpost-models --bench inference -- --quick # seconds
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::tensor::Device;
 use outpost_models::arch::Network;
+use outpost_models::bench_support::{measure, windows};
 use outpost_models::manifest::{Architecture, InputKind};
 use outpost_models::{LoadedModel, Manifest, bundled};
 use tract_onnx::prelude::*;
@@ -106,33 +107,6 @@ fn peak_flops() -> (f64, String) {
     )
 }
 
-/// Median over `rounds` of the mean time per call, the two contenders in
-/// alternating rounds so that drift hits both.
-fn measure(round: Duration, rounds: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
-    let time = |f: &mut dyn FnMut()| {
-        let start = Instant::now();
-        let mut n = 0u32;
-        while n < 3 || start.elapsed() < round {
-            f();
-            n += 1;
-        }
-        start.elapsed().as_secs_f64() / n as f64
-    };
-    // Warm-up: caches, allocator, lazily built kernels.
-    time(&mut a);
-    time(&mut b);
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        ta.push(time(&mut a));
-        tb.push(time(&mut b));
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(&mut ta), median(&mut tb))
-}
-
 fn mlp(device: &Device) -> LoadedModel {
     let mut manifest: Manifest =
         serde_json::from_slice(bundled::MANIFEST).expect("the bundled manifest parses");
@@ -149,19 +123,6 @@ fn mlp(device: &Device) -> LoadedModel {
         device,
     );
     LoadedModel::from_network(manifest, net, device)
-}
-
-/// Deterministic windows, roughly normalized.
-fn windows(n: usize) -> Vec<f32> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
 }
 
 fn main() {

@@ -234,15 +234,45 @@ impl LoadedModel {
 
     /// A model from a network already in memory, e.g. freshly initialized
     /// for a benchmark. Nothing is verified: no file, no hash.
+    ///
+    /// On the CPU the network runs in its compiled form ([`crate::fast`]);
+    /// on a GPU as trained, through burn's own kernels, which run it faster
+    /// there than the im2col form's many small slices (BENCHMARKS.md, "GPU").
     pub fn from_network(manifest: Manifest, net: Network, device: &Device) -> Self {
         let net = net.valid();
-        let compiled = crate::fast::Compiled::new(&net, device);
+        let compiled = if *device == Device::flex() {
+            crate::fast::Compiled::new(&net, device)
+        } else {
+            crate::fast::Compiled::Plain
+        };
         Self {
             manifest,
             net,
             compiled,
             device: device.clone(),
         }
+    }
+
+    /// The same model on `device`: the weights copied there and the
+    /// inference form rebuilt. `self` stays where it is (the CPU copy a
+    /// failing GPU falls back to).
+    pub fn to_device(&self, device: &Device) -> Self {
+        Self::from_network(
+            self.manifest.clone(),
+            self.net.clone().to_device(device),
+            device,
+        )
+    }
+
+    /// Run the network once on zeros for each batch size in `sizes` and
+    /// wait for the result: the device compiles its kernels and allocates
+    /// its buffers now rather than on the first readings.
+    pub fn warm_up(&self, sizes: &[usize]) -> Result<(), ModelError> {
+        for &n in sizes {
+            let zeros = vec![0.0; n * self.window_values()];
+            self.outputs(&zeros, n)?;
+        }
+        Ok(())
     }
 
     /// The network.

@@ -19,3 +19,49 @@ pub fn pin_to_one_core() {
         Err(e) => eprintln!("taskset not available ({e}); running unpinned"),
     }
 }
+
+/// Median over `rounds` of the mean time per call, the two contenders in
+/// alternating rounds so that drift hits both.
+pub fn measure(
+    round: std::time::Duration,
+    rounds: usize,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (f64, f64) {
+    let time = |f: &mut dyn FnMut()| {
+        let start = std::time::Instant::now();
+        let mut n = 0u32;
+        while n < 3 || start.elapsed() < round {
+            f();
+            n += 1;
+        }
+        start.elapsed().as_secs_f64() / n as f64
+    };
+    // Warm-up: caches, allocator, lazily built kernels.
+    time(&mut a);
+    time(&mut b);
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ta.push(time(&mut a));
+        tb.push(time(&mut b));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(&mut ta), median(&mut tb))
+}
+
+/// `n` deterministic values in [-2, 2) (xorshift64): roughly normalized
+/// model input.
+pub fn windows(n: usize) -> Vec<f32> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}

@@ -9,6 +9,7 @@ pub mod artifact;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod dataset;
+pub mod device;
 pub mod drift;
 pub mod eval;
 pub mod fast;

@@ -1031,7 +1031,7 @@ impl GovernanceTask {
                 name: active.manifest().name.clone(),
                 version: active.manifest().version.clone(),
                 weights_sha256: weights_sha256(&active),
-                device: "cpu".into(),
+                device: String::new(),
             });
             self.metrics.model_swaps.inc();
             self.slot.replace(ModelSet {

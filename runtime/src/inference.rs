@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use outpost_models::device::Preference;
 use outpost_models::manifest::{InputKind, Manifest};
 use outpost_models::{LoadedModel, ModelError, Prediction};
 
@@ -76,13 +77,212 @@ pub fn load_model(source: &ModelSource) -> Result<LoadedModel, InferenceError> {
     }
 }
 
-/// Batching policy.
+/// Batching policy and device.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
-    /// Largest batch.
+    /// Largest batch on the CPU.
     pub max_batch: usize,
+    /// Largest batch on a GPU.
+    pub gpu_max_batch: usize,
     /// Longest wait for a batch to fill; `None`: wait for a full batch or the end of input.
     pub max_wait: Option<Duration>,
+    /// Where to run.
+    pub device: Preference,
+}
+
+impl Batching {
+    /// CPU batching: batches of up to `max_batch`, waiting at most `max_wait`.
+    pub fn cpu(max_batch: usize, max_wait: Option<Duration>) -> Self {
+        Self {
+            max_batch,
+            gpu_max_batch: max_batch,
+            max_wait,
+            device: Preference::Cpu,
+        }
+    }
+}
+
+/// The batch sizes a GPU runs: powers of two up to `max`, and `max`. A
+/// batch is padded to the next of these, so the device meets only shapes
+/// it compiled its kernels for at start-up ([`Placement::start`]).
+pub fn gpu_batch_sizes(max: usize) -> Vec<usize> {
+    let max = max.max(1);
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|&n| n < max)
+        .collect();
+    sizes.push(max);
+    sizes
+}
+
+/// Where the inference thread runs its models.
+enum Placement {
+    /// burn's flex backend.
+    Cpu,
+    /// A GPU, with the models of the current set copied there.
+    Gpu(Box<OnGpu>),
+}
+
+/// Models on a GPU. The CPU models they were copied from stay in the
+/// [`ModelSet`]: they are what a failing GPU falls back to.
+struct OnGpu {
+    gpu: outpost_models::device::Gpu,
+    /// Batch sizes run (padded to), ascending.
+    sizes: Vec<usize>,
+    /// (CPU model, its runner on the GPU), for the models of the current set.
+    placed: Vec<(Arc<LoadedModel>, Arc<Runner>)>,
+    /// The current set, on the GPU.
+    set: ModelSet,
+}
+
+/// Run `f`, turning a panic of the backend into an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| ModelError::Backend("the backend panicked".into()))?
+}
+
+impl OnGpu {
+    /// `r` on the GPU: copied and warmed up at every batch size the first
+    /// time, reused after.
+    fn runner(&mut self, r: &Arc<Runner>) -> Result<Arc<Runner>, ModelError> {
+        if let Some((_, g)) = self.placed.iter().find(|(c, _)| Arc::ptr_eq(c, &r.model)) {
+            return Ok(g.clone());
+        }
+        let model = guarded(|| {
+            let m = r.model.to_device(&self.gpu.device);
+            m.warm_up(&self.sizes)?;
+            Ok(m)
+        })?;
+        let g = Arc::new(Runner {
+            model: Arc::new(model),
+            id: r.id.clone(),
+        });
+        self.placed.push((r.model.clone(), g.clone()));
+        Ok(g)
+    }
+
+    /// Place `set` on the GPU; models no longer in it are let go.
+    fn update(&mut self, set: &ModelSet) -> Result<(), ModelError> {
+        let active = self.runner(&set.active)?;
+        let shadow = set.shadow.as_ref().map(|s| self.runner(s)).transpose()?;
+        self.placed.retain(|(c, _)| {
+            Arc::ptr_eq(c, &set.active.model)
+                || set
+                    .shadow
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(c, &s.model))
+        });
+        self.set = ModelSet { active, shadow };
+        Ok(())
+    }
+
+    /// The batch size `n` windows are padded to.
+    fn padded(&self, n: usize) -> usize {
+        self.sizes.iter().copied().find(|&s| s >= n).unwrap_or(n)
+    }
+}
+
+impl Placement {
+    /// Open the device `batching` asks for and place `set` there (weights
+    /// uploaded, kernels compiled for every batch size). Whatever fails
+    /// leaves the CPU, with a log line and `outpost_inference_device_fallbacks_total`.
+    fn start(batching: &Batching, set: &ModelSet, metrics: &Metrics) -> Self {
+        let started = Instant::now();
+        let placement = match outpost_models::device::gpu(batching.device) {
+            Ok(None) => {
+                if batching.device == Preference::Auto && !outpost_models::device::GPU_BUILT {
+                    tracing::info!("this build has no GPU backend: inference runs on the CPU");
+                } else if batching.device == Preference::Auto {
+                    tracing::info!(
+                        adapters = ?outpost_models::device::adapters().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "no hardware GPU: inference runs on the CPU"
+                    );
+                }
+                Self::Cpu
+            }
+            Ok(Some(gpu)) => {
+                let adapter = gpu.adapter.to_string();
+                let mut on = OnGpu {
+                    sizes: gpu_batch_sizes(batching.gpu_max_batch),
+                    gpu,
+                    placed: Vec::new(),
+                    set: set.clone(),
+                };
+                match on.update(set) {
+                    Ok(()) => {
+                        tracing::info!(%adapter, batch_sizes = ?on.sizes, "models uploaded to the GPU and its kernels compiled");
+                        Self::Gpu(Box::new(on))
+                    }
+                    Err(e) => Self::fell_back(&format!("{adapter}: {e}"), metrics),
+                }
+            }
+            Err(e) => Self::fell_back(&e.to_string(), metrics),
+        };
+        if let Err(e) = guarded(|| set.active.model.warm_up(&[1])) {
+            tracing::warn!(error = %e, "the model failed its warm-up run on the CPU");
+        }
+        let ready = started.elapsed();
+        metrics.inference_ready_seconds.set(ready.as_secs_f64());
+        metrics.set_model_device(placement.name());
+        tracing::info!(
+            device = placement.name(),
+            ready_ms = ready.as_millis() as u64,
+            max_batch = placement.max_batch(batching),
+            "inference ready"
+        );
+        placement
+    }
+
+    fn fell_back(why: &str, metrics: &Metrics) -> Self {
+        tracing::error!(
+            error = why,
+            "the GPU is unusable: inference runs on the CPU"
+        );
+        metrics.device_fallbacks.inc();
+        metrics.set_model_device("cpu");
+        Self::Cpu
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Gpu(_) => "gpu",
+        }
+    }
+
+    fn max_batch(&self, batching: &Batching) -> usize {
+        match self {
+            Self::Cpu => batching.max_batch.max(1),
+            Self::Gpu(_) => batching.gpu_max_batch.max(1),
+        }
+    }
+
+    /// A new model set from the slot.
+    fn update(&mut self, set: &ModelSet, metrics: &Metrics) {
+        if let Self::Gpu(on) = self
+            && let Err(e) = on.update(set)
+        {
+            *self = Self::fell_back(&e.to_string(), metrics);
+        }
+    }
+
+    /// Run `batch` on the device; a GPU failure moves this placement to the
+    /// CPU and runs the batch there, so no window is lost.
+    fn infer(
+        &mut self,
+        set: &ModelSet,
+        batch: &[Window],
+        scratch: &mut Scratch,
+        metrics: &Metrics,
+    ) -> Result<(Vec<Inferred>, Option<ModelError>), ModelError> {
+        if let Self::Gpu(on) = self {
+            let pad = |n: usize| on.padded(n);
+            match infer_batch_padded(&on.set, batch, scratch, &pad) {
+                Ok(r) => return Ok(r),
+                Err(e) => *self = Self::fell_back(&e.to_string(), metrics),
+            }
+        }
+        infer_batch(set, batch, scratch)
+    }
 }
 
 /// A loaded model with the identity the pipeline carries with its results.
@@ -196,21 +396,26 @@ pub fn normalize_for(m: &Manifest, windows: &mut [f32]) {
     outpost_models::artifact::normalize(&m.normalization, m.input.channels, length, windows);
 }
 
-/// Run one model over `n` raw windows in `raw`: normalize a copy, predict.
+/// Run one model over `n` raw windows in `raw`: normalize a copy, pad it
+/// with zero windows to `pad(n)`, predict; `buf` holds the `n` normalized
+/// windows after.
 fn run_model(
     runner: &Runner,
     raw: &[f32],
     n: usize,
     buf: &mut Vec<f32>,
+    pad: &dyn Fn(usize) -> usize,
 ) -> Result<Vec<Prediction>, ModelError> {
     buf.clear();
     buf.extend_from_slice(raw);
     normalize_for(runner.manifest(), buf);
+    let padded = pad(n).max(n);
+    buf.resize(raw.len() / n * padded, 0.0);
     // A panic inside the backend must not take the readings of this batch with it.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runner.model.predict(buf, n)
-    }))
-    .map_err(|_| ModelError::Backend("the backend panicked".into()))?
+    let mut preds = guarded(|| runner.model.predict(buf, padded))?;
+    preds.truncate(n);
+    buf.truncate(raw.len());
+    Ok(preds)
 }
 
 /// Scratch buffers of [`infer_batch`].
@@ -229,6 +434,16 @@ pub fn infer_batch(
     batch: &[Window],
     scratch: &mut Scratch,
 ) -> Result<(Vec<Inferred>, Option<ModelError>), ModelError> {
+    infer_batch_padded(set, batch, scratch, &|n| n)
+}
+
+/// [`infer_batch`], the forward passes padded to `pad(n)` windows.
+fn infer_batch_padded(
+    set: &ModelSet,
+    batch: &[Window],
+    scratch: &mut Scratch,
+    pad: &dyn Fn(usize) -> usize,
+) -> Result<(Vec<Inferred>, Option<ModelError>), ModelError> {
     scratch.raw.clear();
     let mut n = 0;
     for w in batch {
@@ -238,7 +453,7 @@ pub fn infer_batch(
         }
     }
     let (preds, shadow, summaries, shadow_error) = if n > 0 {
-        let active = run_model(&set.active, &scratch.raw, n, &mut scratch.normalized)?;
+        let active = run_model(&set.active, &scratch.raw, n, &mut scratch.normalized, pad)?;
         // Drift summaries of the active model's normalized input.
         let per = scratch.normalized.len() / n;
         let summaries: Vec<Vec<f32>> = scratch
@@ -247,7 +462,7 @@ pub fn infer_batch(
             .map(|w| outpost_models::drift::input_summary(set.active.manifest(), w))
             .collect();
         let (shadow, err) = match &set.shadow {
-            Some(s) => match run_model(s, &scratch.raw, n, &mut scratch.normalized) {
+            Some(s) => match run_model(s, &scratch.raw, n, &mut scratch.normalized, pad) {
                 Ok(p) => (Some((s.id.clone(), p)), None),
                 Err(e) => (None, Some(e)),
             },
@@ -313,9 +528,31 @@ pub fn spawn(
     batching: Batching,
     metrics: Arc<Metrics>,
 ) -> Result<JoinHandle<Result<(), InferenceError>>, InferenceError> {
+    spawn_with_ready(slot, input, output, batching, metrics).map(|(handle, _)| handle)
+}
+
+/// [`spawn`], and a receiver that resolves once the models are ready on
+/// their device (a GPU opened, the weights uploaded and the kernels
+/// compiled, or the fallback to the CPU taken), before the first window.
+#[allow(clippy::type_complexity)]
+pub fn spawn_with_ready(
+    slot: Arc<ModelSlot>,
+    input: flume::Receiver<Window>,
+    output: flume::Sender<Inferred>,
+    batching: Batching,
+    metrics: Arc<Metrics>,
+) -> Result<
+    (
+        JoinHandle<Result<(), InferenceError>>,
+        tokio::sync::oneshot::Receiver<()>,
+    ),
+    InferenceError,
+> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("outpost-inference".into())
-        .spawn(move || run(&slot, &input, &output, batching, &metrics))
+        .spawn(move || run(&slot, &input, &output, batching, &metrics, ready_tx))
+        .map(|handle| (handle, ready_rx))
         .map_err(InferenceError::Spawn)
 }
 
@@ -325,13 +562,17 @@ fn run(
     output: &flume::Sender<Inferred>,
     batching: Batching,
     metrics: &Metrics,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(), InferenceError> {
-    let max_batch = batching.max_batch.max(1);
     let mut scratch = Scratch::default();
     let mut generation = slot.generation();
     let mut set = slot.current();
+    let mut placement = Placement::start(&batching, &set, metrics);
+    // Nobody waiting is fine: replay and the tests do not ask.
+    let _ = ready.send(());
     let mut closed = false;
     while !closed {
+        let max_batch = placement.max_batch(&batching);
         let Ok(first) = input.recv() else { break };
         let deadline = batching.max_wait.map(|w| Instant::now() + w);
         let mut with_data = usize::from(first.data.is_some());
@@ -359,11 +600,12 @@ fn run(
         if g != generation {
             generation = g;
             set = slot.current();
+            placement.update(&set, metrics);
             tracing::info!(model = %set.active.id, shadow = ?set.shadow.as_ref().map(|s| &s.id), "inference switched models");
         }
         let started = Instant::now();
         let cpu_before = crate::metrics::thread_cpu_time();
-        let results = match infer_batch(&set, &batch, &mut scratch) {
+        let results = match placement.infer(&set, &batch, &mut scratch, metrics) {
             Ok((r, shadow_error)) => {
                 if let Some(e) = shadow_error {
                     tracing::warn!(error = %e, "the shadow model failed for a batch");
@@ -445,10 +687,7 @@ mod tests {
             slot.clone(),
             win_rx,
             inf_tx,
-            Batching {
-                max_batch: 4,
-                max_wait: None,
-            },
+            Batching::cpu(4, None),
             metrics.clone(),
         )
         .unwrap();
@@ -494,10 +733,7 @@ mod tests {
             slot.clone(),
             win_rx,
             inf_tx,
-            Batching {
-                max_batch: 3,
-                max_wait: Some(Duration::from_millis(1)),
-            },
+            Batching::cpu(3, Some(Duration::from_millis(1))),
             metrics,
         )
         .unwrap();

@@ -91,6 +91,12 @@ pub struct Metrics {
     pub inference_cpu_us: Counter,
     /// Batches whose forward pass failed (their readings are still counted).
     pub inference_errors: Counter,
+    /// Times inference fell back from a GPU to the CPU (the GPU would not
+    /// open at start, or failed later).
+    pub device_fallbacks: Counter,
+    /// Seconds from the inference thread's start to its models being ready
+    /// on their device (GPU: adapter opened, weights uploaded, kernels compiled).
+    pub inference_ready_seconds: Gauge<f64, AtomicU64>,
     /// Aggregates produced.
     pub aggregates: Counter,
     /// Readings that arrived after their window closed.
@@ -224,6 +230,8 @@ impl Metrics {
             inference_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             inference_cpu_us: Counter::default(),
             inference_errors: Counter::default(),
+            device_fallbacks: Counter::default(),
+            inference_ready_seconds: Gauge::default(),
             aggregates: Counter::default(),
             late_readings: Counter::default(),
             outbox_depth: Gauge::default(),
@@ -303,6 +311,16 @@ impl Metrics {
             "inference_errors",
             "Inference batches that failed",
             m.inference_errors.clone(),
+        );
+        registry.register(
+            "inference_device_fallbacks",
+            "Times inference fell back from the GPU to the CPU",
+            m.device_fallbacks.clone(),
+        );
+        registry.register(
+            "inference_ready_seconds",
+            "Seconds until the models were ready on their device (GPU: opened, uploaded, kernels compiled)",
+            m.inference_ready_seconds.clone(),
         );
         registry.register("aggregates", "Aggregates produced", m.aggregates.clone());
         registry.register(
@@ -594,12 +612,21 @@ impl Metrics {
     }
 
     /// The model serving the aggregates: kept for the status and exported
-    /// as `outpost_model{model,version,weights_sha256,device} 1`.
+    /// as `outpost_model{model,version,weights_sha256,device} 1`. An empty
+    /// `device` keeps the one the inference thread last reported
+    /// ([`Metrics::set_model_device`]; `cpu` before it reports).
     pub fn set_model(&self, model: &crate::status::ModelStatus) {
         let mut current = self
             .model
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut model = model.clone();
+        if model.device.is_empty() {
+            model.device = match current.device.as_str() {
+                "" => "cpu".to_string(),
+                d => d.to_string(),
+            };
+        }
         self.model_info.clear();
         self.model_info
             .get_or_create(&ModelLabels {
@@ -609,7 +636,14 @@ impl Metrics {
                 device: model.device.clone(),
             })
             .set(1);
-        *current = model.clone();
+        *current = model;
+    }
+
+    /// The device the serving model runs on (`cpu`, `gpu`).
+    pub fn set_model_device(&self, device: &str) {
+        let mut model = self.model();
+        model.device = device.to_string();
+        self.set_model(&model);
     }
 
     /// The audit log's last committed entry (sequence number, hash).

@@ -160,6 +160,8 @@ impl Prepared {
 /// Handles of the core stages.
 struct Core {
     aggregates: flume::Receiver<Aggregate>,
+    /// Resolves when the models are ready on their device.
+    inference_ready: tokio::sync::oneshot::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     inference: std::thread::JoinHandle<Result<(), InferenceError>>,
 }
@@ -221,9 +223,12 @@ fn start_core(
     // Inference, on its own thread.
     let batching = Batching {
         max_batch: p.cfg.inference.max_batch,
+        gpu_max_batch: p.cfg.inference.gpu_max_batch,
         max_wait: live.then(|| Duration::from_millis(p.cfg.inference.max_wait_ms)),
+        device: p.cfg.inference.device.preference(),
     };
-    let inference = inference::spawn(p.slot.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
+    let (inference, inference_ready) =
+        inference::spawn_with_ready(p.slot.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
 
     // Aggregation (and local decisions).
     let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
@@ -280,6 +285,7 @@ fn start_core(
 
     Ok(Core {
         aggregates: agg_rx,
+        inference_ready,
         tasks,
         inference,
     })
@@ -402,7 +408,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
             .get(&manifest.weights)
             .cloned()
             .unwrap_or_default(),
-        device: "cpu".into(),
+        device: String::new(),
     });
 
     if cfg.metrics.enabled {
@@ -500,7 +506,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
 
     // Core stages.
     let (read_tx, read_rx) = flume::bounded(cfg.ingest.channel_capacity);
-    let core = start_core(
+    let mut core = start_core(
         &p,
         read_rx,
         decisions,
@@ -509,6 +515,10 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         &cfg.gateway.state_dir,
         true,
     )?;
+    // The models are on their device (a GPU's kernels compiled) before any
+    // source starts and before readiness is reported. An error means the
+    // thread ended; joining it below reports why.
+    let _ = (&mut core.inference_ready).await;
 
     // Outbox and uplink.
     let outbox: Box<dyn crate::outbox::Outbox> = match cfg.outbox.kind {

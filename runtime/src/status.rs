@@ -39,7 +39,7 @@ pub struct ModelStatus {
     pub version: String,
     /// sha256 of the weights file, as the signed manifest lists it.
     pub weights_sha256: String,
-    /// Inference device (`cpu`).
+    /// Inference device (`cpu` or `gpu`).
     pub device: String,
 }
 

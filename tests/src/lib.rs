@@ -286,6 +286,21 @@ impl Outpost {
         o
     }
 
+    /// Like [`Outpost::run`], with environment variables set for the process.
+    pub fn run_with_env(config: &str, env: &[(&str, &str)]) -> Outpost {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state");
+        let o = Self::spawn_bin_env(&OutpostBin::host(), config, dir, &state, env);
+        o.wait_ready(Duration::from_secs(60));
+        o
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        wait_until("outpost to be ready", timeout, || {
+            self.http("/readyz").starts_with("HTTP/1.1 200")
+        });
+    }
+
     fn start(config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
         let o = Self::spawn(config, dir, state);
         wait_until("outpost to be ready", Duration::from_secs(30), || {
@@ -299,6 +314,16 @@ impl Outpost {
     }
 
     fn spawn_bin(bin: &OutpostBin, config: &str, dir: tempfile::TempDir, state: &Path) -> Outpost {
+        Self::spawn_bin_env(bin, config, dir, state, &[])
+    }
+
+    fn spawn_bin_env(
+        bin: &OutpostBin,
+        config: &str,
+        dir: tempfile::TempDir,
+        state: &Path,
+        env: &[(&str, &str)],
+    ) -> Outpost {
         let metrics_port = free_port();
         let path = dir.path().join("outpost.toml");
         std::fs::write(
@@ -314,6 +339,7 @@ impl Outpost {
             .arg(&path)
             .env("RUST_LOG", "info")
             .env("STATE_DIRECTORY", state)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -41,10 +41,14 @@ struct Rig {
 }
 
 fn rig(extra: &str) -> Rig {
+    rig_env(extra, &[])
+}
+
+fn rig_env(extra: &str, env: &[(&str, &str)]) -> Rig {
     let site = Broker::start();
     let cloud = Broker::start();
     let cloud_sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
-    let outpost = Outpost::run(&config(site.port, cloud.port, extra));
+    let outpost = Outpost::run_with_env(&config(site.port, cloud.port, extra), env);
     let publisher = Publisher::connect(site.port);
     // The source subscribes right after it connects; wait for that before publishing.
     wait_until(
@@ -87,9 +91,66 @@ impl Rig {
 
 #[test]
 fn aggregates_from_real_sensor_data_reach_the_cloud() {
+    let r = rig("");
+    assert_eq!(r.outpost.metric("outpost_model", &["device=\"cpu\""]), 1.0);
+    real_sensor_data_to_the_cloud(r);
+}
+
+/// The same on the GPU backend (lavapipe in CI: `device = "gpu"` takes a
+/// software adapter when there is no hardware one).
+#[cfg(feature = "gpu")]
+#[test]
+fn aggregates_from_real_sensor_data_reach_the_cloud_on_the_gpu() {
+    let r = rig("[inference]\ndevice = \"gpu\"\n");
+    let o = &r.outpost;
+    assert_eq!(
+        o.metric("outpost_model", &["device=\"gpu\""]),
+        1.0,
+        "{}",
+        o.log()
+    );
+    assert_eq!(
+        o.metric("outpost_inference_device_fallbacks_total", &[]),
+        0.0
+    );
+    assert!(o.metric("outpost_inference_ready_seconds", &[]) > 0.0);
+    assert!(
+        o.log().contains("models uploaded to the GPU"),
+        "{}",
+        o.log()
+    );
+    real_sensor_data_to_the_cloud(r);
+}
+
+/// `device = "gpu"` on a machine whose Vulkan loader finds no driver: the
+/// gateway starts on the CPU, says so, counts it, and loses nothing.
+#[cfg(feature = "gpu")]
+#[test]
+fn without_a_gpu_adapter_inference_falls_back_to_the_cpu() {
+    let r = rig_env(
+        "[inference]\ndevice = \"gpu\"\n",
+        &[
+            ("VK_ICD_FILENAMES", "/nonexistent/icd.json"),
+            ("VK_DRIVER_FILES", "/nonexistent/icd.json"),
+        ],
+    );
+    let o = &r.outpost;
+    assert_eq!(
+        o.metric("outpost_inference_device_fallbacks_total", &[]),
+        1.0,
+        "{}",
+        o.log()
+    );
+    assert_eq!(o.metric("outpost_model", &["device=\"cpu\""]), 1.0);
+    assert!(o.log().contains("the GPU is unusable"), "{}", o.log());
+    real_sensor_data_to_the_cloud(r);
+}
+
+/// Six BasicMotions recordings from two sensors, through the gateway; the
+/// aggregates at the cloud count every reading once and name the activities.
+fn real_sensor_data_to_the_cloud(mut r: Rig) {
     let series =
         load_ts_series(&workspace().join(".cache/datasets/BasicMotions/BasicMotions_TEST.ts"));
-    let mut r = rig("");
     let base = base_ts();
     // Two sensors, each wearing three recordings of one activity back to back (30 s at 10 Hz).
     let plan = [("walker", "Walking"), ("runner", "Running")];
