@@ -41,7 +41,9 @@ cargo build -p outpost-adxl345 --target thumbv7em-none-eabihf --locked
 step "cross/build.sh (aarch64, armv7 release)"
 cross/build.sh
 step "ARM binaries under qemu"
-cargo test -p outpost-tests --test cross --locked -- --ignored
+# --workspace and the same features as above: the same feature resolution,
+# so the test binary is the one already built (-p alone would rebuild burn).
+cargo test --workspace --locked "${features[@]}" --test cross -- --ignored
 
 # Packaging, install into a temporary root, the systemd unit (verify,
 # security score, the binary's system calls against its sandbox), and every
