@@ -8,6 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
 # Cargo's output directory (CARGO_TARGET_DIR when set).
 tgt="${CARGO_TARGET_DIR:-target}"
+# One build, no edits between steps: incremental state would only take disk
+# (gigabytes for the test binaries).
+export CARGO_INCREMENTAL=0
 step() { echo "== $* ($(($(date +%s) - start)) s)"; }
 
 step "setup: system packages and datasets"
