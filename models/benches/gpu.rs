@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use outpost_models::arch::Network;
-use outpost_models::bench_support::{measure, windows};
+use outpost_models::bench_support::{max_abs_diff, measure, windows};
 use outpost_models::device::{self, Preference};
 use outpost_models::manifest::Architecture;
 use outpost_models::{LoadedModel, Manifest, bundled};
@@ -85,11 +85,7 @@ fn main() {
             let x = windows(b * cpu.window_values());
             let a = on_gpu.outputs(&x, b).expect("GPU");
             let c = cpu.outputs(&x, b).expect("CPU");
-            let diff = a
-                .iter()
-                .zip(&c)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0f32, f32::max);
+            let diff = max_abs_diff(&a, &c);
             let (tg, tc) = measure(
                 round,
                 rounds,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use outpost_models::arch::Network;
-use outpost_models::bench_support::{measure, windows};
+use outpost_models::bench_support::{max_abs_diff, measure, windows};
 use outpost_models::manifest::{Architecture, InputKind};
 use outpost_models::{LoadedModel, Manifest, bundled};
 use tract_onnx::prelude::*;
@@ -166,11 +166,7 @@ fn main() {
             let tract = tract_model(&onnx, b, c, l);
             let ours = model.outputs(&x, b).expect("burn runs");
             let theirs = tract_outputs(&tract, &x, b, c, l);
-            let diff = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = max_abs_diff(&ours, &theirs);
             let (tb, tt) = measure(
                 round,
                 rounds,

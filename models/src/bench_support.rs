@@ -1,4 +1,4 @@
-//! Helpers of the workspace's benchmarks (not part of the model API).
+//! Helpers of the workspace's benchmarks and tests (not part of the model API).
 
 /// Run this process on CPU 0 only: re-executes itself under `taskset -c 0`
 /// (once; `OUTPOST_BENCH_PINNED` marks the child) and exits with its status.
@@ -64,4 +64,14 @@ pub fn windows(n: usize) -> Vec<f32> {
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect()
+}
+
+/// The largest |a - b| over two outputs of the same length (a peer's, the
+/// other device's): how far apart two runs of one model are.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "outputs of the same shape");
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max)
 }

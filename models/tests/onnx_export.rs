@@ -5,6 +5,7 @@
 
 use burn::tensor::Device;
 use outpost_models::arch::Network;
+use outpost_models::bench_support::max_abs_diff;
 use outpost_models::manifest::Architecture;
 use outpost_models::{LoadedModel, Manifest, bundled};
 use tract_onnx::prelude::*;
@@ -37,12 +38,8 @@ fn max_diff_with_tract(model: &LoadedModel, batch: usize) -> f32 {
         .unwrap()
         .as_slice::<f32>()
         .unwrap();
-    assert_eq!(ours.len(), theirs.len());
     assert_eq!(ours.len(), batch * m.outputs());
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    max_abs_diff(&ours, theirs)
 }
 
 #[test]
