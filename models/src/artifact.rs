@@ -2,86 +2,18 @@
 //! burnpack format. Loading verifies every hash the manifest lists before any
 //! byte of the weights is used.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::{Bytes, Device, Tensor, TensorData, activation::softmax};
-use sha2::{Digest, Sha256};
 
 use crate::arch::Network;
+pub use crate::error::ModelError;
+pub use crate::files::sha256_hex;
+use crate::files::{parse_manifest, read, read_verified_files, verify};
+pub use crate::manifest::MANIFEST_FILE;
 use crate::manifest::{Manifest, Normalization, Task};
-
-/// File name of the manifest inside an artifact directory.
-pub const MANIFEST_FILE: &str = "manifest.json";
-
-/// Errors of loading, saving and running a model.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    /// A file of the artifact could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The manifest is not valid JSON for a [`Manifest`].
-    #[error("{path}: invalid manifest: {message}")]
-    ManifestSyntax {
-        /// The manifest's path (or `<embedded>`).
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The manifest parses but describes an unusable model.
-    #[error("{path}: invalid manifest: {}", problems.join("; "))]
-    ManifestInvalid {
-        /// The manifest's path (or `<embedded>`).
-        path: String,
-        /// Every problem found.
-        problems: Vec<String>,
-    },
-    /// A file's sha256 differs from the manifest's.
-    #[error(
-        "{file}: sha256 {actual} does not match the manifest's {expected}: the artifact was modified or corrupted"
-    )]
-    Checksum {
-        /// The file.
-        file: String,
-        /// Hash in the manifest.
-        expected: String,
-        /// Hash of the file as read.
-        actual: String,
-    },
-    /// The weights do not fit the architecture the manifest describes.
-    #[error("weights do not fit the manifest's architecture: {0}")]
-    Weights(String),
-    /// A batch given to [`LoadedModel::predict`] has the wrong size.
-    #[error("input has {actual} values, expected {expected} ({n} windows of {channels}×{length})")]
-    InputShape {
-        /// Values given.
-        actual: usize,
-        /// Values expected.
-        expected: usize,
-        /// Windows in the batch.
-        n: usize,
-        /// Channels per window.
-        channels: usize,
-        /// Samples per window.
-        length: usize,
-    },
-    /// The backend failed to return the output.
-    #[error("inference failed: {0}")]
-    Backend(String),
-    /// Data given to the model does not fit it.
-    #[error("{0}")]
-    Data(String),
-    /// The artifact's signature is missing, untrusted or wrong
-    /// ([`LoadedModel::load_dir_signed`]).
-    #[error(transparent)]
-    Signature(#[from] crate::signing::SigningError),
-}
 
 /// The output of the network for one window.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,63 +34,6 @@ pub struct LoadedModel {
     /// The inference form of `net` ([`crate::fast`]).
     compiled: crate::fast::Compiled,
     device: Device,
-}
-
-/// sha256 of `bytes` as lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// Parse and check a manifest; `origin` names it in errors.
-pub(crate) fn parse_manifest(text: &[u8], origin: &str) -> Result<Manifest, ModelError> {
-    let manifest: Manifest =
-        serde_json::from_slice(text).map_err(|e| ModelError::ManifestSyntax {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-    let problems = manifest.problems();
-    if !problems.is_empty() {
-        return Err(ModelError::ManifestInvalid {
-            path: origin.to_string(),
-            problems,
-        });
-    }
-    Ok(manifest)
-}
-
-fn verify(file: &str, bytes: &[u8], manifest: &Manifest) -> Result<(), ModelError> {
-    let expected = manifest.files.get(file).cloned().unwrap_or_default();
-    let actual = sha256_hex(bytes);
-    if actual != expected {
-        return Err(ModelError::Checksum {
-            file: file.to_string(),
-            expected,
-            actual,
-        });
-    }
-    Ok(())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
-    std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Read every file `manifest` lists from `dir` and check its sha256; returns
-/// the bytes of the weights, as read (so that what was hashed is what is loaded).
-pub(crate) fn read_verified_files(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>, ModelError> {
-    let mut weights = None;
-    for file in manifest.files.keys() {
-        let bytes = read(&dir.join(file))?;
-        verify(file, &bytes, manifest)?;
-        if *file == manifest.weights {
-            weights = Some(bytes);
-        }
-    }
-    weights
-        .ok_or_else(|| ModelError::Weights(format!("{} is not listed in files", manifest.weights)))
 }
 
 impl LoadedModel {
@@ -383,49 +258,6 @@ impl LoadedModel {
     }
 }
 
-/// Predictions for every sample of a dataset (normalized as the model says),
-/// in batches of 64.
-pub fn predict_dataset(
-    model: &LoadedModel,
-    ds: &crate::dataset::Dataset,
-) -> Result<Vec<Prediction>, ModelError> {
-    let ds = model_dataset(model, ds)?;
-    let ds = ds.as_ref();
-    let per = ds.channels * ds.length;
-    let mut out = Vec::with_capacity(ds.len());
-    for start in (0..ds.len()).step_by(64) {
-        let end = (start + 64).min(ds.len());
-        let mut x = ds.x[start * per..end * per].to_vec();
-        model.normalize(&mut x);
-        out.extend(model.predict(&x, end - start)?);
-    }
-    Ok(out)
-}
-
-/// What the network of `model` reads from `ds`, not yet normalized: `ds`
-/// itself for raw models, its feature vectors for feature models (the same
-/// extractors as the runtime's windower).
-pub(crate) fn model_dataset<'a>(
-    model: &LoadedModel,
-    ds: &'a crate::dataset::Dataset,
-) -> Result<std::borrow::Cow<'a, crate::dataset::Dataset>, ModelError> {
-    let input = &model.manifest().input;
-    match input.kind {
-        crate::manifest::InputKind::Raw => Ok(std::borrow::Cow::Borrowed(ds)),
-        crate::manifest::InputKind::Features => {
-            if let Some(w) = input.window.filter(|&w| w != ds.length) {
-                return Err(ModelError::Data(format!(
-                    "the model's features were computed over {w}-sample windows, the data has {}",
-                    ds.length
-                )));
-            }
-            crate::features::dataset_features(ds, &input.features)
-                .map(std::borrow::Cow::Owned)
-                .map_err(ModelError::Data)
-        }
-    }
-}
-
 /// Index and value of the largest element; the first one on ties. NaN never wins.
 fn argmax(row: &[f32]) -> (usize, f32) {
     let mut best = (0, f32::NEG_INFINITY);
@@ -459,43 +291,6 @@ pub fn normalize(norm: &Normalization, channels: usize, length: usize, windows: 
             }
         }
     }
-}
-
-/// Bring your own weights: build the network `manifest` describes, load its
-/// parameters from a safetensors file written by PyTorch (`state_dict`
-/// names; linear weights transposed and batch-norm names mapped by burn's
-/// PyTorch adapter), and write a verified Outpost artifact to `out`.
-#[cfg(feature = "train")]
-pub fn import_safetensors(
-    manifest: Manifest,
-    safetensors: &Path,
-    out: &Path,
-) -> Result<Manifest, ModelError> {
-    use burn::store::{PyTorchToBurnAdapter, SafetensorsStore};
-    let device = Device::flex();
-    let mut net = Network::init(
-        &manifest.architecture,
-        manifest.input.channels,
-        manifest.input.length,
-        manifest.outputs(),
-        &device,
-    );
-    let mut store = SafetensorsStore::from_file(safetensors)
-        .with_from_adapter(PyTorchToBurnAdapter)
-        .skip_enum_variants(true);
-    let applied = net
-        .load_from(&mut store)
-        .map_err(|e| ModelError::Weights(format!("{}: {e}", safetensors.display())))?;
-    if !applied.missing.is_empty() || !applied.errors.is_empty() {
-        return Err(ModelError::Weights(format!(
-            "{}: missing tensors {:?}, errors {:?} (unused in the file: {:?})",
-            safetensors.display(),
-            applied.missing.iter().map(|m| &m.0).collect::<Vec<_>>(),
-            applied.errors,
-            applied.unused
-        )));
-    }
-    save_artifact(out, manifest, &net.valid(), &[])
 }
 
 /// Write an artifact: the network's weights as burnpack, any `extras`
@@ -539,10 +334,11 @@ pub fn save_artifact(
             problems,
         });
     }
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| ModelError::ManifestSyntax {
-        path: dir.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|source| ModelError::ManifestSyntax {
+            path: dir.display().to_string(),
+            source,
+        })?;
     let manifest_path = dir.join(MANIFEST_FILE);
     std::fs::write(&manifest_path, text + "\n").map_err(|source| ModelError::Io {
         path: manifest_path,

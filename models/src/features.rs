@@ -1,5 +1,6 @@
 //! Feature extractors over a window, shared by the runtime (inference) and the
-//! trainer, so a feature model sees the same numbers in both.
+//! trainer (`outpost_train::features`, over a whole dataset), so a feature
+//! model sees the same numbers in both.
 //!
 //! Names: `rms`, `peak`, `crest`, `kurtosis`, `bands:N` (N energies of equal
 //! width over the real FFT's bins, DC excluded). Output is channel-major:
@@ -165,29 +166,6 @@ impl Extractor {
 /// Default extractors of a feature model: amplitude statistics and the
 /// spectrum in eight bands, per channel.
 pub const DEFAULT_FEATURES: [&str; 5] = ["rms", "peak", "crest", "kurtosis", "bands:8"];
-
-/// The feature vectors of every sample of `ds`: a dataset of
-/// `channels × width` channels of length 1, same labels. The trainer and
-/// `eval` use this, and the runtime's windower calls the same [`Extractor`].
-pub fn dataset_features(
-    ds: &crate::dataset::Dataset,
-    names: &[String],
-) -> Result<crate::dataset::Dataset, String> {
-    let mut ex = Extractor::new(names, ds.length)?;
-    let mut x = Vec::with_capacity(ds.len() * ds.channels * ex.width());
-    for i in 0..ds.len() {
-        ex.extract(ds.sample(i), &mut x);
-    }
-    Ok(crate::dataset::Dataset {
-        name: ds.name.clone(),
-        channels: ds.channels * ex.width(),
-        length: 1,
-        labels: ds.labels.clone(),
-        channel_names: Vec::new(),
-        x,
-        y: ds.y.clone(),
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,27 +1,30 @@
-//! Outpost's models: network architectures, the model artifact (manifest +
-//! burnpack weights), dataset loaders and, with the `train` feature, training.
+//! Loads and runs Outpost models; the gateway (`outpost-runtime`) links this crate and never `outpost-train`.
 //!
-//! The runtime uses this crate with default features off: it loads and runs
-//! artifacts but carries no training code.
+//! Architectures, signed artifacts and their manifests, drift statistics,
+//! feature extractors, the compiled CPU form and the CPU/GPU device: what
+//! the gateway needs to load and run a model. Dataset loaders, training,
+//! evaluation and reports are in `outpost-train` (`models/train`).
+//!
+//! Layers, lowest first (no module imports one above it):
+//! `reference` (drift reference types, PSI) < `manifest` < `error` <
+//! `files` < `signing` < `arch` < `fast` < `artifact` < `drift`, `onnx`;
+//! `features` and `device` stand alone.
 
 pub mod arch;
 pub mod artifact;
 #[doc(hidden)]
 pub mod bench_support;
-pub mod dataset;
 pub mod device;
 pub mod drift;
-pub mod eval;
+pub mod error;
 pub mod fast;
 pub mod features;
+pub mod files;
 pub mod fsutil;
 pub mod manifest;
 pub mod onnx;
-#[cfg(feature = "train")]
-pub mod report;
+pub mod reference;
 pub mod signing;
-#[cfg(feature = "train")]
-pub mod train;
 
 pub use artifact::{LoadedModel, ModelError, Prediction};
 pub use manifest::Manifest;

@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 /// Version of the manifest layout itself.
 pub const MANIFEST_SCHEMA: u32 = 1;
 
+/// File name of the manifest inside an artifact directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// File name of the manifest's signature beside it ([`crate::signing`]).
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+
 /// What the model's output means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,7 +167,7 @@ pub struct Manifest {
     /// data, against which drift is measured ([`crate::drift`]). Absent in
     /// manifests written before drift detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reference: Option<crate::drift::Reference>,
+    pub reference: Option<crate::reference::Reference>,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// sha256 (hex) of every other file in the artifact, by file name.

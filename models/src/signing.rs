@@ -19,17 +19,17 @@
 //! [`crate::LoadedModel::load_dir_signed`].
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::artifact::{MANIFEST_FILE, ModelError, parse_manifest, read_verified_files};
-use crate::manifest::Manifest;
-
-/// File name of the signature inside an artifact directory.
-pub const SIGNATURE_FILE: &str = "manifest.sig";
+use crate::error::ModelError;
+pub use crate::error::SigningError;
+use crate::files::{parse_manifest, read_verified_files};
+pub use crate::manifest::SIGNATURE_FILE;
+use crate::manifest::{MANIFEST_FILE, Manifest};
 
 /// The only signature algorithm, as named in `manifest.sig`.
 pub const ALGORITHM: &str = "ed25519";
@@ -39,78 +39,6 @@ pub const PUBLIC_KEY_TAG: &str = "ed25519-public";
 
 /// First word of a secret key file's key line.
 pub const SECRET_KEY_TAG: &str = "ed25519-secret";
-
-/// Errors of signing and verifying artifacts and of reading key files.
-#[derive(Debug, thiserror::Error)]
-pub enum SigningError {
-    /// The artifact has no `manifest.sig`.
-    #[error(
-        "{}: the model is not signed (no {SIGNATURE_FILE}); sign it with a trusted key or configure no trusted keys to load unsigned models",
-        dir.display()
-    )]
-    Unsigned {
-        /// The artifact directory.
-        dir: PathBuf,
-    },
-    /// The signature names a key that is not among the trusted keys.
-    #[error("the model is signed by key {key_id}, which is not a trusted key")]
-    UntrustedKey {
-        /// Id of the key named by the signature.
-        key_id: String,
-    },
-    /// The signature does not match the manifest: the manifest was changed
-    /// after signing, or the signature was not made by the key it names.
-    #[error(
-        "{}: the signature of key {key_id} does not match {MANIFEST_FILE}: the manifest was modified after signing",
-        dir.display()
-    )]
-    BadSignature {
-        /// The artifact directory.
-        dir: PathBuf,
-        /// Id of the key named by the signature.
-        key_id: String,
-    },
-    /// The artifact itself is broken: unreadable or invalid manifest, or a
-    /// file whose sha256 differs from the manifest's ([`ModelError::Checksum`]).
-    #[error(transparent)]
-    Artifact(Box<ModelError>),
-    /// A key file is malformed.
-    #[error("{}: invalid key file: {reason}", path.display())]
-    KeyFile {
-        /// The key file (or `<text>` for [`parse_public_key`]).
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// `manifest.sig` is malformed.
-    #[error("{}: invalid signature file: {reason}", path.display())]
-    SignatureFile {
-        /// The signature file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// [`generate_keypair`] refuses to overwrite a file.
-    #[error("{}: already exists; refusing to overwrite a key file", path.display())]
-    Exists {
-        /// The existing file.
-        path: PathBuf,
-    },
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-}
-
-impl From<ModelError> for SigningError {
-    fn from(e: ModelError) -> Self {
-        SigningError::Artifact(Box::new(e))
-    }
-}
 
 /// The contents of `manifest.sig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1361,7 +1361,7 @@ timestamp,a,b,is_anomaly
     /// A file of the dataset cache; fails (does not skip) when it is missing.
     fn cached(rel: &str) -> PathBuf {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../.cache/datasets")
+            .join("../../.cache/datasets")
             .join(rel);
         assert!(
             path.is_file(),

@@ -1,15 +1,14 @@
 //! Training is seeded and reproducible: the same seed gives the same curve,
 //! normalization and outputs; another seed gives another curve.
-#![cfg(feature = "train")]
 
 use std::path::Path;
 
-use outpost_models::dataset::load_ts;
-use outpost_models::train::{TrainConfig, train_classifier};
+use outpost_train::dataset::load_ts;
+use outpost_train::train::{TrainConfig, train_classifier};
 
 fn run(seed: u64) -> (Vec<(f64, f64)>, String, Vec<f32>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.cache/datasets/ItalyPowerDemand/ItalyPowerDemand_TRAIN.ts");
+        .join("../../.cache/datasets/ItalyPowerDemand/ItalyPowerDemand_TRAIN.ts");
     let ds = load_ts(&path).expect("scripts/fetch-datasets.sh fetches ItalyPowerDemand");
     let cfg = TrainConfig {
         epochs: 3,

@@ -9,18 +9,20 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use outpost_models::artifact::{predict_dataset, save_artifact};
-use outpost_models::dataset::{Dataset, DatasetError, load_csv_windows, load_ts};
-use outpost_models::drift::{reference_for_dataset, store_reference};
-use outpost_models::eval::{classifier_metrics, detector_metrics, quantile};
+use outpost_models::artifact::save_artifact;
+use outpost_models::drift::store_reference;
 use outpost_models::manifest::{Architecture, Task};
-use outpost_models::report::{Findings, ReportError, write_report};
 use outpost_models::signing::SIGNATURE_FILE;
-use outpost_models::train::{
+use outpost_models::{LoadedModel, ModelError};
+use outpost_train::dataset::{Dataset, DatasetError, load_csv_windows, load_ts};
+use outpost_train::drift::reference_for_dataset;
+use outpost_train::eval::{classifier_metrics, detector_metrics, quantile};
+use outpost_train::predict::predict_dataset;
+use outpost_train::report::{Findings, ReportError, write_report};
+use outpost_train::train::{
     DetectorConfig, EpochStats, NormalizationKind, TrainConfig, Trained, train_classifier,
     train_detector,
 };
-use outpost_models::{LoadedModel, ModelError};
 
 #[derive(Parser)]
 #[command(
@@ -524,7 +526,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if m.created_at.is_empty() {
                 m.created_at = now_rfc3339();
             }
-            let saved = outpost_models::artifact::import_safetensors(m, &safetensors, &out)?;
+            let saved = outpost_train::import::import_safetensors(m, &safetensors, &out)?;
             eprintln!("wrote {} ({})", out.display(), saved.id());
             Ok(())
         }

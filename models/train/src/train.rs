@@ -8,12 +8,14 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::arch::Network;
-use crate::artifact::{ModelError, normalize};
-use crate::dataset::Dataset;
-use crate::manifest::{
+use outpost_models::ModelError;
+use outpost_models::arch::Network;
+use outpost_models::artifact::normalize;
+use outpost_models::manifest::{
     Architecture, InputKind, InputSpec, MANIFEST_SCHEMA, Manifest, Normalization, Provenance, Task,
 };
+
+use crate::dataset::Dataset;
 
 /// Trainer settings; the defaults give a good result with no flag.
 #[derive(Debug, Clone)]
@@ -104,7 +106,7 @@ pub struct EpochStats {
 }
 
 /// A trained network and the manifest that describes it (without file hashes:
-/// [`crate::artifact::save_artifact`] fills those in).
+/// [`outpost_models::artifact::save_artifact`] fills those in).
 pub struct Trained {
     /// The network, in validation mode on a plain device.
     pub network: Network,
@@ -240,7 +242,7 @@ fn manifest_for(
     }
 }
 
-/// Drift reference statistics ([`crate::drift`]) of a freshly trained
+/// Drift reference statistics ([`outpost_models::drift`]) of a freshly trained
 /// network over every window of the data it was given (`ds`, as loaded:
 /// training and validation windows; for a detector, the anomalous ones too,
 /// at the rate the data has them), prepared exactly as the runtime prepares
@@ -249,8 +251,8 @@ fn training_reference(
     manifest: &Manifest,
     network: &Network,
     ds: &Dataset,
-) -> Result<crate::drift::Reference, ModelError> {
-    let model = crate::artifact::LoadedModel::from_network(
+) -> Result<outpost_models::drift::Reference, ModelError> {
+    let model = outpost_models::LoadedModel::from_network(
         manifest.clone(),
         network.clone(),
         &Device::flex(),
@@ -629,8 +631,8 @@ mod tests {
         );
         // What the trainer stores is what the reference of the saved artifact gives.
         let dir = tempfile::tempdir().unwrap();
-        crate::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
-        let model = crate::artifact::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
+        outpost_models::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
+        let model = outpost_models::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
         assert_eq!(model.manifest().reference.as_ref(), Some(&r));
         assert_eq!(crate::drift::reference_for_dataset(&model, &ds).unwrap(), r);
     }
@@ -650,8 +652,8 @@ mod tests {
         assert_eq!(r.features.len(), 2);
         assert!(r.score.bins() > 1, "{r:?}");
         let dir = tempfile::tempdir().unwrap();
-        crate::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
-        let model = crate::artifact::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
+        outpost_models::artifact::save_artifact(dir.path(), t.manifest, &t.network, &[]).unwrap();
+        let model = outpost_models::LoadedModel::load_dir(dir.path(), &Device::flex()).unwrap();
         assert_eq!(model.manifest().reference.as_ref(), Some(&r));
     }
 }

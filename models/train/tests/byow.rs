@@ -1,14 +1,13 @@
 //! Bring your own weights: a network built and exported outside Outpost
-//! (models/examples/byow/export_fcn.py, safetensors with PyTorch names) is
+//! (models/train/examples/byow/export_fcn.py, safetensors with PyTorch names) is
 //! imported, and Outpost's predictions match the exporter's within 1e-4.
-#![cfg(feature = "train")]
 
 use std::path::Path;
 use std::process::Command;
 
 use burn::tensor::Device;
 use outpost_models::LoadedModel;
-use outpost_models::artifact::import_safetensors;
+use outpost_train::import::import_safetensors;
 
 #[test]
 fn safetensors_from_pytorch_names_match_the_reference() {

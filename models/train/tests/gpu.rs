@@ -8,10 +8,10 @@
 use burn::tensor::Device;
 use outpost_models::arch::Network;
 use outpost_models::bench_support::windows;
-use outpost_models::dataset::load_ts;
 use outpost_models::device::{self, Preference};
 use outpost_models::manifest::Architecture;
 use outpost_models::{LoadedModel, Manifest, bundled};
+use outpost_train::dataset::load_ts;
 
 fn gpu() -> device::Gpu {
     device::gpu(Preference::Gpu)
@@ -38,7 +38,7 @@ fn the_bundled_model_on_the_gpu_matches_the_cpu_on_basicmotions() {
     let g = gpu();
     let on_gpu = cpu.to_device(&g.device);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.cache/datasets/BasicMotions/BasicMotions_TEST.ts");
+        .join("../../.cache/datasets/BasicMotions/BasicMotions_TEST.ts");
     let ds = load_ts(&path).expect("BasicMotions (scripts/fetch-datasets.sh)");
     let mut x = ds.x.clone();
     cpu.normalize(&mut x);

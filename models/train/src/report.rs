@@ -6,34 +6,50 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
+use outpost_models::Manifest;
+
 use crate::eval::{ClassifierMetrics, DetectorMetrics};
-use crate::manifest::Manifest;
 use crate::train::EpochStats;
 
 /// Errors of writing a report.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    /// A file could not be written.
-    #[error("{path}: {message}")]
+    /// A file or directory could not be written.
+    #[error("{path}: {source}")]
     Write {
-        /// The file.
+        /// The file or directory.
         path: PathBuf,
-        /// What went wrong.
-        message: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn into its SVG file.
+    #[error("{path}: {source}")]
+    Plot {
+        /// The SVG file.
+        path: PathBuf,
+        /// The cause.
+        source: DrawingAreaErrorKind<std::io::Error>,
     },
 }
 
-fn werr(path: &Path, e: impl std::fmt::Display) -> ReportError {
+fn write_err(path: &Path, source: std::io::Error) -> ReportError {
     ReportError::Write {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
+    }
+}
+
+fn plot_err(path: &Path, source: DrawingAreaErrorKind<std::io::Error>) -> ReportError {
+    ReportError::Plot {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
 /// Plot training and validation loss per epoch.
 pub fn training_curve_svg(history: &[EpochStats], path: &Path) -> Result<(), ReportError> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| werr(path, e))?;
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let finite = |v: f64| if v.is_finite() { Some(v) } else { None };
     let max_loss = history
         .iter()
@@ -48,13 +64,13 @@ pub fn training_curve_svg(history: &[EpochStats], path: &Path) -> Result<(), Rep
         .x_label_area_size(36)
         .y_label_area_size(56)
         .build_cartesian_2d(1f64..epochs, 0f64..max_loss * 1.05)
-        .map_err(|e| werr(path, e))?;
+        .map_err(|e| plot_err(path, e))?;
     chart
         .configure_mesh()
         .x_desc("epoch")
         .y_desc("loss")
         .draw()
-        .map_err(|e| werr(path, e))?;
+        .map_err(|e| plot_err(path, e))?;
     let series = |f: fn(&EpochStats) -> f64| -> Vec<(f64, f64)> {
         history
             .iter()
@@ -63,12 +79,12 @@ pub fn training_curve_svg(history: &[EpochStats], path: &Path) -> Result<(), Rep
     };
     chart
         .draw_series(LineSeries::new(series(|h| h.train_loss), &BLUE))
-        .map_err(|e| werr(path, e))?
+        .map_err(|e| plot_err(path, e))?
         .label("train loss")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
     chart
         .draw_series(LineSeries::new(series(|h| h.validation_loss), &RED))
-        .map_err(|e| werr(path, e))?
+        .map_err(|e| plot_err(path, e))?
         .label("validation loss")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
     chart
@@ -76,8 +92,8 @@ pub fn training_curve_svg(history: &[EpochStats], path: &Path) -> Result<(), Rep
         .border_style(BLACK)
         .background_style(WHITE)
         .draw()
-        .map_err(|e| werr(path, e))?;
-    root.present().map_err(|e| werr(path, e))
+        .map_err(|e| plot_err(path, e))?;
+    root.present().map_err(|e| plot_err(path, e))
 }
 
 /// Plot a confusion matrix as a heat map with counts.
@@ -95,7 +111,7 @@ pub fn confusion_svg(
         top as u32 + (n as u32) * cell as u32 + 40,
     );
     let root = SVGBackend::new(path, size).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| werr(path, e))?;
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let max = confusion
         .iter()
         .flatten()
@@ -108,7 +124,7 @@ pub fn confusion_svg(
         (10, 10),
         ("sans-serif", 16),
     ))
-    .map_err(|e| werr(path, e))?;
+    .map_err(|e| plot_err(path, e))?;
     for (t, row) in confusion.iter().enumerate() {
         let y = top + t as i32 * cell;
         let name = labels.get(t).map(String::as_str).unwrap_or("?");
@@ -117,7 +133,7 @@ pub fn confusion_svg(
             (8, y + cell / 2 - 6),
             ("sans-serif", 13),
         ))
-        .map_err(|e| werr(path, e))?;
+        .map_err(|e| plot_err(path, e))?;
         for (p, &v) in row.iter().enumerate() {
             let x = left + p as i32 * cell;
             let shade = 255 - (200.0 * v as f64 / max) as u8;
@@ -125,13 +141,13 @@ pub fn confusion_svg(
                 [(x, y), (x + cell - 2, y + cell - 2)],
                 RGBColor(shade, shade, 255).filled(),
             ))
-            .map_err(|e| werr(path, e))?;
+            .map_err(|e| plot_err(path, e))?;
             root.draw(&Text::new(
                 v.to_string(),
                 (x + cell / 2 - 8, y + cell / 2 - 6),
                 ("sans-serif", 14),
             ))
-            .map_err(|e| werr(path, e))?;
+            .map_err(|e| plot_err(path, e))?;
         }
     }
     for (p, name) in labels.iter().enumerate().take(n) {
@@ -141,9 +157,9 @@ pub fn confusion_svg(
             (x + 2, top - 18),
             ("sans-serif", 12),
         ))
-        .map_err(|e| werr(path, e))?;
+        .map_err(|e| plot_err(path, e))?;
     }
-    root.present().map_err(|e| werr(path, e))
+    root.present().map_err(|e| plot_err(path, e))
 }
 
 /// What an evaluation found.
@@ -167,7 +183,7 @@ pub fn write_report(
     findings: Findings<'_>,
     history: Option<&[EpochStats]>,
 ) -> Result<PathBuf, ReportError> {
-    std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let mut md = String::new();
     let _ = writeln!(md, "# Evaluation of {} on {dataset}\n", manifest.id());
     let _ = writeln!(
@@ -250,7 +266,7 @@ pub fn write_report(
         );
     }
     let path = dir.join("report.md");
-    std::fs::write(&path, md).map_err(|e| werr(&path, e))?;
+    std::fs::write(&path, md).map_err(|e| write_err(&path, e))?;
     Ok(path)
 }
 
