@@ -172,7 +172,7 @@ pub fn store_reference(dir: &Path, reference: Reference) -> Result<Manifest, Mod
             source,
         })?;
     // Never half a manifest, even after a power cut.
-    crate::fsutil::write_atomic(&path, (text + "\n").as_bytes())
+    outpost_storage::fsutil::write_atomic(&path, (text + "\n").as_bytes())
         .map_err(|source| ModelError::Io { path, source })?;
     Ok(manifest)
 }

@@ -20,7 +20,6 @@ pub mod error;
 pub mod fast;
 pub mod features;
 pub mod files;
-pub mod fsutil;
 pub mod manifest;
 pub mod onnx;
 pub mod reference;

@@ -289,7 +289,7 @@ pub fn sign_artifact(dir: &Path, key: &SigningKey) -> Result<SignatureFile, Sign
     let text = serde_json::to_string_pretty(&file)
         .map_err(|e| sig_error(&path, format!("cannot encode: {e}")))?;
     // Never half a signature, even after a power cut.
-    crate::fsutil::write_atomic(&path, (text + "\n").as_bytes()).map_err(io(&path))?;
+    outpost_storage::fsutil::write_atomic(&path, (text + "\n").as_bytes()).map_err(io(&path))?;
     Ok(file)
 }
 

@@ -9,41 +9,21 @@
 //! `idle_close_ms`. A reading for a closed bucket is late: counted in the next
 //! aggregate of its group (`late_readings`) and in metrics, never dropped silently.
 
+mod config;
+pub use config::{AggregationConfig, GroupBy};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use outpost_models::Prediction;
 use outpost_models::manifest::{Manifest, Task};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AggregationConfig, GroupBy};
-use crate::inference::Runner;
+use crate::inference::{Inferred, Runner};
 use crate::reading::Reading;
 
 /// Version of the aggregate's JSON layout.
 pub const AGGREGATE_SCHEMA: u32 = 2;
-
-/// A window's result on its way to aggregation.
-#[derive(Debug, Clone, Default)]
-pub struct Inferred {
-    /// Sensor.
-    pub sensor: Arc<str>,
-    /// Group.
-    pub group: Arc<str>,
-    /// Event time of the window's last sample.
-    pub ts_ms: i64,
-    /// Timestamps of the readings counted with this window.
-    pub readings: Vec<i64>,
-    /// The prediction (`None` for a tail without inference).
-    pub prediction: Option<Prediction>,
-    /// The model that made the prediction.
-    pub model: Option<Arc<Runner>>,
-    /// Input summary of the window for drift ([`outpost_models::drift::input_summary`]).
-    pub summary: Option<Vec<f32>>,
-    /// The shadow model and its prediction on the same window.
-    pub shadow: Option<(Arc<Runner>, Prediction)>,
-}
 
 /// Model identity carried in aggregates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -754,9 +734,75 @@ impl Aggregator {
     }
 }
 
+/// Run the aggregation stage: each inferred window is offered to the local
+/// decisions (dropped and counted when their queue is full) and added to
+/// its group's bucket; closed aggregates go to `aggregates`. `live`: buckets
+/// also close on the wall clock (every 500 ms), for groups that went quiet.
+/// When `inferred` closes, every bucket is flushed and `aggregates` closes.
+pub fn spawn(
+    mut aggregator: Aggregator,
+    inferred: flume::Receiver<Inferred>,
+    mut decisions: Option<(
+        flume::Sender<crate::decisions::Decision>,
+        crate::decisions::DecisionFilter,
+    )>,
+    aggregates: flume::Sender<Aggregate>,
+    metrics: Arc<crate::metrics::Metrics>,
+    live: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut late_seen = 0;
+        let send = |out: &mut Vec<Aggregate>| {
+            let batch: Vec<Aggregate> = std::mem::take(out);
+            let tx = aggregates.clone();
+            async move {
+                for a in batch {
+                    if tx.send_async(a).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        };
+        loop {
+            let next = if live {
+                tokio::select! {
+                    r = inferred.recv_async() => r.ok(),
+                    _ = ticker.tick() => {
+                        aggregator.tick(crate::clock::now_ms(), &mut out);
+                        if !send(&mut out).await { return; }
+                        continue;
+                    }
+                }
+            } else {
+                inferred.recv_async().await.ok()
+            };
+            let Some(inf) = next else { break };
+            if let Some((tx, filter)) = decisions.as_mut()
+                && let Some(d) = filter.decide(&inf)
+                && tx.try_send(d).is_err()
+            {
+                metrics.decisions_dropped.inc();
+            }
+            aggregator.push(inf, &mut out);
+            let late = aggregator.stats().late_readings;
+            metrics.late_readings.inc_by(late - late_seen);
+            late_seen = late;
+            if !send(&mut out).await {
+                return;
+            }
+        }
+        aggregator.flush(&mut out);
+        send(&mut out).await;
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_models::Prediction;
     use outpost_models::manifest::*;
     use proptest::prelude::*;
 

@@ -3,6 +3,9 @@
 //! cloud. Decisions never go to the cloud uplink (they are a different type,
 //! on a different connection).
 
+mod config;
+pub use config::{DecisionMode, DecisionsConfig};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -10,9 +13,9 @@ use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::Inferred;
-use crate::config::{DecisionMode, DecisionsConfig, render_topic};
+use crate::inference::Inferred;
 use crate::metrics::Metrics;
+use crate::mqtt::render_topic;
 
 /// One window's decision.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -40,6 +40,9 @@
 //! rises above `governance.max_anomaly_rate`, or its mean score falls below
 //! `governance.min_mean_score`, the gateway rolls back on its own.
 
+mod config;
+pub use config::{GovernanceConfig, ModelConfig};
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
@@ -55,7 +58,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregate;
-use crate::config::GovernanceConfig;
 use crate::inference::{ModelSet, ModelSlot, Runner, swap_problems};
 use crate::metrics::Metrics;
 
@@ -267,7 +269,7 @@ impl RegistryState {
     ) -> HistoryEvent {
         let ev = HistoryEvent {
             n: self.history.last().map_or(1, |h| h.n + 1),
-            ts_ms: crate::reading::now_ms(),
+            ts_ms: crate::clock::now_ms(),
             action: action.into(),
             model: model.map(str::to_string),
             from: from.map(str::to_string),
@@ -541,12 +543,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GovernanceError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), GovernanceError> {
-    outpost_models::fsutil::sync_dir(dir).map_err(io(dir))
+    outpost_storage::fsutil::sync_dir(dir).map_err(io(dir))
 }
 
 /// Replace `path` with `bytes` atomically and durably.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GovernanceError> {
-    outpost_models::fsutil::write_atomic(path, bytes).map_err(io(path))
+    outpost_storage::fsutil::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// What the governor learns from one aggregate.
@@ -1027,7 +1029,7 @@ impl GovernanceTask {
                     }),
                 )],
             );
-            self.metrics.set_model(&crate::status::ModelStatus {
+            self.metrics.set_model(&crate::metrics::ModelStatus {
                 name: active.manifest().name.clone(),
                 version: active.manifest().version.clone(),
                 weights_sha256: weights_sha256(&active),

@@ -10,6 +10,9 @@
 //! With `max_wait = None` (replay), batches fill to `max_batch` or the end of
 //! input, independent of timing, so replay output is deterministic.
 
+mod config;
+pub use config::{DeviceChoice, InferenceConfig};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +23,29 @@ use outpost_models::device::Preference;
 use outpost_models::manifest::{InputKind, Manifest};
 use outpost_models::{LoadedModel, ModelError, Prediction};
 
-use crate::aggregate::Inferred;
 use crate::metrics::Metrics;
 use crate::window::Window;
+
+/// A window's result on its way to aggregation.
+#[derive(Debug, Clone, Default)]
+pub struct Inferred {
+    /// Sensor.
+    pub sensor: Arc<str>,
+    /// Group.
+    pub group: Arc<str>,
+    /// Event time of the window's last sample.
+    pub ts_ms: i64,
+    /// Timestamps of the readings counted with this window.
+    pub readings: Vec<i64>,
+    /// The prediction (`None` for a tail without inference).
+    pub prediction: Option<Prediction>,
+    /// The model that made the prediction.
+    pub model: Option<Arc<Runner>>,
+    /// Input summary of the window for drift ([`outpost_models::drift::input_summary`]).
+    pub summary: Option<Vec<f32>>,
+    /// The shadow model and its prediction on the same window.
+    pub shadow: Option<(Arc<Runner>, Prediction)>,
+}
 
 /// Errors of the inference stage.
 #[derive(Debug, thiserror::Error)]

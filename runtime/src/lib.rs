@@ -7,9 +7,12 @@
 
 pub mod aggregate;
 pub mod audit;
+pub mod check;
+pub mod clock;
 pub mod config;
 pub mod decisions;
 pub mod governance;
+pub mod http;
 pub mod inference;
 pub mod ingest;
 pub mod metrics;
@@ -18,6 +21,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod privacy;
 pub mod reading;
+pub mod secret;
 pub mod sdnotify;
 pub mod status;
 pub mod uplink;

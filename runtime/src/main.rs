@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use outpost::config::{Config, ConfigError, FileFormat, LogFormat};
+use outpost::config::Config;
+use outpost::config::ConfigError;
+use outpost::config::LogFormat;
 use outpost::governance::{HistoryEvent, Registry, Trust};
+use outpost::ingest::file::FileFormat;
 use outpost::pipeline::{self, Prepared};
 use tokio_util::sync::CancellationToken;
 
@@ -312,8 +315,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .metrics
                     .listen
-                    .unwrap_or_else(|| outpost::config::DEFAULT_METRICS_LISTEN.into()),
-                (None, None) => outpost::config::DEFAULT_METRICS_LISTEN.into(),
+                    .unwrap_or_else(|| outpost::metrics::DEFAULT_METRICS_LISTEN.into()),
+                (None, None) => outpost::metrics::DEFAULT_METRICS_LISTEN.into(),
             };
             let body = http_get(&addr, "/status").with_context(|| {
                 format!("cannot read the gateway's status at http://{addr}/status (is it running, with its metrics endpoint there?)")
@@ -339,7 +342,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, c) => {
                     let c = c.unwrap_or_else(|| "/etc/outpost/outpost.toml".into());
                     let cfg = Config::load(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
-                    cfg.audit.path(&cfg.gateway)
+                    cfg.audit.path(&cfg.gateway.state_dir)
                 }
             };
             let report = outpost::audit::verify(&path)
@@ -386,7 +389,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             let rejected: u64 = outpost::reading::RejectReason::ALL
                 .iter()
-                .map(|r| metrics.rejected_total(*r))
+                .map(|r| metrics.rejected_total(r.as_str()))
                 .sum();
             tracing::info!(
                 windows = metrics.windows.get(),
@@ -401,7 +404,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn registry_of(config: &ConfigArg) -> anyhow::Result<(Config, Registry)> {
     let cfg = Config::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway))?;
+    let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway.state_dir))?;
     Ok((cfg, registry))
 }
 

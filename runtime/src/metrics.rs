@@ -1,7 +1,13 @@
-//! Metrics (Prometheus text format through `prometheus-client`) and the small
-//! HTTP endpoint that serves them with `/healthz` and `/readyz`.
+//! Metrics (Prometheus text format through `prometheus-client`).
+//!
+//! The lowest layer of the runtime with [`crate::clock`]: every stage reports
+//! numbers here, and this module imports no stage's types (a stage turns its
+//! own types into the plain figures below). The HTTP endpoint that serves
+//! them is [`crate::http`].
 
-use std::sync::Arc;
+mod config;
+pub use config::{DEFAULT_METRICS_LISTEN, MetricsConfig};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -11,11 +17,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::reading::RejectReason;
+use serde::{Deserialize, Serialize};
+
+/// The model serving the aggregates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelStatus {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// sha256 of the weights file, as the signed manifest lists it.
+    pub weights_sha256: String,
+    /// Inference device (`cpu` or `gpu`).
+    pub device: String,
+}
 
 /// Labels of per-source counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +46,7 @@ pub struct SourceLabels {
 pub struct RejectLabels {
     /// Source name.
     pub source: String,
-    /// [`RejectReason::as_str`].
+    /// The reason's label (`RejectReason::as_str` of the ingest stage).
     pub reason: String,
 }
 
@@ -144,7 +161,7 @@ pub struct Metrics {
     pub health_sent: Counter,
     /// 1, labelled with the model serving the aggregates.
     pub model_info: Family<ModelLabels, Gauge>,
-    model: std::sync::Mutex<crate::status::ModelStatus>,
+    model: std::sync::Mutex<ModelStatus>,
     /// Decisions published to the site broker.
     pub decisions_published: Counter,
     /// Decisions dropped because the site queue was full or the broker down.
@@ -185,6 +202,36 @@ pub struct Metrics {
     /// Key files that could not be read (the previous key stays).
     pub privacy_key_errors: Counter,
     audit_head: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+/// The drift figures of one aggregate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Drift {
+    /// The largest PSI over the input features.
+    pub input_psi: f64,
+    /// PSI of the scores.
+    pub score_psi: f64,
+    /// Whether it reached the alert level.
+    pub alert: bool,
+}
+
+/// The outbox's figures, as the outbox stage reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxCounts {
+    /// Records held.
+    pub depth: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Records dropped because the outbox was full (since start).
+    pub dropped: u64,
+    /// Aggregates refused because the outbox was full (since start).
+    pub rejected: u64,
+    /// Corrupt spans moved to quarantine (since start).
+    pub quarantined: u64,
+    /// Records lost to corruption (since start).
+    pub lost: u64,
+    /// Records merged into others by the `coarsen` policy (since start).
+    pub coarsened: u64,
 }
 
 /// A `kind` label.
@@ -569,21 +616,18 @@ impl Metrics {
     }
 
     /// Count a refused reading.
-    pub fn reject(&self, source: &str, reason: RejectReason) {
+    pub fn reject(&self, source: &str, reason: &str) {
         self.rejected
             .get_or_create(&RejectLabels {
                 source: source.to_string(),
-                reason: reason.as_str().to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }
 
     /// Rejections for a reason over all sources.
-    pub fn rejected_total(&self, reason: RejectReason) -> u64 {
-        self.sum_series(
-            "outpost_rejected_total",
-            &format!("reason=\"{}\"", reason.as_str()),
-        )
+    pub fn rejected_total(&self, reason: &str) -> u64 {
+        self.sum_series("outpost_rejected_total", &format!("reason=\"{reason}\""))
     }
 
     /// Rejections over all sources and reasons.
@@ -615,7 +659,7 @@ impl Metrics {
     /// as `outpost_model{model,version,weights_sha256,device} 1`. An empty
     /// `device` keeps the one the inference thread last reported
     /// ([`Metrics::set_model_device`]; `cpu` before it reports).
-    pub fn set_model(&self, model: &crate::status::ModelStatus) {
+    pub fn set_model(&self, model: &ModelStatus) {
         let mut current = self
             .model
             .lock()
@@ -662,12 +706,13 @@ impl Metrics {
             .clone()
     }
 
-    /// Record the shadow and drift figures of an aggregate.
-    pub fn observe_aggregate(&self, a: &crate::aggregate::Aggregate) {
-        if let Some(s) = &a.shadow {
-            self.shadow_agreement.set(s.agreement);
+    /// Record the shadow and drift figures of an aggregate: the shadow
+    /// model's agreement, and the drift (input PSI, score PSI, alert).
+    pub fn observe_quality(&self, shadow_agreement: Option<f64>, drift: Option<Drift>) {
+        if let Some(a) = shadow_agreement {
+            self.shadow_agreement.set(a);
         }
-        if let Some(d) = &a.drift {
+        if let Some(d) = drift {
             for (kind, psi) in [("input", d.input_psi), ("score", d.score_psi)] {
                 self.drift_psi.get_or_create(&KindLabels::of(kind)).set(psi);
             }
@@ -678,7 +723,7 @@ impl Metrics {
     }
 
     /// The model set by [`Metrics::set_model`].
-    pub fn model(&self) -> crate::status::ModelStatus {
+    pub fn model(&self) -> ModelStatus {
         self.model
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -704,7 +749,7 @@ impl Metrics {
 
     /// Mirror the outbox's counters (they only grow, so the difference is
     /// added). Called by one thread only (the outbox writer).
-    pub fn observe_outbox(&self, s: &crate::outbox::OutboxStats) {
+    pub fn observe_outbox(&self, s: &OutboxCounts) {
         self.outbox_depth.set(s.depth as i64);
         self.outbox_bytes.set(s.bytes as i64);
         for (c, v) in [
@@ -750,7 +795,7 @@ impl Metrics {
         self.ready.store(ready, Ordering::SeqCst);
         if ready {
             self.started
-                .store(crate::reading::now_ms() as u64, Ordering::SeqCst);
+                .store(crate::clock::now_ms() as u64, Ordering::SeqCst);
         }
     }
 
@@ -782,79 +827,6 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Serve `/metrics`, `/healthz`, `/readyz` and `/status` (the JSON
-/// [`crate::status::Status`] of gateway `gateway`) until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    gateway: String,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((mut sock, _)) = accepted else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            // Read up to the end of the request head; it may arrive in pieces.
-            let mut buf = Vec::with_capacity(512);
-            let read_head = async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let req = String::from_utf8_lossy(&buf);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body, ctype) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    metrics.encode(),
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
-                "/status" => {
-                    let status = crate::status::Status::snapshot(
-                        &metrics,
-                        &gateway,
-                        crate::reading::now_ms(),
-                    );
-                    // Plain data with string keys: serializing cannot fail.
-                    let body = serde_json::to_string(&status).unwrap_or_default() + "\n";
-                    ("200 OK", body, "application/json")
-                }
-                "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_string(), "text/plain"),
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "not ready\n".to_string(),
-                    "text/plain",
-                ),
-                _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
-}
-
 /// Resident memory of a process in KiB, from Linux's `/proc/<pid>/status`
 /// (`"self"` for this one); `None` where it cannot be read.
 pub fn rss_kib(pid: &str) -> Option<u64> {
@@ -866,35 +838,4 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn serves_a_request_that_arrives_in_pieces() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        metrics.reject("s", RejectReason::Malformed);
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, metrics.clone(), "gw".into(), stop.clone()));
-        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-        sock.write_all(b"GET /metr").await.unwrap();
-        sock.flush().await.unwrap();
-        tokio::task::yield_now().await;
-        sock.write_all(b"ics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        sock.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        assert!(
-            out.contains("outpost_rejected_total{source=\"s\",reason=\"malformed\"} 1"),
-            "{out}"
-        );
-        assert_eq!(metrics.rejected_total(RejectReason::Malformed), 1);
-        stop.cancel();
-    }
 }

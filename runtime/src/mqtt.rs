@@ -1,14 +1,158 @@
 //! Broker connections shared by the MQTT source, the uplink and decisions:
-//! options, credentials and TLS (rustls with the ring provider).
+//! the broker table of the configuration, options, credentials and TLS
+//! (rustls with the ring provider), topic filters and templates.
 
 use std::io::BufReader;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{BrokerConfig, TlsConfig};
+use serde::Deserialize;
+
+use crate::check::Collector;
+use crate::secret::SecretSource;
+
+/// Connection to an MQTT broker, shared by the MQTT source, the uplink and decisions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port (1883 plain, 8883 TLS by convention).
+    pub port: u16,
+    /// Client id; default: `<gateway id>-<role>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, from a file or the environment.
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// TLS settings; absent means plaintext, which must be allowed explicitly
+    /// for the uplink (`allow_plaintext = true`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Keep-alive interval in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+}
+
+fn default_keep_alive() -> u64 {
+    30
+}
+
+/// TLS with rustls (ring provider).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificates that verify the server; default: the
+    /// bundled Mozilla roots (webpki-roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// ALPN protocols, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// Check a broker table at `path`.
+pub fn check_broker(c: &mut Collector, path: &str, b: &BrokerConfig) {
+    if b.host.trim().is_empty() {
+        c.push(format!("{path}.host"), "must not be empty");
+    }
+    if b.port == 0 {
+        c.push(format!("{path}.port"), "must not be 0");
+    }
+    if let Some(p) = &b.password
+        && (p.file.is_some() == p.env.is_some())
+    {
+        c.push(
+            format!("{path}.password"),
+            "set exactly one of `file` or `env`",
+        );
+    }
+    if let Some(t) = &b.tls
+        && (t.cert_file.is_some() != t.key_file.is_some())
+    {
+        c.push(
+            format!("{path}.tls"),
+            "cert_file and key_file go together (mutual TLS)",
+        );
+    }
+}
+
+/// Check a topic template at `path`: only the `allowed` placeholders, no wildcards.
+pub fn check_template(c: &mut Collector, path: &str, template: &str, allowed: &[&str]) {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            c.push(path, "unclosed '{'");
+            return;
+        };
+        let name = &rest[open + 1..open + close];
+        if !allowed.contains(&name) {
+            c.push(
+                path,
+                format!(
+                    "unknown placeholder {{{name}}}; allowed: {}",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        rest = &rest[open + close + 1..];
+    }
+    if template.contains(['+', '#']) || template.is_empty() {
+        c.push(path, "a topic must be non-empty and contain no wildcards");
+    }
+}
+
+/// Check an MQTT topic filter: `#` only last and alone in its level, `+` alone in its level.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("empty topic filter".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i != levels.len() - 1) {
+            return Err(format!("{filter:?}: '#' must be the whole last level"));
+        }
+        if l.contains('+') && *l != "+" {
+            return Err(format!("{filter:?}: '+' must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+/// Fill a topic template.
+pub fn render_topic(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("{{{k}}}"), &sanitize_level(v));
+    }
+    out
+}
+
+/// A topic level from arbitrary text: no separators or wildcards.
+fn sanitize_level(v: &str) -> String {
+    v.chars()
+        .map(|ch| {
+            if matches!(ch, '/' | '+' | '#') || ch.is_control() {
+                '_'
+            } else {
+                ch
+            }
+        })
+        .collect()
+}
 
 /// Errors of setting up a broker connection.
 #[derive(Debug, thiserror::Error)]

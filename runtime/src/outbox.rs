@@ -1,112 +1,72 @@
-//! The outbox: every aggregate is written here before it is published, and
-//! leaves only when the cloud has acknowledged it.
+//! The outbox stage: every aggregate is written here before it is published,
+//! and leaves only when the cloud has acknowledged it.
 //!
 //! Input: [`Aggregate`] (the only type [`OutboxRecord`]s are made from, so the
 //! uplink, which publishes records, can only ever send aggregates).
 //! Output: [`OutboxRecord`]s read in sequence order by the uplink.
 //!
-//! This module defines the interface, the durable segment log
-//! ([`DiskOutbox`], the default; its on-disk format is documented in
-//! `outbox/disk.rs`) and an in-memory implementation bounded by record count
-//! ([`MemoryOutbox`], for the embedded demo and tests).
+//! The stores are `outpost_storage::outbox`, generic over a
+//! [`Record`]; this module implements [`Record`] for [`Aggregate`] and names
+//! them with the aggregate as their record type: [`DiskOutbox`] (the durable
+//! segment log, the default; its on-disk format is documented in
+//! `storage/src/outbox/disk.rs`), [`MemoryOutbox`] (bounded by record count,
+//! for the embedded demo and tests), [`SharedOutbox`] (shared by the
+//! aggregation writer and the uplink reader). [`Outbox`] is the storage
+//! trait for aggregates, so that `dyn Outbox` needs no type argument.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use outpost_storage::outbox as store;
 
 use crate::aggregate::Aggregate;
 
-mod disk;
-pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD, StreamCaps};
+pub use outpost_storage::outbox::{
+    DiskSettings, FullPolicy, MAX_RECORD, OutboxError, OutboxStats, Record, StreamCaps,
+};
 
-/// Errors of an outbox.
-#[derive(Debug, thiserror::Error)]
-pub enum OutboxError {
-    /// An aggregate could not be serialized.
-    #[error("cannot serialize aggregate: {0}")]
-    Serialize(#[from] serde_json::Error),
-    /// The storage failed.
-    #[error("outbox storage: {0}")]
-    Storage(String),
-    /// The outbox is full and its policy is `reject_new`.
-    #[error("outbox full (policy reject_new): aggregate rejected")]
-    Full,
-    /// A stream is at its cap and its records cannot be dropped or merged
-    /// (policy `reject_new`, or one aggregate larger than the cap).
-    #[error("outbox stream {0:?} at its byte cap: aggregate rejected")]
-    StreamFull(String),
-}
+/// One stored aggregate, serialized ([`OutboxRecord::from_aggregate`] is the
+/// only constructor).
+pub type OutboxRecord = store::OutboxRecord<Aggregate>;
+/// The durable segment log of aggregates.
+pub type DiskOutbox = store::DiskOutbox<Aggregate>;
+/// An in-memory outbox of aggregates, bounded by record count.
+pub type MemoryOutbox = store::MemoryOutbox<Aggregate>;
+/// An outbox of aggregates shared by the aggregation writer and the uplink
+/// reader, with a notification for new records.
+pub type SharedOutbox = store::SharedOutbox<Aggregate>;
 
-/// One stored aggregate, serialized.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRecord {
-    /// Position in the outbox, increasing.
-    pub seq: u64,
-    /// The aggregate's group (for topics and per-group order).
-    pub group: String,
-    /// The aggregate's id.
-    pub id: String,
-    /// The aggregate as JSON.
-    payload: Vec<u8>,
-}
-
-impl OutboxRecord {
-    /// Serialize an aggregate into a record. This is the only constructor.
-    pub fn from_aggregate(seq: u64, agg: &Aggregate) -> Result<Self, OutboxError> {
-        Ok(Self {
-            seq,
-            group: agg.group.clone(),
-            id: agg.id.clone(),
-            payload: serde_json::to_vec(agg)?,
-        })
+impl Record for Aggregate {
+    fn stream(&self) -> &str {
+        &self.group
     }
 
-    /// The serialized aggregate.
-    pub fn payload(&self) -> &[u8] {
-        &self.payload
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// The aggregate's window end, ms since the epoch (`None` if the payload
-    /// does not parse, which a record written by this type cannot do).
-    pub fn window_end(&self) -> Option<i64> {
+    fn window_end(&self) -> i64 {
+        self.window_end
+    }
+
+    fn merge(&mut self, later: &Self) {
+        Aggregate::merge(self, later);
+    }
+
+    /// Reads `window_end` alone, without parsing the whole aggregate.
+    fn window_end_of(payload: &[u8]) -> Option<i64> {
         #[derive(serde::Deserialize)]
         struct End {
             window_end: i64,
         }
-        serde_json::from_slice::<End>(&self.payload)
+        serde_json::from_slice::<End>(payload)
             .ok()
             .map(|e| e.window_end)
     }
 }
 
-/// Counters of an outbox.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OutboxStats {
-    /// Records held.
-    pub depth: u64,
-    /// Bytes held (payloads).
-    pub bytes: u64,
-    /// Records dropped because the outbox was full.
-    pub dropped: u64,
-    /// Records appended since start.
-    pub appended: u64,
-    /// Records acknowledged since start.
-    pub acked: u64,
-    /// Aggregates refused because the outbox was full (`reject_new`).
-    pub rejected: u64,
-    /// Corrupt spans found and moved to quarantine.
-    pub quarantined: u64,
-    /// Bytes moved to quarantine.
-    pub quarantined_bytes: u64,
-    /// Records lost to corruption (their sequences were not readable).
-    pub lost: u64,
-    /// Records merged into others by the `coarsen` policy.
-    pub coarsened: u64,
-}
-
-/// Storage of aggregates awaiting delivery.
-pub trait Outbox: Send {
+/// Storage of aggregates awaiting delivery: `outpost_storage`'s `Outbox`
+/// trait for [`Aggregate`], implemented by every store of aggregates. A
+/// `Box<dyn Outbox>` is handed to [`SharedOutbox::new`] as it is (it
+/// coerces to the storage trait object).
+pub trait Outbox: store::Outbox<Aggregate> {
     /// Store an aggregate; it is accepted (durable, visible to readers) at
     /// the next [`Outbox::commit`].
     fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError>;
@@ -125,176 +85,40 @@ pub trait Outbox: Send {
     /// Counters.
     fn stats(&self) -> OutboxStats;
     /// Bytes held per stream (aggregate group), where the outbox keeps track.
-    fn stream_bytes(&self) -> Vec<(String, u64)> {
-        Vec::new()
-    }
+    fn stream_bytes(&self) -> Vec<(String, u64)>;
 }
 
-/// An in-memory outbox bounded by record count.
-#[derive(Debug)]
-pub struct MemoryOutbox {
-    records: BTreeMap<u64, OutboxRecord>,
-    next_seq: u64,
-    max_records: usize,
-    stats: OutboxStats,
-}
-
-impl MemoryOutbox {
-    /// An empty outbox holding at most `max_records`.
-    pub fn new(max_records: usize) -> Self {
-        Self {
-            records: BTreeMap::new(),
-            next_seq: 1,
-            max_records: max_records.max(1),
-            stats: OutboxStats::default(),
-        }
-    }
-}
-
-impl Outbox for MemoryOutbox {
+impl<T: store::Outbox<Aggregate>> Outbox for T {
     fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError> {
-        let seq = self.next_seq;
-        let rec = OutboxRecord::from_aggregate(seq, agg)?;
-        self.next_seq += 1;
-        self.stats.bytes += rec.payload.len() as u64;
-        self.records.insert(seq, rec);
-        self.stats.appended += 1;
-        while self.records.len() > self.max_records {
-            if let Some((_, r)) = self.records.pop_first() {
-                self.stats.bytes -= r.payload.len() as u64;
-                self.stats.dropped += 1;
-            }
-        }
-        Ok(seq)
+        store::Outbox::append(self, agg)
     }
 
     fn commit(&mut self) -> Result<(), OutboxError> {
-        Ok(())
+        store::Outbox::commit(self)
     }
 
     fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
-        Ok(self
-            .records
-            .range(from..)
-            .take(max)
-            .map(|(_, r)| r.clone())
-            .collect())
+        store::Outbox::read_from(self, from, max)
     }
 
     fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
-        if let Some(r) = self.records.remove(&seq) {
-            self.stats.bytes -= r.payload.len() as u64;
-            self.stats.acked += 1;
-        }
-        Ok(())
+        store::Outbox::ack(self, seq)
     }
 
     fn oldest(&self) -> Option<u64> {
-        self.records.keys().next().copied()
+        store::Outbox::oldest(self)
     }
 
     fn committed_end(&self) -> u64 {
-        self.next_seq
+        store::Outbox::committed_end(self)
     }
 
     fn stats(&self) -> OutboxStats {
-        OutboxStats {
-            depth: self.records.len() as u64,
-            ..self.stats
-        }
-    }
-}
-
-/// An outbox shared by the aggregation writer and the uplink reader, with a
-/// notification for new records.
-#[derive(Clone)]
-pub struct SharedOutbox {
-    inner: Arc<Mutex<Box<dyn Outbox>>>,
-    notify: Arc<Notify>,
-}
-
-impl std::fmt::Debug for SharedOutbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedOutbox")
-            .field("stats", &self.stats())
-            .finish()
-    }
-}
-
-impl SharedOutbox {
-    /// Share an outbox.
-    pub fn new(outbox: Box<dyn Outbox>) -> Self {
-        Self {
-            inner: Arc::new(Mutex::new(outbox)),
-            notify: Arc::new(Notify::new()),
-        }
+        store::Outbox::stats(self)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Box<dyn Outbox>> {
-        // A panic while holding the lock leaves the data as consistent as the
-        // last completed call, so recover the guard rather than poison everything.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Append (accepted at the next [`SharedOutbox::commit`]).
-    pub fn append(&self, agg: &Aggregate) -> Result<u64, OutboxError> {
-        self.lock().append(agg)
-    }
-
-    /// Commit and wake the uplink.
-    pub fn commit(&self) -> Result<(), OutboxError> {
-        self.lock().commit()?;
-        self.notify.notify_one();
-        Ok(())
-    }
-
-    /// See [`Outbox::read_from`].
-    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
-        self.lock().read_from(from, max)
-    }
-
-    /// See [`Outbox::ack`].
-    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
-        self.lock().ack(seq)
-    }
-
-    /// See [`Outbox::oldest`].
-    pub fn oldest(&self) -> Option<u64> {
-        self.lock().oldest()
-    }
-
-    /// The window end (ms since the epoch) of the oldest committed record
-    /// held, if any: how far behind the cloud is.
-    pub fn oldest_window_end(&self) -> Option<i64> {
-        let mut o = self.lock();
-        let seq = o.oldest()?;
-        let record = o.read_from(seq, 1).ok()?.into_iter().next()?;
-        record.window_end()
-    }
-
-    /// See [`Outbox::committed_end`].
-    pub fn committed_end(&self) -> u64 {
-        self.lock().committed_end()
-    }
-
-    /// See [`Outbox::stats`].
-    pub fn stats(&self) -> OutboxStats {
-        self.lock().stats()
-    }
-
-    /// Bytes held per stream.
-    pub fn stream_bytes(&self) -> Vec<(String, u64)> {
-        self.lock().stream_bytes()
-    }
-
-    /// Wait until something is appended (or a wake-up is pending).
-    pub async fn appended(&self) {
-        self.notify.notified().await;
-    }
-
-    /// Wake the reader (e.g. at shutdown).
-    pub fn wake(&self) {
-        self.notify.notify_one();
+    fn stream_bytes(&self) -> Vec<(String, u64)> {
+        store::Outbox::stream_bytes(self)
     }
 }
 
@@ -338,19 +162,93 @@ pub(crate) mod tests {
     fn append_read_ack_and_bound() {
         let mut o = MemoryOutbox::new(3);
         for i in 0..5 {
-            o.append(&agg(i)).unwrap();
+            Outbox::append(&mut o, &agg(i)).unwrap();
         }
-        let s = o.stats();
+        let s = Outbox::stats(&o);
         assert_eq!((s.depth, s.dropped, s.appended), (3, 2, 5));
-        let recs = o.read_from(0, 10).unwrap();
+        let recs = Outbox::read_from(&mut o, 0, 10).unwrap();
         assert_eq!(
             recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        o.ack(4).unwrap();
-        assert_eq!(o.read_from(4, 10).unwrap()[0].seq, 5);
-        assert_eq!(o.oldest(), Some(3));
+        Outbox::ack(&mut o, 4).unwrap();
+        assert_eq!(Outbox::read_from(&mut o, 4, 10).unwrap()[0].seq, 5);
+        assert_eq!(Outbox::oldest(&o), Some(3));
         let back: Aggregate = serde_json::from_slice(recs[0].payload()).unwrap();
         assert_eq!(back, agg(2));
+    }
+
+    #[test]
+    fn a_record_is_an_aggregate_with_its_group_id_and_window_end() {
+        let mut a = agg(41);
+        a.group = "line-7".into();
+        a.id = a.compute_id();
+        let r = OutboxRecord::from_aggregate(3, &a).unwrap();
+        assert_eq!(
+            (r.seq, r.group.as_str(), r.id.as_str()),
+            (3, "line-7", a.id.as_str())
+        );
+        assert_eq!(r.window_end(), Some(42));
+        let back: Aggregate = serde_json::from_slice(r.payload()).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(
+            <Aggregate as Record>::window_end_of(b"{\"window_end\":9,\"other\":1}"),
+            Some(9),
+            "the window end is read without parsing the whole aggregate"
+        );
+        assert_eq!(<Aggregate as Record>::window_end_of(b"nonsense"), None);
+    }
+
+    /// The `coarsen` policy over real aggregates: the storage crate tests it
+    /// with its own record type, this checks that `Aggregate::merge` is what
+    /// it calls (counts exact, ids of the merged content), across a reopen.
+    #[test]
+    fn a_disk_outbox_of_aggregates_coarsens_with_exact_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = DiskSettings {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 4096,
+            max_bytes: 32768,
+            policy: FullPolicy::Coarsen,
+            protect_oldest: 2,
+            stream_caps: Default::default(),
+        };
+        let mut o = DiskOutbox::open(settings.clone()).unwrap();
+        let n = 400;
+        for i in 0..n {
+            let mut a = agg(i);
+            a.group = if i % 2 == 0 { "even" } else { "odd" }.into();
+            a.readings = 3;
+            a.classes = Some([("A".to_string(), 1u64)].into());
+            a.id = a.compute_id();
+            Outbox::append(&mut o, &a).unwrap();
+        }
+        Outbox::commit(&mut o).unwrap();
+        let st = Outbox::stats(&o);
+        assert!(st.coarsened > 0, "{st:?}");
+        assert_eq!(st.dropped, 0, "{st:?}");
+        drop(o);
+        let mut o = DiskOutbox::open(settings).unwrap();
+        let held: Vec<Aggregate> = Outbox::read_from(&mut o, 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice(r.payload()).unwrap())
+            .collect();
+        assert_eq!(held.len() as u64 + st.coarsened, n as u64);
+        assert_eq!(held.iter().map(|a| a.readings).sum::<u64>(), 3 * n as u64);
+        assert!(held.iter().any(|a| a.window_end - a.window_start > 2));
+        for a in &held {
+            assert_eq!(a.id, a.compute_id(), "ids match the merged content");
+        }
+    }
+
+    #[test]
+    fn a_boxed_outbox_is_shared_as_it_is() {
+        let boxed: Box<dyn Outbox> = Box::new(MemoryOutbox::new(10));
+        let shared = SharedOutbox::new(boxed);
+        shared.append(&agg(5)).unwrap();
+        shared.commit().unwrap();
+        assert_eq!(shared.oldest_window_end(), Some(6));
+        assert_eq!(shared.read_from(0, 10).unwrap()[0].id, agg(5).id);
     }
 }

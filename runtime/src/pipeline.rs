@@ -1,12 +1,16 @@
-//! Wiring: ingest → privacy → windowing → inference → aggregation → outbox →
-//! uplink, with a bounded channel between every two stages.
+//! Wiring: ingest → privacy and windowing → inference → aggregation →
+//! release → outbox → uplink, with a bounded channel between every two
+//! stages. This module only wires: each stage's task is its module's
+//! `spawn` (`window::spawn`, `inference::spawn_with_ready`,
+//! `aggregate::spawn`, `privacy::spawn_release`, `ingest::run_source`, ...).
 //!
 //! | channel                  | capacity                     | when full                          |
 //! |--------------------------|------------------------------|------------------------------------|
-//! | sources → windowing      | `ingest.channel_capacity`    | sources wait (MQTT: broker queues) |
+//! | sources → privacy, windowing | `ingest.channel_capacity` | sources wait (MQTT: broker queues) |
 //! | windowing → inference    | `windowing.channel_capacity` | windowing waits                    |
 //! | inference → aggregation  | `inference.channel_capacity` | the inference thread waits         |
-//! | aggregation → outbox     | 256                          | aggregation waits                  |
+//! | aggregation → release    | 256                          | aggregation waits                  |
+//! | release → outbox         | 256                          | release waits                      |
 //! | aggregation → decisions  | `decisions.queue_capacity`   | the decision is dropped, counted   |
 //! | outbox (disk)            | `outbox.max_bytes`           | `outbox.policy`: oldest segment dropped or new aggregate rejected, counted |
 //! | outbox (memory)          | `outbox.max_records`         | oldest dropped, counted            |
@@ -23,26 +27,27 @@ use outpost_models::LoadedModel;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{Aggregate, Aggregator, DriftSettings, Grouper, Inferred};
-use crate::config::{
-    Config, DEFAULT_METRICS_LISTEN, FileFormat, FileSourceConfig, OutboxKind, SourceConfig,
-    render_topic,
-};
+use crate::aggregate::{Aggregate, Aggregator, DriftSettings, Grouper};
+use crate::config::Config;
+use crate::config::OutboxKind;
 use crate::decisions::{Decision, DecisionFilter};
 use crate::governance::{self, GovernanceTask, Observation, Registry, SharedAudit, Trust};
-use crate::inference::{self, Batching, InferenceError, ModelSet, ModelSlot, ModelSource, Runner};
+use crate::inference::{
+    self, Batching, InferenceError, Inferred, ModelSet, ModelSlot, ModelSource, Runner,
+};
+use crate::ingest::SourceConfig;
+use crate::ingest::file::FileFormat;
+use crate::ingest::file::FileSourceConfig;
 use crate::ingest::{self, IngestCtx};
-use crate::metrics::Metrics;
+use crate::metrics::DEFAULT_METRICS_LISTEN;
+use crate::metrics::{Metrics, ModelStatus};
 use crate::outbox::{
     DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox, StreamCaps,
 };
-use crate::privacy::{ApplyStats, Privacy, Release, ReleaseStats};
+use crate::privacy::{Admission, Privacy, Release};
 use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
-use crate::status::ModelStatus;
-use crate::uplink::{
-    self, Backoff, HealthSettings, RumqttConnector, Stop, UplinkPolicy, UplinkSettings, UplinkState,
-};
+use crate::uplink::{self, Stop};
 use crate::window::{Window, WindowError, WindowSpec, Windower};
 
 /// Errors of starting or running the pipeline.
@@ -157,6 +162,9 @@ impl Prepared {
     }
 }
 
+/// Capacity of the channels that carry aggregates (closed, and released).
+const AGGREGATES_CAPACITY: usize = 256;
+
 /// Handles of the core stages.
 struct Core {
     aggregates: flume::Receiver<Aggregate>,
@@ -179,46 +187,26 @@ fn start_core(
 ) -> Result<Core, PipelineError> {
     let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
     let (inf_tx, inf_rx) = flume::bounded::<Inferred>(p.cfg.inference.channel_capacity);
-    let (agg_tx, agg_rx) = flume::bounded::<Aggregate>(256);
+    let (closed_tx, closed_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
+    let (agg_tx, agg_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
     let mut tasks = Vec::new();
 
-    // Privacy + windowing.
-    let mut privacy = Privacy::new(&p.cfg.privacy)?;
+    // Privacy (reading by reading) and windowing.
+    let privacy = Privacy::new(&p.cfg.privacy)?;
     let key_handle = privacy.key_id_handle();
-    let grouper = Grouper::new(&p.cfg.aggregation, &p.cfg.gateway.id);
-    let mut windower = Windower::new(p.spec.clone())?;
-    let metrics = p.metrics.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Ok(r) = readings.recv_async().await {
-            // Fixed group assignments name sensors as configured, before
-            // the sensor id is pseudonymized.
-            let fixed = grouper.fixed_group(&r.sensor);
-            let (r, s) = privacy.apply(r);
-            count_privacy(&metrics, &s);
-            if s.key_reloads > 0 {
-                governance::audit(
-                    &audit,
-                    &metrics,
-                    &[(
-                        crate::audit::kinds::PRIVACY_KEY_ROTATED,
-                        serde_json::json!({ "key_id": privacy.key_id() }),
-                    )],
-                );
-            }
-            let group = fixed.unwrap_or_else(|| grouper.group_of(&r));
-            if let Some(w) = windower.push(r, group) {
-                metrics.windows.inc();
-                if win_tx.send_async(w).await.is_err() {
-                    return;
-                }
-            }
-        }
-        for tail in windower.flush() {
-            if win_tx.send_async(tail).await.is_err() {
-                return;
-            }
-        }
-    }));
+    let mut admission = Admission::new(
+        privacy,
+        Grouper::new(&p.cfg.aggregation, &p.cfg.gateway.id),
+        p.metrics.clone(),
+        audit,
+    );
+    tasks.push(crate::window::spawn(
+        Windower::new(p.spec.clone())?,
+        readings,
+        move |r| admission.admit(r),
+        win_tx,
+        p.metrics.clone(),
+    ));
 
     // Inference, on its own thread.
     let batching = Batching {
@@ -231,57 +219,28 @@ fn start_core(
         inference::spawn_with_ready(p.slot.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
 
     // Aggregation (and local decisions).
-    let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
+    let aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
         .with_drift(DriftSettings {
             alert_psi: p.cfg.governance.drift_alert_psi,
             min_inferences: p.cfg.governance.drift_min_inferences,
         });
-    let metrics = p.metrics.clone();
-    let mut egress = Egress {
-        tx: agg_tx,
-        metrics: p.metrics.clone(),
+    tasks.push(crate::aggregate::spawn(
+        aggregator,
+        inf_rx,
+        decisions,
+        closed_tx,
+        p.metrics.clone(),
+        live,
+    ));
+
+    // Release: observed, k-anonymity, noise, budget.
+    tasks.push(crate::privacy::spawn_release(
+        Release::new(&p.cfg.privacy, privacy_state, key_handle)?,
+        closed_rx,
         observations,
-        release: Release::new(&p.cfg.privacy, privacy_state, key_handle)?,
-        released: Vec::new(),
-    };
-    tasks.push(tokio::spawn(async move {
-        let mut decisions = decisions;
-        let mut out = Vec::new();
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
-        let mut late_seen = 0;
-        loop {
-            let next = if live {
-                tokio::select! {
-                    r = inf_rx.recv_async() => r.ok(),
-                    _ = ticker.tick() => {
-                        aggregator.tick(crate::reading::now_ms(), &mut out);
-                        if !egress.forward(&mut out).await { return; }
-                        continue;
-                    }
-                }
-            } else {
-                inf_rx.recv_async().await.ok()
-            };
-            let Some(inf) = next else { break };
-            if let Some((tx, filter)) = decisions.as_mut()
-                && let Some(d) = filter.decide(&inf)
-                && tx.try_send(d).is_err()
-            {
-                metrics.decisions_dropped.inc();
-            }
-            aggregator.push(inf, &mut out);
-            let late = aggregator.stats().late_readings;
-            metrics.late_readings.inc_by(late - late_seen);
-            late_seen = late;
-            if !egress.forward(&mut out).await {
-                return;
-            }
-        }
-        aggregator.flush(&mut out);
-        if egress.forward(&mut out).await {
-            egress.finish().await;
-        }
-    }));
+        agg_tx,
+        p.metrics.clone(),
+    ));
 
     Ok(Core {
         aggregates: agg_rx,
@@ -289,78 +248,6 @@ fn start_core(
         tasks,
         inference,
     })
-}
-
-fn count_privacy(m: &Metrics, s: &ApplyStats) {
-    if *s == ApplyStats::default() {
-        return;
-    }
-    m.attrs_dropped.inc_by(s.attrs_dropped);
-    m.privacy_pseudonymized.inc_by(s.pseudonymized);
-    m.privacy_redactions.inc_by(s.redactions + s.free_text);
-    m.privacy_key_rotations.inc_by(s.key_reloads);
-    m.privacy_key_errors.inc_by(s.key_reload_failures);
-}
-
-/// The end of the core: every closed aggregate is observed (metrics, the
-/// governor: true figures, which never leave the process), passes the
-/// privacy release (k-anonymity, noise, budget), and what is released goes
-/// to the outbox.
-struct Egress {
-    tx: flume::Sender<Aggregate>,
-    metrics: Arc<Metrics>,
-    observations: Option<flume::Sender<Observation>>,
-    release: Release,
-    released: Vec<Aggregate>,
-}
-
-impl Egress {
-    /// Returns false when the outbox side is gone.
-    async fn forward(&mut self, out: &mut Vec<Aggregate>) -> bool {
-        for a in out.iter() {
-            self.metrics.observe_aggregate(a);
-            if let Some(tx) = &self.observations {
-                // Full: the governor misses one aggregate, the data does not.
-                let _ = tx.try_send(Observation::of(a));
-            }
-        }
-        // One budget write per batch.
-        let stats = self.release.admit_all(out.drain(..), &mut self.released);
-        self.count(&stats);
-        self.send().await
-    }
-
-    /// At the end: what the release still holds.
-    async fn finish(&mut self) {
-        let stats = self.release.flush(&mut self.released);
-        self.count(&stats);
-        self.send().await;
-    }
-
-    fn count(&self, s: &ReleaseStats) {
-        let m = &self.metrics;
-        for (kind, n) in [
-            ("k_anonymity", s.suppressed_k),
-            ("budget", s.suppressed_budget),
-            ("budget_write", s.budget_write_failures),
-        ] {
-            m.privacy_suppressed
-                .get_or_create(&crate::metrics::KindLabels::of(kind))
-                .inc_by(n);
-        }
-        m.privacy_merged.inc_by(s.merged);
-        m.privacy_noised.inc_by(s.noised);
-    }
-
-    async fn send(&mut self) -> bool {
-        for a in self.released.drain(..) {
-            self.metrics.aggregates.inc();
-            if self.tx.send_async(a).await.is_err() {
-                return false;
-            }
-        }
-        true
-    }
 }
 
 /// What a run did, for the final log line and tests.
@@ -387,9 +274,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     // Group names leave the gateway, in each aggregate and its topic.
     if cfg.privacy.key.is_some() && cfg.uplink.is_some() {
         let raw = match &cfg.aggregation.group_by {
-            crate::config::GroupBy::Sensor => !cfg.privacy.pseudonymize_sensor,
-            crate::config::GroupBy::Attr(a) => !cfg.privacy.pseudonymize_attrs.contains(a),
-            crate::config::GroupBy::Gateway => false,
+            crate::aggregate::GroupBy::Sensor => !cfg.privacy.pseudonymize_sensor,
+            crate::aggregate::GroupBy::Attr(a) => !cfg.privacy.pseudonymize_attrs.contains(a),
+            crate::aggregate::GroupBy::Gateway => false,
         };
         if raw {
             tracing::warn!(
@@ -421,7 +308,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         match tokio::net::TcpListener::bind(&addr).await {
             Ok(listener) => {
                 tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
-                tokio::spawn(crate::metrics::serve(
+                tokio::spawn(crate::http::serve(
                     listener,
                     metrics.clone(),
                     cfg.gateway.id.clone(),
@@ -457,7 +344,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
 
     // Audit log: what runs, under which configuration and policy.
     let audit: Option<SharedAudit> = if cfg.audit.enabled {
-        let path = cfg.audit.path(&cfg.gateway);
+        let path = cfg.audit.path(&cfg.gateway.state_dir);
         let m = metrics.clone();
         let log = tokio::task::spawn_blocking(move || open_audit(&path, &m))
             .await
@@ -487,7 +374,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     // Governance: follow the registry (applied once before the first window).
     let (obs_tx, obs_rx) = flume::bounded::<Observation>(64);
     let governance_task = if cfg.governance.enabled {
-        let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway))?;
+        let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway.state_dir))?;
         let mut task = GovernanceTask::new(
             registry,
             p.trust.clone(),
@@ -524,7 +411,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     let outbox: Box<dyn crate::outbox::Outbox> = match cfg.outbox.kind {
         OutboxKind::Memory => Box::new(MemoryOutbox::new(cfg.outbox.max_records)),
         OutboxKind::Disk => {
-            let dir = cfg.outbox.dir(&cfg.gateway);
+            let dir = cfg.outbox.dir(&cfg.gateway.state_dir);
             let started = std::time::Instant::now();
             let o = DiskOutbox::open(DiskSettings {
                 dir: dir.clone(),
@@ -550,7 +437,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         }
     };
     let outbox = SharedOutbox::new(outbox);
-    metrics.observe_outbox(&outbox.stats());
+    metrics.observe_outbox(&outbox_counts(&outbox.stats()));
     let stop = Stop {
         drain: CancellationToken::new(),
         now: stop_all.clone(),
@@ -558,68 +445,14 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     metrics
         .uplink_configured
         .store(cfg.uplink.is_some(), std::sync::atomic::Ordering::Relaxed);
-    let uplink_task = match &cfg.uplink {
-        Some(u) => {
-            let mut options = crate::mqtt::options(&u.broker, &cfg.gateway.id, "uplink")?;
-            let health_topic = render_topic(&u.health_topic, &[("gateway", &cfg.gateway.id)]);
-            if u.health_interval_s > 0 {
-                // The broker tells the cloud when the gateway vanishes.
-                options.set_last_will(rumqttc::LastWill::new(
-                    health_topic.clone(),
-                    crate::status::offline_message(&cfg.gateway.id),
-                    rumqttc::QoS::AtLeastOnce,
-                    u.health_retain,
-                ));
-            }
-            let state = UplinkState::with_policy(
-                UplinkPolicy {
-                    max_inflight: u.max_inflight as usize,
-                    live_first: u.live_first,
-                    backlog_rate: u.backlog_rate,
-                    max_publish_rate: u.max_publish_rate,
-                    breaker_failures: u.breaker_failures,
-                    breaker_open: Duration::from_millis(u.breaker_open_ms),
-                },
-                Backoff::new(
-                    Duration::from_millis(u.backoff_initial_ms),
-                    Duration::from_millis(u.backoff_max_ms),
-                    crate::reading::now_ms() as u64,
-                ),
-            );
-            let settings = UplinkSettings {
-                topic: u.topic.clone(),
-                gateway: cfg.gateway.id.clone(),
-                batch_max_bytes: u.batch_max_bytes,
-                compression: u.compression,
-                health: (u.health_interval_s > 0).then(|| HealthSettings {
-                    topic: health_topic,
-                    interval: Duration::from_secs(u.health_interval_s),
-                    retain: u.health_retain,
-                    withhold_counts: cfg.privacy.differential_privacy.is_some(),
-                }),
-            };
-            let max_inflight = u.max_inflight;
-            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());
-            tokio::spawn(async move {
-                uplink::run(
-                    RumqttConnector::new(options, max_inflight),
-                    state,
-                    outbox,
-                    settings,
-                    metrics,
-                    stop,
-                )
-                .await
-            })
-        }
-        None => {
-            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), stop.clone());
-            tokio::spawn(async move {
-                uplink::run_log_sink(outbox.clone(), metrics, stop).await;
-                outbox.stats().depth
-            })
-        }
-    };
+    let uplink_task = uplink::spawn(
+        cfg.uplink.as_ref(),
+        &cfg.gateway.id,
+        cfg.privacy.differential_privacy.is_some(),
+        outbox.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )?;
 
     // Outbox writer: the end of the core, on a blocking thread (file I/O and
     // fsync). Appends are committed as a group every `fsync_interval_ms`;
@@ -748,7 +581,7 @@ fn open_audit(
     match crate::audit::AuditLog::open(path) {
         Err(crate::audit::AuditError::Corrupt { detail, .. }) => {
             metrics.audit_errors.inc();
-            let stamp = crate::reading::now_ms();
+            let stamp = crate::clock::now_ms();
             let suffixed = |suffix: &str| {
                 let mut p = path.as_os_str().to_os_string();
                 p.push(suffix);
@@ -856,7 +689,7 @@ fn write_outbox(
             tracing::error!(error = %e, "outbox commit failed");
         }
         metrics.outbox_commits.inc();
-        metrics.observe_outbox(&outbox.stats());
+        metrics.observe_outbox(&outbox_counts(&outbox.stats()));
         metrics.observe_streams(&outbox.stream_bytes());
     };
     let mut last_commit = std::time::Instant::now();
@@ -925,7 +758,7 @@ fn spawn_backlog_age(
                 .ok()
                 .flatten();
             let age = end.map_or(0.0, |end| {
-                (crate::reading::now_ms() - end).max(0) as f64 / 1000.0
+                (crate::clock::now_ms() - end).max(0) as f64 / 1000.0
             });
             metrics.outbox_oldest_age.set(age);
         }
@@ -978,7 +811,7 @@ pub async fn replay(
     let scratch = std::env::temp_dir().join(format!(
         "outpost-replay-{}-{}",
         std::process::id(),
-        crate::reading::now_ms()
+        crate::clock::now_ms()
     ));
     let core = start_core(&p, read_rx, None, None, None, &scratch, false);
     let result = match core {
@@ -1027,4 +860,17 @@ async fn replay_core(
         Err(_) => return Err(InferenceError::Panicked.into()),
     }
     Ok(())
+}
+
+/// The outbox's figures as the metrics take them.
+fn outbox_counts(s: &crate::outbox::OutboxStats) -> crate::metrics::OutboxCounts {
+    crate::metrics::OutboxCounts {
+        depth: s.depth,
+        bytes: s.bytes,
+        dropped: s.dropped,
+        rejected: s.rejected,
+        quarantined: s.quarantined,
+        lost: s.lost,
+        coarsened: s.coarsened,
+    }
 }

@@ -135,6 +135,12 @@
 //!   (Mironov 2012); epsilon itself is a float, and the scale derived from it
 //!   is rounded up.
 
+mod config;
+pub use config::{
+    BuiltinPattern, DifferentialPrivacyConfig, ExactField, KAnonymityAction, KAnonymityConfig,
+    PrivacyConfig,
+};
+
 mod budget;
 mod key;
 mod noise;
@@ -148,9 +154,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::config::PrivacyConfig;
 use crate::reading::Reading;
 
+/// The release stage's task.
+pub use release::spawn as spawn_release;
 pub use release::{Release, ReleaseStats};
 
 pub(crate) use redact::compile_pattern;
@@ -424,10 +431,69 @@ impl Privacy {
     }
 }
 
+/// The privacy stage as the windowing stage runs it, reading by reading:
+/// the group is taken (a fixed group names the sensor as configured, before
+/// its id is pseudonymized), the policy applied, and what it did counted;
+/// a key rotation goes to the audit log.
+pub struct Admission {
+    privacy: Privacy,
+    grouper: crate::aggregate::Grouper,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    audit: Option<crate::governance::SharedAudit>,
+}
+
+impl Admission {
+    /// The stage for `privacy`, grouping with `grouper`.
+    pub fn new(
+        privacy: Privacy,
+        grouper: crate::aggregate::Grouper,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        audit: Option<crate::governance::SharedAudit>,
+    ) -> Self {
+        Self {
+            privacy,
+            grouper,
+            metrics,
+            audit,
+        }
+    }
+
+    /// The reading as it may be kept, and its group.
+    pub fn admit(&mut self, r: Reading) -> (Reading, std::sync::Arc<str>) {
+        let fixed = self.grouper.fixed_group(&r.sensor);
+        let (r, s) = self.privacy.apply(r);
+        self.count(&s);
+        if s.key_reloads > 0 {
+            crate::governance::audit(
+                &self.audit,
+                &self.metrics,
+                &[(
+                    crate::audit::kinds::PRIVACY_KEY_ROTATED,
+                    serde_json::json!({ "key_id": self.privacy.key_id() }),
+                )],
+            );
+        }
+        let group = fixed.unwrap_or_else(|| self.grouper.group_of(&r));
+        (r, group)
+    }
+
+    fn count(&self, s: &ApplyStats) {
+        if *s == ApplyStats::default() {
+            return;
+        }
+        let m = &self.metrics;
+        m.attrs_dropped.inc_by(s.attrs_dropped);
+        m.privacy_pseudonymized.inc_by(s.pseudonymized);
+        m.privacy_redactions.inc_by(s.redactions + s.free_text);
+        m.privacy_key_rotations.inc_by(s.key_reloads);
+        m.privacy_key_errors.inc_by(s.key_reload_failures);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SecretSource;
+    use crate::secret::SecretSource;
     use hmac::{Hmac, Mac};
     use sha2::Sha256;
     use std::time::Duration;
@@ -697,10 +763,10 @@ mod tests {
                 "count".into(),
             ],
             redact: vec![
-                crate::config::BuiltinPattern::Email,
-                crate::config::BuiltinPattern::Phone,
-                crate::config::BuiltinPattern::Ipv4,
-                crate::config::BuiltinPattern::Iban,
+                crate::privacy::BuiltinPattern::Email,
+                crate::privacy::BuiltinPattern::Phone,
+                crate::privacy::BuiltinPattern::Ipv4,
+                crate::privacy::BuiltinPattern::Iban,
             ],
             redact_patterns: [("badge".to_string(), "B-[0-9]{6}".to_string())].into(),
             free_text_attrs: vec!["note".into()],
@@ -744,7 +810,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = key_file(dir.path(), &format!("k1:{SECRET_A}"));
         let mut cfg = pseudonymizing(&path);
-        cfg.redact = vec![crate::config::BuiltinPattern::Email];
+        cfg.redact = vec![crate::privacy::BuiltinPattern::Email];
         let mut p = Privacy::new(&cfg).unwrap();
         let (a, _) = p.apply(reading(
             "s",

@@ -145,11 +145,6 @@ pub struct Validator {
     pub sensors: Vec<String>,
 }
 
-/// Wall-clock now in epoch milliseconds.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 impl Validator {
     /// Decode a JSON payload (one reading or an array). `sensor_override`
     /// replaces the payload's `sensor` (taken from the topic). Each element is

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelStatus};
 
 /// [`Status::kind`] of a health message.
 pub const HEALTH_KIND: &str = "health";
@@ -27,20 +27,6 @@ pub enum GatewayState {
     /// Sent by the broker for the gateway when its connection ended without
     /// a clean disconnect (the MQTT last will).
     Offline,
-}
-
-/// The model serving the aggregates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ModelStatus {
-    /// Model name.
-    pub name: String,
-    /// Model version.
-    pub version: String,
-    /// sha256 of the weights file, as the signed manifest lists it.
-    pub weights_sha256: String,
-    /// Inference device (`cpu` or `gpu`).
-    pub device: String,
 }
 
 /// The durable outbox.
@@ -355,7 +341,7 @@ mod tests {
         });
         m.reading("s");
         m.reading("s");
-        m.reject("s", crate::reading::RejectReason::Malformed);
+        m.reject("s", crate::reading::RejectReason::Malformed.as_str());
         m.observe_batch(
             4,
             std::time::Duration::from_millis(2),
@@ -367,7 +353,7 @@ mod tests {
         m.uplink_configured
             .store(true, std::sync::atomic::Ordering::Relaxed);
         m.set_ready(true);
-        let s = Status::snapshot(&m, "gw-1", crate::reading::now_ms());
+        let s = Status::snapshot(&m, "gw-1", crate::clock::now_ms());
         assert_eq!(s.state, GatewayState::Running);
         assert_eq!((s.readings, s.rejected, s.inferences), (2, 1, 4));
         assert_eq!(s.cpu_us_per_inference, Some(100.0));

@@ -11,6 +11,9 @@
 //!   re-sent from the outbox instead (at least once; consumers deduplicate by
 //!   the aggregate's `id`).
 
+mod config;
+pub use config::UplinkConfig;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +22,8 @@ use rumqttc::{AsyncClient, ClientError, Event, MqttOptions, Outgoing, Packet, Qo
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::render_topic;
 use crate::metrics::Metrics;
+use crate::mqtt::render_topic;
 use crate::outbox::{OutboxRecord, SharedOutbox};
 
 /// Errors of the uplink.
@@ -744,7 +747,7 @@ fn send_health<S: Session>(session: &mut S, settings: &UplinkSettings, metrics: 
         return;
     };
     let mut status =
-        crate::status::Status::snapshot(metrics, &settings.gateway, crate::reading::now_ms());
+        crate::status::Status::snapshot(metrics, &settings.gateway, crate::clock::now_ms());
     if h.withhold_counts {
         status = status.withhold_counts();
     }
@@ -846,7 +849,7 @@ fn send_ready<S: Session>(
 }
 
 fn now_ms() -> u64 {
-    crate::reading::now_ms().max(0) as u64
+    crate::clock::now_ms().max(0) as u64
 }
 
 /// No cloud configured: log each aggregate and acknowledge it.
@@ -873,6 +876,72 @@ pub async fn run_log_sink(outbox: SharedOutbox, metrics: Arc<Metrics>, stop: Sto
             _ = stop.now.cancelled() => return,
         }
     }
+}
+
+/// Start the uplink stage for `cfg` (`None`: aggregates are logged, the log
+/// sink): it publishes the outbox's committed records to the cloud broker
+/// and acknowledges them there; health messages (`withhold_counts`: without
+/// data counts, under differential privacy) and the last will go with it.
+/// The task returns the records left undelivered.
+pub fn spawn(
+    cfg: Option<&UplinkConfig>,
+    gateway: &str,
+    withhold_counts: bool,
+    outbox: SharedOutbox,
+    metrics: Arc<Metrics>,
+    stop: Stop,
+) -> Result<tokio::task::JoinHandle<u64>, crate::mqtt::MqttSetupError> {
+    metrics
+        .uplink_configured
+        .store(cfg.is_some(), std::sync::atomic::Ordering::Relaxed);
+    let Some(u) = cfg else {
+        return Ok(tokio::spawn(async move {
+            run_log_sink(outbox.clone(), metrics, stop).await;
+            outbox.stats().depth
+        }));
+    };
+    let mut options = crate::mqtt::options(&u.broker, gateway, "uplink")?;
+    let health_topic = render_topic(&u.health_topic, &[("gateway", gateway)]);
+    if u.health_interval_s > 0 {
+        // The broker tells the cloud when the gateway vanishes.
+        options.set_last_will(rumqttc::LastWill::new(
+            health_topic.clone(),
+            crate::status::offline_message(gateway),
+            rumqttc::QoS::AtLeastOnce,
+            u.health_retain,
+        ));
+    }
+    let state = UplinkState::with_policy(
+        UplinkPolicy {
+            max_inflight: u.max_inflight as usize,
+            live_first: u.live_first,
+            backlog_rate: u.backlog_rate,
+            max_publish_rate: u.max_publish_rate,
+            breaker_failures: u.breaker_failures,
+            breaker_open: Duration::from_millis(u.breaker_open_ms),
+        },
+        Backoff::new(
+            Duration::from_millis(u.backoff_initial_ms),
+            Duration::from_millis(u.backoff_max_ms),
+            crate::clock::now_ms() as u64,
+        ),
+    );
+    let settings = UplinkSettings {
+        topic: u.topic.clone(),
+        gateway: gateway.to_string(),
+        batch_max_bytes: u.batch_max_bytes,
+        compression: u.compression,
+        health: (u.health_interval_s > 0).then(|| HealthSettings {
+            topic: health_topic,
+            interval: Duration::from_secs(u.health_interval_s),
+            retain: u.health_retain,
+            withhold_counts,
+        }),
+    };
+    let connector = RumqttConnector::new(options, u.max_inflight);
+    Ok(tokio::spawn(async move {
+        run(connector, state, outbox, settings, metrics, stop).await
+    }))
 }
 
 #[cfg(test)]

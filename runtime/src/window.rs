@@ -8,12 +8,16 @@
 //! covers for the first time, so aggregation counts every accepted reading
 //! exactly once, including those left over at shutdown (a tail window with no data).
 
+mod config;
+pub use config::WindowingConfig;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use outpost_models::features::Extractor;
 use outpost_models::manifest::{InputKind, Manifest};
 
+use crate::metrics::Metrics;
 use crate::reading::Reading;
 
 /// Errors of building a windower from a model and configuration.
@@ -251,6 +255,35 @@ impl Windower {
         }
         out
     }
+}
+
+/// Run the windowing stage: each reading passes `admit` (the privacy
+/// stage: [`crate::privacy::Admission::admit`]), then into its sensor's
+/// window; a full window goes to `windows` (waiting while it is full). When
+/// `readings` closes, the partial windows are flushed and `windows` closes.
+pub fn spawn(
+    mut windower: Windower,
+    readings: flume::Receiver<Reading>,
+    mut admit: impl FnMut(Reading) -> (Reading, Arc<str>) + Send + 'static,
+    windows: flume::Sender<Window>,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(r) = readings.recv_async().await {
+            let (r, group) = admit(r);
+            if let Some(w) = windower.push(r, group) {
+                metrics.windows.inc();
+                if windows.send_async(w).await.is_err() {
+                    return;
+                }
+            }
+        }
+        for tail in windower.flush() {
+            if windows.send_async(tail).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost::aggregate::Inferred;
+use outpost::inference::Inferred;
 use outpost::inference::{
     Batching, ModelSet, ModelSlot, ModelSource, Runner, Scratch, infer_batch, load_model,
     spawn_with_ready,

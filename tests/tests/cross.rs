@@ -16,7 +16,7 @@ const TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gn
 
 /// Static musl builds (`cross/build.sh --musl` after `cross/setup-musl.sh`):
 /// tested the same way when they have been built, skipped otherwise (the
-/// test run does not build them; README, "ARM gateways").
+/// test run does not build them; docs/arm-and-packaging.md).
 const MUSL_TARGETS: [&str; 1] = ["aarch64-unknown-linux-musl"];
 
 /// The glibc targets, and the musl ones that were built.

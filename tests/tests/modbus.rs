@@ -7,7 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use outpost::config::{Config, SourceConfig};
+use outpost::config::Config;
+use outpost::ingest::SourceConfig;
 use outpost::ingest::modbus::Poller;
 use outpost_tests::*;
 

@@ -4,8 +4,49 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestCtx, IngestError};
-use crate::config::{FileFormat, FileSourceConfig};
-use crate::reading::{CsvLayout, now_ms};
+use crate::check::Collector;
+use crate::clock::now_ms;
+use crate::reading::CsvLayout;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Format of a file source.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON reading (or array of readings) per line.
+    #[default]
+    Jsonl,
+    /// A header row with `sensor`, `ts`, value columns and optional `attr.*` columns.
+    Csv,
+}
+
+/// `type = "file"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// Source name.
+    #[serde(default = "default_file_name")]
+    pub name: String,
+    /// Path, or `-` for stdin.
+    pub path: PathBuf,
+    /// Format.
+    #[serde(default)]
+    pub format: FileFormat,
+}
+
+fn default_file_name() -> String {
+    "file".into()
+}
+
+impl FileSourceConfig {
+    /// Check this source's table.
+    pub fn check(&self, c: &mut Collector) {
+        if self.path.as_os_str().is_empty() {
+            c.push("path", "must not be empty (use \"-\" for stdin)");
+        }
+    }
+}
 
 /// Read the whole input, then return.
 pub async fn run(

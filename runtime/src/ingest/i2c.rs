@@ -18,8 +18,65 @@ use tokio_util::sync::CancellationToken;
 
 use super::pacer::Pacer;
 use super::{IngestCtx, IngestError};
-use crate::config::I2cSourceConfig;
-use crate::reading::{Reading, now_ms};
+use crate::check::Collector;
+use crate::clock::now_ms;
+use crate::reading::Reading;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// `type = "i2c"`: an ADXL345 on `/dev/i2c-N`; one reading of X, Y, Z in g
+/// per sample.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct I2cSourceConfig {
+    /// Source name.
+    pub name: String,
+    /// The bus device.
+    pub bus: PathBuf,
+    /// 7-bit device address: 0x53 (ALT ADDRESS low) or 0x1D (high).
+    pub address: u8,
+    /// Samples per second (the device's data rate is set to the next one up,
+    /// 6.25 to 3200 Hz).
+    pub rate_hz: f64,
+    /// Range in g: 2, 4, 8 or 16 (full resolution, 3.9 mg per LSB).
+    pub range_g: u8,
+    /// Sensor id of the readings; default: the source name.
+    pub sensor: Option<String>,
+    /// Retries of a failed bus transaction before the sample is given up.
+    pub retries: u32,
+}
+
+impl Default for I2cSourceConfig {
+    fn default() -> Self {
+        Self {
+            name: "i2c".into(),
+            bus: PathBuf::from("/dev/i2c-1"),
+            address: 0x53,
+            rate_hz: 100.0,
+            range_g: 4,
+            sensor: None,
+            retries: 2,
+        }
+    }
+}
+
+impl I2cSourceConfig {
+    /// Check this source's table.
+    pub fn check(&self, c: &mut Collector) {
+        if !(self.rate_hz > 0.0 && self.rate_hz <= 3200.0) {
+            c.push("rate_hz", "must be in (0, 3200] (the ADXL345's rates)");
+        }
+        if ![2, 4, 8, 16].contains(&self.range_g) {
+            c.push("range_g", "must be 2, 4, 8 or 16");
+        }
+        if self.address > 0x7f {
+            c.push(
+                "address",
+                "must be a 7-bit address (0x53 or 0x1d for an ADXL345)",
+            );
+        }
+    }
+}
 
 /// The metric label of a driver error.
 pub fn error_kind<E: embedded_hal::i2c::Error>(e: &DevError<E>) -> &'static str {

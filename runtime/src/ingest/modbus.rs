@@ -21,8 +21,153 @@ use tokio_util::sync::CancellationToken;
 
 use super::pacer::Pacer;
 use super::{IngestCtx, IngestError};
-use crate::config::{Collector, ModbusParity, ModbusRegister, ModbusSourceConfig, ModbusTransport};
-use crate::reading::{Reading, now_ms};
+use crate::check::Collector;
+use crate::clock::now_ms;
+use crate::reading::Reading;
+use std::path::PathBuf;
+
+/// `type = "modbus"`: registers of one device, polled every
+/// `poll_interval_ms`; one reading per poll with one value per register, in
+/// the order of `registers`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusSourceConfig {
+    /// Source name.
+    #[serde(default = "default_modbus_name")]
+    pub name: String,
+    /// `tcp`, `rtu` (serial line) or `rtu_over_tcp`.
+    pub transport: ModbusTransport,
+    /// `tcp` and `rtu_over_tcp`: `host:port` of the device or gateway.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// RTU: the serial device, e.g. `/dev/ttyUSB0`.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// RTU: baud rate.
+    #[serde(default = "default_baud")]
+    pub baud_rate: u32,
+    /// RTU: `none`, `even` or `odd`.
+    #[serde(default)]
+    pub parity: ModbusParity,
+    /// RTU: 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Unit (slave) id.
+    #[serde(default = "default_unit")]
+    pub unit: u8,
+    /// Time between polls.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Time allowed for one request.
+    #[serde(default = "default_modbus_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries of a failed request (after a timeout the connection is made anew).
+    #[serde(default = "default_modbus_retries")]
+    pub retries: u32,
+    /// Sensor id of the readings; default: the source name.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    /// The register map.
+    pub registers: Vec<ModbusRegister>,
+}
+
+fn default_modbus_name() -> String {
+    "modbus".into()
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+
+fn default_stop_bits() -> u8 {
+    1
+}
+
+fn default_unit() -> u8 {
+    1
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+
+fn default_modbus_timeout_ms() -> u64 {
+    500
+}
+
+fn default_modbus_retries() -> u32 {
+    2
+}
+
+/// Modbus transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTransport {
+    /// Modbus TCP (MBAP header).
+    Tcp,
+    /// Modbus RTU on a serial line.
+    Rtu,
+    /// RTU framing over TCP (a serial device server in raw mode).
+    RtuOverTcp,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusParity {
+    /// None (the default).
+    #[default]
+    None,
+    /// Even.
+    Even,
+    /// Odd.
+    Odd,
+}
+
+/// One value of the register map.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusRegister {
+    /// Name (documentation and logs).
+    pub name: String,
+    /// First register (0-based protocol address).
+    pub address: u16,
+    /// `holding`, `input`, `coil` or `discrete`.
+    #[serde(default = "default_kind")]
+    pub kind: RegisterKind,
+    /// `u16`, `i16`, `u32`, `i32`, `f32`, `u64`, `i64`, `f64` (registers) or
+    /// `bool` (coils and discrete inputs).
+    #[serde(default = "default_data_type")]
+    pub data_type: DataType,
+    /// Value = raw × scale + offset.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// See `scale`.
+    #[serde(default)]
+    pub offset: f64,
+    /// Unit of the value (documentation).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Byte order within a register: `big` (Modbus standard) or `little`.
+    #[serde(default)]
+    pub byte_order: Order,
+    /// Register order of multi-register values: `big` (first register most
+    /// significant) or `little`.
+    #[serde(default)]
+    pub word_order: Order,
+}
+
+fn default_kind() -> RegisterKind {
+    RegisterKind::Holding
+}
+
+fn default_data_type() -> DataType {
+    DataType::U16
+}
+
+fn default_scale() -> f64 {
+    1.0
+}
 
 /// Register table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -122,63 +267,60 @@ pub fn decode(words: &[u16], dt: DataType, byte_order: Order, word_order: Order)
     }
 }
 
-/// Check a `type = "modbus"` source at `path`.
-pub(crate) fn check_config(c: &mut Collector, path: &str, m: &ModbusSourceConfig) {
-    match m.transport {
-        ModbusTransport::Tcp | ModbusTransport::RtuOverTcp => match &m.address {
-            None => c.push(
-                format!("{path}.address"),
-                "required for this transport (host:port)",
-            ),
-            Some(a) => {
-                let port_ok = a
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-                if !port_ok {
-                    c.push(format!("{path}.address"), format!("{a:?} is not host:port"));
+impl ModbusSourceConfig {
+    /// Check this source's table.
+    pub fn check(&self, c: &mut Collector) {
+        let m = self;
+        match m.transport {
+            ModbusTransport::Tcp | ModbusTransport::RtuOverTcp => match &m.address {
+                None => c.push("address", "required for this transport (host:port)"),
+                Some(a) => {
+                    let port_ok = a.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !port_ok {
+                        c.push("address", format!("{a:?} is not host:port"));
+                    }
+                }
+            },
+            ModbusTransport::Rtu => {
+                if m.device.is_none() {
+                    c.push(
+                        "device",
+                        "required for transport \"rtu\" (e.g. /dev/ttyUSB0)",
+                    );
+                }
+                if !(1..=2).contains(&m.stop_bits) {
+                    c.push("stop_bits", "must be 1 or 2");
+                }
+                if m.baud_rate == 0 {
+                    c.push("baud_rate", "must be positive");
                 }
             }
-        },
-        ModbusTransport::Rtu => {
-            if m.device.is_none() {
-                c.push(
-                    format!("{path}.device"),
-                    "required for transport \"rtu\" (e.g. /dev/ttyUSB0)",
-                );
-            }
-            if !(1..=2).contains(&m.stop_bits) {
-                c.push(format!("{path}.stop_bits"), "must be 1 or 2");
-            }
-            if m.baud_rate == 0 {
-                c.push(format!("{path}.baud_rate"), "must be positive");
-            }
         }
-    }
-    if m.poll_interval_ms == 0 {
-        c.push(format!("{path}.poll_interval_ms"), "must be at least 1");
-    }
-    if m.timeout_ms == 0 {
-        c.push(format!("{path}.timeout_ms"), "must be at least 1");
-    }
-    if m.registers.is_empty() {
-        c.push(
-            format!("{path}.registers"),
-            "at least one register is required",
-        );
-    }
-    for (i, r) in m.registers.iter().enumerate() {
-        let p = format!("{path}.registers[{i}]");
-        if r.kind.is_bit() != (r.data_type == DataType::Bool) {
-            c.push(
+        if m.poll_interval_ms == 0 {
+            c.push("poll_interval_ms", "must be at least 1");
+        }
+        if m.timeout_ms == 0 {
+            c.push("timeout_ms", "must be at least 1");
+        }
+        if m.registers.is_empty() {
+            c.push("registers", "at least one register is required");
+        }
+        for (i, r) in m.registers.iter().enumerate() {
+            let p = format!("registers[{i}]");
+            if r.kind.is_bit() != (r.data_type == DataType::Bool) {
+                c.push(
                 format!("{p}.data_type"),
                 "coils and discrete inputs take data_type \"bool\"; registers take a number type",
             );
-        }
-        if u32::from(r.address) + u32::from(r.data_type.width()) > 65536 {
-            c.push(format!("{p}.address"), "the value runs past register 65535");
-        }
-        if !r.scale.is_finite() || !r.offset.is_finite() {
-            c.push(format!("{p}.scale"), "scale and offset must be finite");
+            }
+            if u32::from(r.address) + u32::from(r.data_type.width()) > 65536 {
+                c.push(format!("{p}.address"), "the value runs past register 65535");
+            }
+            if !r.scale.is_finite() || !r.offset.is_finite() {
+                c.push(format!("{p}.scale"), "scale and offset must be finite");
+            }
         }
     }
 }

@@ -13,8 +13,90 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestCtx, IngestError};
-use crate::config::{MqttSourceConfig, SensorFrom};
-use crate::reading::now_ms;
+use crate::check::Collector;
+use crate::clock::now_ms;
+use crate::mqtt::{BrokerConfig, check_broker, check_filter};
+use serde::Deserialize;
+
+/// Where the sensor id of an MQTT reading comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SensorFrom {
+    /// The `sensor` field of the payload.
+    Payload,
+    /// The topic level at this index (0-based), e.g. `sensors/+/data` → 1.
+    TopicLevel(usize),
+}
+
+impl<'de> Deserialize<'de> for SensorFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "payload" {
+            return Ok(SensorFrom::Payload);
+        }
+        match s.strip_prefix("topic:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(SensorFrom::TopicLevel(i)),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected \"payload\" or \"topic:<level index>\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// `type = "mqtt"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Source name.
+    #[serde(default = "default_mqtt_name")]
+    pub name: String,
+    /// The site broker.
+    pub broker: BrokerConfig,
+    /// Topic filters (`+` and `#` allowed).
+    pub topics: Vec<String>,
+    /// Where the sensor id comes from.
+    #[serde(default = "default_sensor_from")]
+    pub sensor_from: SensorFrom,
+    /// Subscription QoS (0 or 1).
+    #[serde(default = "default_qos1")]
+    pub qos: u8,
+    /// Keep a persistent session so the broker queues readings while we are down.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+}
+
+fn default_mqtt_name() -> String {
+    "mqtt".into()
+}
+
+fn default_sensor_from() -> SensorFrom {
+    SensorFrom::Payload
+}
+
+fn default_qos1() -> u8 {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl MqttSourceConfig {
+    /// Check this source's table.
+    pub fn check(&self, c: &mut Collector) {
+        check_broker(c, "broker", &self.broker);
+        if self.topics.is_empty() {
+            c.push("topics", "at least one topic filter is required");
+        }
+        for (j, t) in self.topics.iter().enumerate() {
+            if let Err(e) = check_filter(t) {
+                c.push(format!("topics[{j}]"), e);
+            }
+        }
+        if self.qos > 1 {
+            c.push("qos", "must be 0 or 1");
+        }
+    }
+}
 
 /// The sensor id for a message on `topic`, if it comes from the topic.
 pub fn sensor_from_topic(from: &SensorFrom, topic: &str) -> Option<Option<String>> {

@@ -13,8 +13,66 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use super::IngestCtx;
-use crate::config::SimulatedSourceConfig;
-use crate::reading::{Reading, now_ms};
+use crate::check::Collector;
+use crate::clock::now_ms;
+use crate::reading::Reading;
+use serde::Deserialize;
+
+/// `type = "simulated"`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedSourceConfig {
+    /// Source name.
+    pub name: String,
+    /// Number of simulated sensors (`sim-0`, `sim-1`, ...).
+    pub sensors: usize,
+    /// Readings per second per sensor.
+    pub rate_hz: f64,
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Probability that a reading carries an injected fault (NaN, infinity,
+    /// missing channel, far-future timestamp); faults are rejected at ingest.
+    pub fault_rate: f64,
+    /// Stop after this many readings per sensor (0: never).
+    pub limit: u64,
+    /// Pace readings in real time; `false`: as fast as the pipeline takes them.
+    pub realtime: bool,
+    /// Seconds each simulated activity lasts before the next.
+    pub activity_s: f64,
+}
+
+impl Default for SimulatedSourceConfig {
+    fn default() -> Self {
+        Self {
+            name: "simulated".into(),
+            sensors: 2,
+            rate_hz: 10.0,
+            seed: 7,
+            fault_rate: 0.002,
+            limit: 0,
+            realtime: true,
+            activity_s: 30.0,
+        }
+    }
+}
+
+impl SimulatedSourceConfig {
+    /// Check this source's table.
+    pub fn check(&self, c: &mut Collector) {
+        if self.sensors == 0 {
+            c.push("sensors", "must be at least 1");
+        }
+        if !(self.rate_hz > 0.0 && self.rate_hz <= 100_000.0) {
+            c.push("rate_hz", "must be in (0, 100000]");
+        }
+        if !(0.0..=1.0).contains(&self.fault_rate) {
+            c.push("fault_rate", "must be in [0, 1]");
+        }
+        if self.activity_s <= 0.0 {
+            c.push("activity_s", "must be positive");
+        }
+    }
+}
 
 /// Activity profiles: name, mean per channel, amplitude per channel, frequency (Hz).
 const ACTIVITIES: [(&str, [f64; 6], [f64; 6], f64); 4] = [

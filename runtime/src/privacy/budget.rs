@@ -213,7 +213,7 @@ fn parse(bytes: &[u8]) -> Result<BudgetFile, String> {
     Ok(f)
 }
 
-use outpost_models::fsutil::write_atomic;
+use outpost_storage::fsutil::write_atomic;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::PrivacyError;
-use crate::config::SecretSource;
+use crate::secret::SecretSource;
 
 /// Shortest secret, in bytes.
 pub(crate) const KEY_MIN_BYTES: usize = 32;

@@ -6,7 +6,7 @@ use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
 use super::PrivacyError;
-use crate::config::BuiltinPattern;
+use crate::privacy::BuiltinPattern;
 
 /// Largest compiled pattern, in bytes.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;

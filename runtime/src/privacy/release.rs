@@ -12,7 +12,9 @@ use super::budget::Accountant;
 use super::noise::{Scale, noisy_count};
 use super::{KeyIdHandle, PrivacyError};
 use crate::aggregate::{Aggregate, PolicyRef};
-use crate::config::{ExactField, KAnonymityAction, PrivacyConfig};
+use crate::privacy::ExactField;
+use crate::privacy::KAnonymityAction;
+use crate::privacy::PrivacyConfig;
 
 /// What [`Release::admit`], [`Release::admit_all`] and [`Release::flush`]
 /// did. Every aggregate admitted is counted once: in `released`, `merged`,
@@ -336,11 +338,79 @@ impl Release {
     }
 }
 
+/// Run the release stage: every closed aggregate is observed (metrics; the
+/// governor, which sees true figures that never leave the process), passes
+/// the privacy release (k-anonymity, noise, budget), and what is released
+/// goes to `released`. What is waiting is taken as one batch, so the budget
+/// is written once per batch. When `aggregates` closes, what the release
+/// still holds is accounted for and `released` closes.
+pub fn spawn(
+    mut release: Release,
+    aggregates: flume::Receiver<Aggregate>,
+    observations: Option<flume::Sender<crate::governance::Observation>>,
+    released: flume::Sender<Aggregate>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        let mut out = Vec::new();
+        while let Ok(first) = aggregates.recv_async().await {
+            batch.push(first);
+            batch.extend(aggregates.try_iter());
+            for a in &batch {
+                metrics.observe_quality(
+                    a.shadow.as_ref().map(|s| s.agreement),
+                    a.drift.as_ref().map(|d| crate::metrics::Drift {
+                        input_psi: d.input_psi,
+                        score_psi: d.score_psi,
+                        alert: d.alert,
+                    }),
+                );
+                if let Some(tx) = &observations {
+                    // Full: the governor misses one aggregate, the data does not.
+                    let _ = tx.try_send(crate::governance::Observation::of(a));
+                }
+            }
+            let stats = release.admit_all(batch.drain(..), &mut out);
+            count(&metrics, &stats);
+            for a in out.drain(..) {
+                metrics.aggregates.inc();
+                if released.send_async(a).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let stats = release.flush(&mut out);
+        count(&metrics, &stats);
+        for a in out.drain(..) {
+            metrics.aggregates.inc();
+            if released.send_async(a).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn count(m: &crate::metrics::Metrics, s: &ReleaseStats) {
+    for (kind, n) in [
+        ("k_anonymity", s.suppressed_k),
+        ("budget", s.suppressed_budget),
+        ("budget_write", s.budget_write_failures),
+    ] {
+        m.privacy_suppressed
+            .get_or_create(&crate::metrics::KindLabels::of(kind))
+            .inc_by(n);
+    }
+    m.privacy_merged.inc_by(s.merged);
+    m.privacy_noised.inc_by(s.noised);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::aggregate::{AGGREGATE_SCHEMA, ModelRef, ScoreStats};
-    use crate::config::{DifferentialPrivacyConfig, KAnonymityConfig};
+    use crate::privacy::DifferentialPrivacyConfig;
+    use crate::privacy::KAnonymityConfig;
 
     const MIN: i64 = 60_000;
     const DAY: i64 = 86_400_000;

@@ -11,8 +11,11 @@
 //!   ```text
 //!   u32 LE  body length (bytes)
 //!   u32 LE  CRC-32 (IEEE) of the 4 length bytes followed by the body
-//!   body:   u64 LE seq | u16 LE group length | group | u16 LE id length | id | JSON aggregate
+//!   body:   u64 LE seq | u16 LE group length | group | u16 LE id length | id | JSON record
 //!   ```
+//!
+//!   `group` is the record's stream ([`Record::stream`]), `id` its
+//!   [`Record::id`], and the JSON the record serialized with `serde_json`.
 //!
 //!   `seq` 0 marks padding: a span the outbox found corrupt, copied to
 //!   `quarantine/` and overwrote with a valid record that readers skip.
@@ -21,7 +24,7 @@
 //!   acknowledged ranges above W, u32 LE CRC-32 of everything before it.
 //!   Written to `acked.tmp`, synced and renamed over `acked`.
 //! - `NNNNNNNNNNNNNNNNNNNN.sum` beside each sealed segment: the bytes each
-//!   stream (aggregate group) holds in it, so per-stream caps need no scan at
+//!   stream (record group) holds in it, so per-stream caps need no scan at
 //!   start-up. `OPOBSUM1`, u64 LE size of the segment it describes, u32 LE
 //!   count, that many (u16 LE length, group, u64 LE bytes), u32 LE CRC-32 of
 //!   everything before it. Written at seal and rewrite; one that is missing,
@@ -46,29 +49,29 @@
 //!   watermark (a handful while live records overtake the backlog), never one
 //!   entry per record.
 //! - Acknowledgements are persisted at commit; a crash before that re-sends
-//!   the records (at least once; consumers deduplicate by aggregate id).
+//!   the records (at least once; consumers deduplicate by record id).
 //! - When full, `drop_oldest` deletes the oldest segment, `reject_new`
 //!   refuses the append, and `coarsen` rewrites the oldest sealed segment
 //!   that still has something to merge (beside it, synced, renamed over: a
-//!   crash leaves the old or the new file), each two successive aggregates
-//!   of a group merged with exact counts; every record dropped, refused or
-//!   merged is counted.
-//! - Per stream (aggregate group), bytes on disk are capped too
+//!   crash leaves the old or the new file), each two successive records of
+//!   a group merged with exact counts ([`Record::merge`]); every record
+//!   dropped, refused or merged is counted.
+//! - Per stream (record group), bytes on disk are capped too
 //!   ([`StreamCaps`]): when a stream would exceed its cap, `reject_new`
-//!   refuses its aggregate, `drop_oldest` rewrites the oldest sealed segment
+//!   refuses its record, `drop_oldest` rewrites the oldest sealed segment
 //!   holding it without that stream's records, and `coarsen` merges that
-//!   stream's oldest aggregates (dropping when nothing is left to merge).
+//!   stream's oldest records (dropping when nothing is left to merge).
 //!   Other streams' pending records are never touched by a stream's cap; a
 //!   rewrite also leaves out records already acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{Outbox, OutboxError, OutboxRecord, OutboxStats};
-use crate::aggregate::Aggregate;
+use super::{Outbox, OutboxError, OutboxRecord, OutboxStats, Record};
 
 const SEG_MAGIC: &[u8; 8] = b"OPOBSEG1";
 const ACK_MAGIC: &[u8; 8] = b"OPOBACK1";
@@ -85,9 +88,9 @@ pub const MAX_RECORD: usize = 16 << 20;
 pub enum FullPolicy {
     /// Delete the oldest segment (its undelivered records are counted as dropped).
     DropOldest,
-    /// Refuse the new aggregate (counted as rejected).
+    /// Refuse the new record (counted as rejected).
     RejectNew,
-    /// Merge the oldest aggregates of each group pairwise into coarser
+    /// Merge the oldest records of each group pairwise into coarser
     /// windows, keeping the counts exact (counted as coarsened); when
     /// nothing is left to merge, drop the oldest segment.
     Coarsen,
@@ -107,11 +110,11 @@ pub struct DiskSettings {
     /// `coarsen` leaves this many of the oldest pending records alone (the
     /// uplink's in-flight window).
     pub protect_oldest: usize,
-    /// Bytes on disk at most per stream (aggregate group).
+    /// Bytes on disk at most per stream (record group).
     pub stream_caps: StreamCaps,
 }
 
-/// Per-stream byte caps. A stream is an aggregate group (sensor, site,
+/// Per-stream byte caps. A stream is a record group (sensor, site,
 /// line ...): one chatty stream cannot take the whole outbox from the others.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamCaps {
@@ -135,7 +138,7 @@ type Summary = HashMap<String, u64>;
 /// What a segment rewrite does with pending records.
 #[derive(Debug, Clone, Copy)]
 enum Rewrite<'a> {
-    /// Merge each two successive aggregates of a group (of every group, or
+    /// Merge each two successive records of a group (of every group, or
     /// of this one only).
     Merge(Option<&'a str>),
     /// Leave this stream's records out (counted as dropped).
@@ -159,9 +162,9 @@ struct ReadPos {
     next_seq: u64,
 }
 
-/// The segment log outbox. See the module documentation.
-#[derive(Debug)]
-pub struct DiskOutbox {
+/// The segment log outbox of records of type `R`. See the module
+/// documentation.
+pub struct DiskOutbox<R> {
     settings: DiskSettings,
     segments: Vec<Segment>,
     active: File,
@@ -181,10 +184,37 @@ pub struct DiskOutbox {
     stream_bytes: Summary,
     /// (segment, stream) pairs where `coarsen` found nothing to merge.
     stream_coarse: HashSet<(u64, String)>,
+    /// The type of the records (payloads are serialized `R`s).
+    record: PhantomData<fn() -> R>,
 }
 
-fn io(path: &Path, e: std::io::Error) -> OutboxError {
-    OutboxError::Storage(format!("{}: {e}", path.display()))
+impl<R> std::fmt::Debug for DiskOutbox<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskOutbox")
+            .field("settings", &self.settings)
+            .field("segments", &self.segments)
+            .field("active", &self.active)
+            .field("next_seq", &self.next_seq)
+            .field("committed_next", &self.committed_next)
+            .field("unsynced", &self.unsynced)
+            .field("watermark", &self.watermark)
+            .field("acked", &self.acked)
+            .field("acks_dirty", &self.acks_dirty)
+            .field("pos", &self.pos)
+            .field("reader", &self.reader)
+            .field("stats", &self.stats)
+            .field("summaries", &self.summaries)
+            .field("stream_bytes", &self.stream_bytes)
+            .field("stream_coarse", &self.stream_coarse)
+            .finish()
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> OutboxError {
+    OutboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn seg_name(first: u64) -> String {
@@ -261,12 +291,12 @@ fn summarize(file: &File, size: u64) -> Summary {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    outpost_models::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
+    crate::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
 }
 
 /// Write `path` whole or not at all.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
-    outpost_models::fsutil::write_atomic(path, bytes).map_err(|e| io(path, e))
+    crate::fsutil::write_atomic(path, bytes).map_err(|e| io(path, e))
 }
 
 /// Encode one record.
@@ -377,7 +407,7 @@ fn resync(file: &File, from: u64, size: u64) -> Option<u64> {
     None
 }
 
-impl DiskOutbox {
+impl<R: Record> DiskOutbox<R> {
     /// Open (or create) the log in `settings.dir`. Corruption is repaired and
     /// reported in [`OutboxStats::quarantined`], never returned as an error;
     /// errors are only for a directory that cannot be used at all.
@@ -440,6 +470,7 @@ impl DiskOutbox {
             summaries: BTreeMap::new(),
             stream_bytes: Summary::new(),
             stream_coarse: HashSet::new(),
+            record: PhantomData,
         };
         me.recover_tail()?;
         me.load_summaries()?;
@@ -780,9 +811,9 @@ impl DiskOutbox {
     }
 
     /// Policy `coarsen`: rewrite the oldest sealed segment that still has
-    /// something to merge, with each two successive aggregates of a group in
+    /// something to merge, with each two successive records of a group in
     /// it merged into one coarser window (exact counts, see
-    /// [`Aggregate::merge`]). The oldest `protect_oldest` pending records are
+    /// [`Record::merge`]). The oldest `protect_oldest` pending records are
     /// left alone: they may be in flight, and merging them could count them
     /// twice. Returns whether a segment shrank.
     fn coarsen_oldest(&mut self) -> Result<bool, OutboxError> {
@@ -834,7 +865,7 @@ impl DiskOutbox {
         }
         let held = pending.len();
         let rest = pending.split_off(protect.min(held));
-        let mut out: Vec<(u64, String, Vec<u8>, Option<Aggregate>)> = pending
+        let mut out: Vec<(u64, String, Vec<u8>, Option<R>)> = pending
             .into_iter()
             .map(|b| (b.seq, b.group, b.payload, None))
             .collect();
@@ -856,7 +887,7 @@ impl DiskOutbox {
             let agg = if keep {
                 None
             } else {
-                serde_json::from_slice::<Aggregate>(&b.payload).ok()
+                serde_json::from_slice::<R>(&b.payload).ok()
             };
             let Some(agg) = agg else {
                 out.push((b.seq, b.group, b.payload, None));
@@ -865,7 +896,7 @@ impl DiskOutbox {
             match open.remove(&b.group) {
                 Some(i) => {
                     if let Some(first) = out[i].3.as_mut() {
-                        first.merge(&agg);
+                        Record::merge(first, &agg);
                     }
                     merged.push(b.seq);
                 }
@@ -882,10 +913,10 @@ impl DiskOutbox {
         let mut sum = Summary::new();
         for (seq, group, payload, agg) in &out {
             let rec = match agg {
-                Some(a) => encode(*seq, group, &a.id, &serde_json::to_vec(a)?),
+                Some(a) => encode(*seq, group, a.id(), &serde_json::to_vec(a)?),
                 None => {
-                    let id = serde_json::from_slice::<Aggregate>(payload)
-                        .map(|a| a.id)
+                    let id = serde_json::from_slice::<R>(payload)
+                        .map(|a| a.id().to_string())
                         .unwrap_or_default();
                     encode(*seq, group, &id, payload)
                 }
@@ -1067,7 +1098,7 @@ impl DiskOutbox {
 
     /// Read records from the segment holding `from`, skipping padding and
     /// done records, repairing corruption.
-    fn scan(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+    fn scan(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord<R>>, OutboxError> {
         let mut out = Vec::new();
         let mut from = from.max(self.watermark);
         while out.len() < max && from < self.committed_next && !self.segments.is_empty() {
@@ -1154,6 +1185,7 @@ impl DiskOutbox {
                             group: b.group,
                             id: b.id,
                             payload: b.payload,
+                            record: PhantomData,
                         });
                     }
                 }
@@ -1269,12 +1301,13 @@ fn read_acks(dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
     }
 }
 
-impl Outbox for DiskOutbox {
-    fn append(&mut self, agg: &Aggregate) -> Result<u64, OutboxError> {
-        let payload = serde_json::to_vec(agg)?;
+impl<R: Record> Outbox<R> for DiskOutbox<R> {
+    fn append(&mut self, record: &R) -> Result<u64, OutboxError> {
+        let payload = serde_json::to_vec(record)?;
         let seq = self.next_seq;
-        let rec = encode(seq, &agg.group, &agg.id, &payload);
-        self.make_stream_room(&agg.group, rec.len() as u64)?;
+        let group = record.stream();
+        let rec = encode(seq, group, record.id(), &payload);
+        self.make_stream_room(group, rec.len() as u64)?;
         self.make_room(rec.len() as u64)?;
         let active_size = self.segments.last().map(|s| s.size).unwrap_or(0);
         if active_size > HEADER as u64
@@ -1292,9 +1325,9 @@ impl Outbox for DiskOutbox {
                 .summaries
                 .entry(s.first)
                 .or_default()
-                .entry(agg.group.clone())
+                .entry(group.to_string())
                 .or_default() += rec.len() as u64;
-            *self.stream_bytes.entry(agg.group.clone()).or_default() += rec.len() as u64;
+            *self.stream_bytes.entry(group.to_string()).or_default() += rec.len() as u64;
         }
         self.unsynced = true;
         self.next_seq += 1;
@@ -1313,7 +1346,7 @@ impl Outbox for DiskOutbox {
         Ok(())
     }
 
-    fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+    fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<OutboxRecord<R>>, OutboxError> {
         let r = self.scan(from, max);
         self.stats.depth = self.depth();
         r
@@ -1356,8 +1389,10 @@ impl Outbox for DiskOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::tests::agg;
+    use crate::outbox::tests::{Agg, agg};
     use proptest::prelude::*;
+
+    type DiskOutbox = super::DiskOutbox<Agg>;
 
     fn settings(
         dir: &Path,
@@ -1430,7 +1465,7 @@ mod tests {
         assert_eq!(p[0], 4);
         assert!(!p.contains(&10) && !p.contains(&11));
         let recs = o.read_from(4, 1).unwrap();
-        let back: Aggregate = serde_json::from_slice(recs[0].payload()).unwrap();
+        let back: Agg = serde_json::from_slice(recs[0].payload()).unwrap();
         assert_eq!(back, agg(3));
         assert_eq!(recs[0].id, agg(3).id);
         assert_eq!(o.append(&agg(99)).unwrap(), 51, "sequences continue");
@@ -1580,7 +1615,7 @@ mod tests {
         let st = o.stats();
         assert!(st.coarsened > 0, "{st:?}");
         assert_eq!(st.dropped, 0, "merging made enough room: {st:?}");
-        let held: Vec<Aggregate> = o
+        let held: Vec<Agg> = o
             .read_from(0, usize::MAX)
             .unwrap()
             .iter()
@@ -1610,8 +1645,8 @@ mod tests {
         assert_eq!(o.stats().lost, 0);
     }
 
-    /// Aggregate `i` of a stream, 3 readings of class A.
-    fn agg_in(stream: &str, i: i64) -> Aggregate {
+    /// Record `i` of a stream, 3 readings of class A.
+    fn agg_in(stream: &str, i: i64) -> Agg {
         let mut a = agg(i);
         a.group = stream.into();
         a.readings = 3;
@@ -1620,10 +1655,10 @@ mod tests {
         a
     }
 
-    fn held_by_stream(o: &mut DiskOutbox) -> BTreeMap<String, Vec<Aggregate>> {
-        let mut m: BTreeMap<String, Vec<Aggregate>> = BTreeMap::new();
+    fn held_by_stream(o: &mut DiskOutbox) -> BTreeMap<String, Vec<Agg>> {
+        let mut m: BTreeMap<String, Vec<Agg>> = BTreeMap::new();
         for r in o.read_from(0, usize::MAX).unwrap() {
-            let a: Aggregate = serde_json::from_slice(r.payload()).unwrap();
+            let a: Agg = serde_json::from_slice(r.payload()).unwrap();
             m.entry(a.group.clone()).or_default().push(a);
         }
         m

@@ -9,6 +9,7 @@
 //! Refused readings are counted per source and reason and logged at most once
 //! per reason every ten seconds per source.
 
+mod config;
 pub mod file;
 pub mod i2c;
 pub mod modbus;
@@ -16,13 +17,14 @@ pub mod mqtt;
 pub mod pacer;
 pub mod simulated;
 
+pub use config::{IngestConfig, SourceConfig};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SourceConfig;
 use crate::metrics::Metrics;
 use crate::reading::{Reading, RejectReason, Rejection, Validator};
 
@@ -119,7 +121,7 @@ impl IngestCtx {
 
     /// Count and (rate-limited) log a refused reading.
     pub fn reject(&self, r: &Rejection) {
-        self.metrics.reject(&self.name, r.reason);
+        self.metrics.reject(&self.name, r.reason.as_str());
         let allow = self
             .limiter
             .lock()

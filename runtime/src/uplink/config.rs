@@ -1,0 +1,157 @@
+//! `[uplink]`: the cloud broker, topics, QoS 1 delivery, batching,
+//! backoff and the circuit breaker, health messages.
+
+use serde::Deserialize;
+
+use crate::check::Collector;
+use crate::mqtt::{BrokerConfig, check_broker, check_template};
+
+/// `[uplink]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// The cloud broker.
+    pub broker: BrokerConfig,
+    /// Topic template; `{gateway}` and `{group}` are replaced.
+    #[serde(default = "default_agg_topic")]
+    pub topic: String,
+    /// Allow a connection without TLS (tests, a local bridge).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Seconds between health messages (a [`crate::status::Status`], QoS 0)
+    /// while connected; 0: none and no last will.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_s: u64,
+    /// Topic of the health messages and of the last will (`state:
+    /// "offline"`, QoS 1) the broker publishes when the connection drops
+    /// uncleanly; `{gateway}` is replaced.
+    #[serde(default = "default_health_topic")]
+    pub health_topic: String,
+    /// Publish health messages and the last will retained, so a consumer
+    /// that subscribes later sees the gateway's last state at once. Off for
+    /// brokers without retained messages (Azure IoT Hub).
+    #[serde(default = "default_true")]
+    pub health_retain: bool,
+    /// Most unacknowledged publishes at once.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    /// First reconnect delay.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    /// Largest reconnect delay.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// After a reconnect, send aggregates produced since before the backlog
+    /// (which drains oldest first at `backlog_rate`). `false`: strictly in
+    /// order, oldest first, at full speed.
+    #[serde(default = "default_true")]
+    pub live_first: bool,
+    /// Backlog records per second at most (0, the default: no cap beyond
+    /// `max_publish_rate`; live data goes first either way).
+    #[serde(default = "default_backlog_rate")]
+    pub backlog_rate: f64,
+    /// Publishes per second at most, everything included (0: no cap). AWS
+    /// IoT Core allows 100 per connection.
+    #[serde(default)]
+    pub max_publish_rate: f64,
+    /// Several aggregates per message (a JSON array) up to this many bytes
+    /// before compression; 0 (default): one aggregate per message. Runs of
+    /// one group per message when the topic names `{group}`.
+    #[serde(default)]
+    pub batch_max_bytes: usize,
+    /// `none` (default) or `zstd` (the topic gets a `/zstd` suffix).
+    #[serde(default = "default_compression")]
+    pub compression: super::Compression,
+    /// Circuit breaker: after this many connection failures in a row ...
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// ... wait this long before trying again (then back to the backoff).
+    #[serde(default = "default_breaker_open")]
+    pub breaker_open_ms: u64,
+}
+
+fn default_health_interval() -> u64 {
+    60
+}
+
+fn default_health_topic() -> String {
+    "outpost/{gateway}/health".into()
+}
+
+fn default_compression() -> super::Compression {
+    super::Compression::None
+}
+
+fn default_backlog_rate() -> f64 {
+    0.0
+}
+
+fn default_breaker_failures() -> u32 {
+    10
+}
+
+fn default_breaker_open() -> u64 {
+    300_000
+}
+
+fn default_agg_topic() -> String {
+    "outpost/{gateway}/agg/{group}".into()
+}
+
+fn default_inflight() -> u16 {
+    32
+}
+
+fn default_backoff_initial() -> u64 {
+    500
+}
+
+fn default_backoff_max() -> u64 {
+    60_000
+}
+
+impl UplinkConfig {
+    /// Check `[uplink]` (paths relative to it).
+    pub fn check(&self, c: &mut Collector) {
+        let u = self;
+        check_broker(c, "broker", &u.broker);
+        if u.broker.tls.is_none() && !u.allow_plaintext {
+            c.push(
+                "broker.tls",
+                "the uplink needs TLS; set uplink.allow_plaintext = true to send in plaintext",
+            );
+        }
+        check_template(c, "topic", &u.topic, &["gateway", "group"]);
+        check_template(c, "health_topic", &u.health_topic, &["gateway"]);
+        if u.max_inflight == 0 {
+            c.push("max_inflight", "must be at least 1");
+        }
+        if u.backoff_initial_ms == 0 || u.backoff_initial_ms > u.backoff_max_ms {
+            c.push(
+                "backoff_initial_ms",
+                "must be at least 1 and at most uplink.backoff_max_ms",
+            );
+        }
+        for (path, v) in [
+            ("backlog_rate", u.backlog_rate),
+            ("max_publish_rate", u.max_publish_rate),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                c.push(path, "must be a finite number, 0 or more (0: no cap)");
+            }
+        }
+        if u.breaker_failures == 0 {
+            c.push("breaker_failures", "must be at least 1");
+        }
+        if u.batch_max_bytes > 512 * 1024 {
+            c.push(
+                "batch_max_bytes",
+                "must be at most 524288 (brokers limit message size: AWS IoT Core 128 KiB)",
+            );
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
