@@ -439,10 +439,10 @@ impl OutboxConfig {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::mqtt::{check_filter, render_topic};
     use crate::privacy::{ExactField, KAnonymityAction};
     use crate::secret::SecretSource;
-    use super::*;
 
     #[test]
     fn empty_sources_and_many_problems_reported_together() {
