@@ -198,22 +198,12 @@ pub trait Outbox<R: Record>: Send {
 }
 
 /// An in-memory outbox bounded by record count.
+#[derive(Debug)]
 pub struct MemoryOutbox<R> {
     records: BTreeMap<u64, OutboxRecord<R>>,
     next_seq: u64,
     max_records: usize,
     stats: OutboxStats,
-}
-
-impl<R> std::fmt::Debug for MemoryOutbox<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryOutbox")
-            .field("records", &self.records)
-            .field("next_seq", &self.next_seq)
-            .field("max_records", &self.max_records)
-            .field("stats", &self.stats)
-            .finish()
-    }
 }
 
 impl<R> MemoryOutbox<R> {

@@ -164,6 +164,7 @@ struct ReadPos {
 
 /// The segment log outbox of records of type `R`. See the module
 /// documentation.
+#[derive(Debug)]
 pub struct DiskOutbox<R> {
     settings: DiskSettings,
     segments: Vec<Segment>,
@@ -186,28 +187,6 @@ pub struct DiskOutbox<R> {
     stream_coarse: HashSet<(u64, String)>,
     /// The type of the records (payloads are serialized `R`s).
     record: PhantomData<fn() -> R>,
-}
-
-impl<R> std::fmt::Debug for DiskOutbox<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiskOutbox")
-            .field("settings", &self.settings)
-            .field("segments", &self.segments)
-            .field("active", &self.active)
-            .field("next_seq", &self.next_seq)
-            .field("committed_next", &self.committed_next)
-            .field("unsynced", &self.unsynced)
-            .field("watermark", &self.watermark)
-            .field("acked", &self.acked)
-            .field("acks_dirty", &self.acks_dirty)
-            .field("pos", &self.pos)
-            .field("reader", &self.reader)
-            .field("stats", &self.stats)
-            .field("summaries", &self.summaries)
-            .field("stream_bytes", &self.stream_bytes)
-            .field("stream_coarse", &self.stream_coarse)
-            .finish()
-    }
 }
 
 fn io(path: &Path, source: std::io::Error) -> OutboxError {
