@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestCtx, IngestError};
@@ -110,6 +110,9 @@ pub fn sensor_from_topic(from: &SensorFrom, topic: &str) -> Option<Option<String
     }
 }
 
+/// How long a stopping source waits for its DISCONNECT to go out.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Subscribe and forward until shutdown. Connection errors are retried with a
 /// capped backoff; they never end the source.
 pub async fn run(
@@ -131,15 +134,43 @@ pub async fn run(
     };
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut delay = Duration::from_millis(200);
+    // Set once a stop is asked for: the DISCONNECT is queued, and the event
+    // loop is polled until the broker has closed the connection.
+    // - A poll in progress is never dropped: rumqttc acknowledges a QoS 1
+    //   message as it reads it, and a poll dropped between the two would
+    //   lose the acknowledgement (the broker sends the message again after
+    //   the next connect: counted twice).
+    // - Every message read before the DISCONNECT went out was acknowledged
+    //   before it, so it is delivered; one read after it is not (the broker
+    //   ignores acknowledgements after a DISCONNECT and sends it again).
+    // - The socket is closed only once the broker has closed its side:
+    //   closing with unread data would reset the connection, and the broker
+    //   could drop the acknowledgements and the DISCONNECT still in flight.
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut disconnected = false;
     loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = client.try_disconnect();
-                return Ok(());
+        let event = {
+            let mut poll = std::pin::pin!(eventloop.poll());
+            loop {
+                let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
+                tokio::select! {
+                    e = &mut poll => break e,
+                    _ = shutdown.cancelled(), if stopping.is_none() => {
+                        if client.try_disconnect().is_err() {
+                            return Ok(());
+                        }
+                        stopping = Some(tokio::time::Instant::now() + STOP_TIMEOUT);
+                    }
+                    _ = tokio::time::sleep_until(deadline), if stopping.is_some() => {
+                        tracing::warn!(source = %ctx.name, "the site broker did not take the disconnect in time");
+                        return Ok(());
+                    }
+                }
             }
-            e = eventloop.poll() => e,
         };
         match event {
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => disconnected = true,
+            Ok(Event::Incoming(Packet::Publish(_))) if disconnected => {}
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(200);
                 tracing::info!(source = %ctx.name, "connected to site broker");
@@ -168,6 +199,7 @@ pub async fn run(
                 tracing::info!(source = %ctx.name, topics = ?cfg.topics, "subscribed to site topics");
             }
             Ok(_) => {}
+            Err(_) if stopping.is_some() => return Ok(()),
             Err(e) => {
                 tracing::warn!(source = %ctx.name, error = %e, delay_ms = delay.as_millis() as u64, "site broker connection failed");
                 tokio::select! {
