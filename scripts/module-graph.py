@@ -142,7 +142,7 @@ def main():
                 print(f"  {a} --> {b}")
     else:
         lv = layers(graph) if not cycles else {v: "?" for v in graph}
-        for a in sorted(graph, key=lambda v: (str(lv[v]), v)):
+        for a in sorted(graph, key=lambda v: (lv[v] if isinstance(lv[v], int) else -1, v)):
             deps = ", ".join(sorted(graph[a])) or "-"
             print(f"[{lv[a]}] {a} -> {deps}")
     for c in cycles:

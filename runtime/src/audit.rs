@@ -25,6 +25,15 @@ pub mod kinds {
     /// A run started: `{outpost, gateway, config_sha256, policy_version,
     /// model, weights_sha256, signed_by}`.
     pub const START: &str = "start";
+    /// A new configuration runs after a reload: `{config_sha256,
+    /// previous_sha256}`.
+    pub const CONFIG_APPLIED: &str = "config_applied";
+    /// A reload found problems in the configuration file; nothing changed:
+    /// `{config_sha256, problems}`.
+    pub const CONFIG_REFUSED: &str = "config_refused";
+    /// A reloaded configuration could not start; the previous one runs
+    /// again: `{config_sha256, restored_sha256, error}`.
+    pub const CONFIG_ROLLED_BACK: &str = "config_rolled_back";
     /// A model was loaded from the registry: `{model, role (active|shadow),
     /// weights_sha256, signed_by}`.
     pub const MODEL_LOADED: &str = "model_loaded";

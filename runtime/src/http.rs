@@ -1,6 +1,6 @@
 //! The local HTTP endpoint: `/metrics` (Prometheus text), `/healthz`,
-//! `/readyz` and `/status` (the JSON [`Status`]), on loopback by default
-//! (`metrics.listen`).
+//! `/readyz`, `/status` (the JSON [`Status`]) and `POST /reload`, on
+//! loopback by default (`metrics.listen`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +9,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::status::Status;
 
 /// Serve `/metrics`, `/healthz`, `/readyz` and `/status` (the JSON
 /// [`Status`] of gateway `gateway`) until `shutdown`.
+/// `POST /reload` asks `control` to read the configuration again and
+/// answers with the outcome (404 without a control).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     gateway: String,
+    control: Option<Control>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -30,6 +34,7 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let gateway = gateway.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             // Read up to the end of the request head; it may arrive in pieces.
             let mut buf = Vec::with_capacity(512);
@@ -49,8 +54,21 @@ pub async fn serve(
                 return;
             }
             let req = String::from_utf8_lossy(&buf);
+            let method = req.split_whitespace().next().unwrap_or("GET");
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body, ctype) = match path {
+                "/reload" => match (&control, method) {
+                    (Some(c), "POST") => {
+                        let (status, body) = c.reload().await.http();
+                        (status, body, "text/plain")
+                    }
+                    (Some(_), _) => (
+                        "405 Method Not Allowed",
+                        "use POST\n".to_string(),
+                        "text/plain",
+                    ),
+                    (None, _) => ("404 Not Found", "not found\n".to_string(), "text/plain"),
+                },
                 "/metrics" => (
                     "200 OK",
                     metrics.encode(),
@@ -92,7 +110,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         metrics.reject("s", "malformed");
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, metrics.clone(), "gw".into(), stop.clone()));
+        tokio::spawn(serve(
+            listener,
+            metrics.clone(),
+            "gw".into(),
+            None,
+            stop.clone(),
+        ));
         let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         sock.write_all(b"GET /metr").await.unwrap();
         sock.flush().await.unwrap();

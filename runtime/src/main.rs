@@ -73,6 +73,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a changed configuration file to the running gateway (as
+    /// SIGHUP does): it is checked first (every problem printed, nothing
+    /// applied when there is any), then the gateway drains and restarts its
+    /// pipeline on it, or goes back to the configuration that ran when the
+    /// new one cannot start. Exit status 0 when applied (or unchanged), 1
+    /// when refused or rolled back, 2 when the gateway cannot be reached.
+    Reload {
+        /// The gateway's configuration file (the gateway reads the file it
+        /// was started with; this one is checked here first and gives the
+        /// endpoint's address).
+        #[arg(
+            long,
+            short,
+            env = "OUTPOST_CONFIG",
+            default_value = "/etc/outpost/outpost.toml"
+        )]
+        config: PathBuf,
+        /// The local endpoint (default: the configuration's metrics.listen,
+        /// else 127.0.0.1:9464).
+        #[arg(long)]
+        addr: Option<String>,
+    },
     /// Model governance: publisher keys, signatures, the registry.
     Models {
         #[command(subcommand)]
@@ -297,12 +319,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let cfg = load_config(config.as_ref())?;
             init_logging(&cfg);
-            let prepared = Prepared::new(cfg)?;
             let rt = runtime()?;
             let report = rt.block_on(async {
                 let token = CancellationToken::new();
                 tokio::spawn(shutdown_signal(token.clone()));
-                pipeline::run(prepared, token).await
+                outpost::supervisor::run(config, cfg, token).await
             })?;
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             let _ = report;
@@ -332,6 +353,39 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 outpost::status::GatewayState::Running => ExitCode::SUCCESS,
                 _ => ExitCode::from(3),
             })
+        }
+        Command::Reload { config, addr } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("refused here: nothing was sent to the gateway");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let addr = addr.unwrap_or_else(|| {
+                cfg.metrics
+                    .listen
+                    .clone()
+                    .unwrap_or_else(|| outpost::metrics::DEFAULT_METRICS_LISTEN.into())
+            });
+            // The gateway drains before it answers: up to twice its shutdown timeout.
+            let wait = std::time::Duration::from_millis(cfg.gateway.shutdown_timeout_ms * 2)
+                + std::time::Duration::from_secs(60);
+            match http_request(&addr, "POST", "/reload", wait) {
+                Ok((status, body)) => {
+                    print!("{body}");
+                    Ok(if status == 200 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(e) => {
+                    eprintln!("cannot reach the gateway at http://{addr}/reload: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
         Command::Models { command } => models_command(command),
         Command::Audit {
@@ -555,9 +609,22 @@ fn bundled_model_id() -> String {
 /// A plain HTTP/1.1 GET on loopback (the metrics endpoint); the body of a
 /// 200 answer.
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let (status, body) = http_request(addr, "GET", path, std::time::Duration::from_secs(5))?;
+    if status != 200 {
+        anyhow::bail!("HTTP answer: {status}");
+    }
+    Ok(body)
+}
+
+/// One request to the local endpoint: (status code, body).
+fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
-    let timeout = std::time::Duration::from_secs(5);
     let sock_addr = addr
         .to_socket_addrs()?
         .next()
@@ -567,7 +634,7 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     sock.set_write_timeout(Some(timeout))?;
     write!(
         sock,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     sock.read_to_string(&mut response)?;
@@ -575,8 +642,10 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow::anyhow!("incomplete HTTP answer"))?;
     let status_line = head.lines().next().unwrap_or_default();
-    if !status_line.contains(" 200 ") {
-        anyhow::bail!("HTTP answer: {status_line}");
-    }
-    Ok(body.to_string())
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {status_line}"))?;
+    Ok((status, body.to_string()))
 }

@@ -202,6 +202,14 @@ pub struct Metrics {
     /// Key files that could not be read (the previous key stays).
     pub privacy_key_errors: Counter,
     audit_head: std::sync::Mutex<Option<(u64, String)>>,
+    /// Configuration changes asked for (`outpost reload`, SIGHUP), by
+    /// outcome: `applied`, `unchanged`, `refused` (it has problems) or
+    /// `rolled_back` (it could not start; the previous one runs again).
+    pub config_reloads: Family<KindLabels, Counter>,
+    /// sha256 of the configuration that runs, and when it was applied (ms
+    /// since the epoch).
+    config: std::sync::Mutex<Option<(String, i64)>>,
+    ready_tx: tokio::sync::watch::Sender<bool>,
 }
 
 /// The drift figures of one aggregate.
@@ -306,6 +314,9 @@ impl Metrics {
             decisions_published: Counter::default(),
             decisions_dropped: Counter::default(),
             ready: AtomicBool::new(false),
+            config_reloads: Family::default(),
+            config: Default::default(),
+            ready_tx: tokio::sync::watch::channel(false).0,
             started: AtomicU64::new(0),
             uplink_configured: AtomicBool::new(false),
             audit_entries: Counter::default(),
@@ -536,6 +547,11 @@ impl Metrics {
             m.drift_psi.clone(),
         );
         registry.register(
+            "config_reloads",
+            "Configuration changes asked for, by outcome (applied, unchanged, refused, rolled_back)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
             "drift_alerts",
             "Aggregates whose drift reached governance.drift_alert_psi",
             m.drift_alerts.clone(),
@@ -698,6 +714,35 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(head);
     }
 
+    /// The configuration that runs: its sha256 and when it was applied.
+    pub fn set_config(&self, sha256: &str, applied_ms: i64) {
+        *self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((sha256.to_string(), applied_ms));
+    }
+
+    /// See [`Metrics::set_config`].
+    pub fn config(&self) -> Option<(String, i64)> {
+        self.config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Count a configuration change by its outcome.
+    pub fn config_reload(&self, outcome: &str) {
+        self.config_reloads
+            .get_or_create(&KindLabels::of(outcome))
+            .inc();
+    }
+
+    /// Follows readiness ([`Metrics::set_ready`]).
+    pub fn ready_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready_tx.subscribe()
+    }
+
     /// See [`Metrics::set_audit_head`].
     pub fn audit_head(&self) -> Option<(u64, String)> {
         self.audit_head
@@ -793,6 +838,7 @@ impl Metrics {
     /// Mark the runtime ready (model loaded, stages running).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.ready_tx.send_replace(ready);
         if ready {
             self.started
                 .store(crate::clock::now_ms() as u64, Ordering::SeqCst);

@@ -117,12 +117,20 @@ pub struct Prepared {
     pub spec: WindowSpec,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The audit log when it is already open (it outlives a pipeline that
+    /// restarts on a new configuration); `None`: `run` opens it.
+    pub audit: Option<SharedAudit>,
 }
 
 impl Prepared {
     /// Load the model (verifying its signature when the configuration
     /// requires one) and check the windows against it.
     pub fn new(cfg: Config) -> Result<Self, PipelineError> {
+        Self::with_metrics(cfg, Arc::new(Metrics::new()))
+    }
+
+    /// [`Prepared::new`] reporting into `metrics` (kept across restarts).
+    pub fn with_metrics(cfg: Config, metrics: Arc<Metrics>) -> Result<Self, PipelineError> {
         let trust = Trust::from_config(&cfg.governance)?;
         let (model, signed_by) = match model_source(&cfg) {
             ModelSource::Dir(dir) => {
@@ -147,7 +155,8 @@ impl Prepared {
             trust,
             signed_by,
             spec,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            audit: None,
         })
     }
 
@@ -250,6 +259,46 @@ fn start_core(
     })
 }
 
+/// Serve the local endpoint of `cfg.metrics` ([`crate::http`]) until
+/// `stop`; `None` when it is off, or when the default address is taken
+/// (logged). An explicit `metrics.listen` that cannot bind is an error.
+pub async fn serve_http(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    control: Option<crate::control::Control>,
+    stop: CancellationToken,
+) -> Result<Option<JoinHandle<()>>, PipelineError> {
+    if !cfg.metrics.enabled {
+        return Ok(None);
+    }
+    let explicit = cfg.metrics.listen.is_some();
+    let addr = cfg
+        .metrics
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+    match tokio::net::TcpListener::bind(&addr).await {
+        Ok(listener) => {
+            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
+            Ok(Some(tokio::spawn(crate::http::serve(
+                listener,
+                metrics,
+                cfg.gateway.id.clone(),
+                control,
+                stop,
+            ))))
+        }
+        Err(error) if explicit => Err(PipelineError::Metrics { addr, error }),
+        Err(error) => {
+            tracing::warn!(
+                %addr, %error,
+                "the default metrics endpoint is not available (set metrics.listen to choose another address); running without it"
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// What a run did, for the final log line and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunReport {
@@ -298,31 +347,6 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         device: String::new(),
     });
 
-    if cfg.metrics.enabled {
-        let explicit = cfg.metrics.listen.is_some();
-        let addr = cfg
-            .metrics
-            .listen
-            .clone()
-            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
-        match tokio::net::TcpListener::bind(&addr).await {
-            Ok(listener) => {
-                tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
-                tokio::spawn(crate::http::serve(
-                    listener,
-                    metrics.clone(),
-                    cfg.gateway.id.clone(),
-                    stop_all.clone(),
-                ));
-            }
-            Err(error) if explicit => return Err(PipelineError::Metrics { addr, error }),
-            Err(error) => tracing::warn!(
-                %addr, %error,
-                "the default metrics endpoint is not available (set metrics.listen to choose another address); running without it"
-            ),
-        }
-    }
-
     // Decisions.
     let decisions = match &cfg.decisions {
         Some(d) => {
@@ -343,16 +367,9 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     };
 
     // Audit log: what runs, under which configuration and policy.
-    let audit: Option<SharedAudit> = if cfg.audit.enabled {
-        let path = cfg.audit.path(&cfg.gateway.state_dir);
-        let m = metrics.clone();
-        let log = tokio::task::spawn_blocking(move || open_audit(&path, &m))
-            .await
-            .map_err(|_| InferenceError::Panicked)??;
-        metrics.set_audit_head(log.committed());
-        Some(Arc::new(std::sync::Mutex::new(log)))
-    } else {
-        None
+    let audit = match p.audit.clone() {
+        Some(a) => Some(a),
+        None => open_shared_audit(&cfg, &metrics).await?,
     };
     governance::audit(
         &audit,
@@ -568,6 +585,23 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(InferenceError::Panicked.into()),
     }
+}
+
+/// The audit log of `cfg`, open and shared (`None` when it is off).
+pub async fn open_shared_audit(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<SharedAudit>, PipelineError> {
+    if !cfg.audit.enabled {
+        return Ok(None);
+    }
+    let path = cfg.audit.path(&cfg.gateway.state_dir);
+    let m = metrics.clone();
+    let log = tokio::task::spawn_blocking(move || open_audit(&path, &m))
+        .await
+        .map_err(|_| InferenceError::Panicked)??;
+    metrics.set_audit_head(log.committed());
+    Ok(Some(Arc::new(std::sync::Mutex::new(log))))
 }
 
 /// Open the audit log. A log that no longer matches its head file (cut

@@ -119,6 +119,20 @@ pub struct Status {
     /// exact running totals would undo the noise of the aggregates.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub counts_withheld: bool,
+    /// The configuration that runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigStatus>,
+}
+
+/// The configuration that runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigStatus {
+    /// sha256 of the configuration file's text (`embedded` for the
+    /// embedded default).
+    pub sha256: String,
+    /// When it was applied, ms since the epoch.
+    pub applied_ms: i64,
 }
 
 /// Sequence number and hash of an audit log entry.
@@ -181,6 +195,9 @@ impl Status {
                 .audit_head()
                 .map(|(seq, sha256)| AuditHead { seq, sha256 }),
             counts_withheld: false,
+            config: metrics
+                .config()
+                .map(|(sha256, applied_ms)| ConfigStatus { sha256, applied_ms }),
         }
     }
 
@@ -277,6 +294,14 @@ impl Status {
         }
         if let Some(kib) = self.rss_kib {
             let _ = writeln!(s, "memory  {} resident", bytes(kib * 1024));
+        }
+        if let Some(c) = &self.config {
+            let _ = writeln!(
+                s,
+                "config  sha256 {}, applied {} ago",
+                short(&c.sha256),
+                duration((self.time_ms - c.applied_ms).max(0) as f64 / 1000.0)
+            );
         }
         s
     }

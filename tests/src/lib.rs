@@ -247,6 +247,8 @@ pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
 /// A running `outpost` process; killed on drop. Its stderr is collected.
 pub struct Outpost {
     child: Option<Child>,
+    /// The configuration file it runs on.
+    pub config_path: PathBuf,
     /// Metrics port.
     pub metrics_port: u16,
     log: Arc<Mutex<String>>,
@@ -326,13 +328,7 @@ impl Outpost {
     ) -> Outpost {
         let metrics_port = free_port();
         let path = dir.path().join("outpost.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "{config}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\nlog_interval_s = 0\n"
-            ),
-        )
-        .expect("write config");
+        write_config(&path, config, metrics_port);
         let mut child = bin
             .command()
             .args(["run", "--config"])
@@ -357,10 +353,17 @@ impl Outpost {
         });
         Outpost {
             child: Some(child),
+            config_path: path,
             metrics_port,
             log,
             _dir: dir,
         }
+    }
+
+    /// Replace its configuration file (the same `[metrics]` table is
+    /// appended); it applies on a reload.
+    pub fn write_config(&self, config: &str) {
+        write_config(&self.config_path, config, self.metrics_port);
     }
 
     /// Resident memory of the process in KiB (Linux `/proc`), 0 once it is gone.
@@ -374,7 +377,10 @@ impl Outpost {
     /// The `aggregates=` count of the final "outpost stopped" log line.
     pub fn produced_aggregates(&self) -> u64 {
         let log = self.log();
+        // The last one: a reload stops and starts the pipeline, and its
+        // counts run on across the restarts.
         log.lines()
+            .rev()
             .find(|l| l.contains("outpost stopped"))
             .and_then(|l| l.split("aggregates=").nth(1))
             .and_then(|s| s.split_whitespace().next())
@@ -847,4 +853,12 @@ impl Default for Pki {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn write_config(path: &Path, config: &str, metrics_port: u16) {
+    std::fs::write(
+        path,
+        format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\nlog_interval_s = 0\n"),
+    )
+    .expect("write config");
 }
