@@ -862,3 +862,47 @@ fn write_config(path: &Path, config: &str, metrics_port: u16) {
     )
     .expect("write config");
 }
+
+/// The Modbus device process (`src/bin/modbus-device.rs`) on a Modbus TCP
+/// port and an RTU-over-TCP port; killed on drop.
+pub struct ModbusDevice {
+    child: Child,
+    /// Modbus TCP port.
+    pub tcp: u16,
+    /// RTU framing over TCP port.
+    pub rtu: u16,
+}
+
+impl ModbusDevice {
+    /// Start it and wait until it listens.
+    pub fn start() -> ModbusDevice {
+        let (tcp, rtu) = (free_port(), free_port());
+        let mut child = Command::new(bin("modbus-device"))
+            .args([tcp.to_string(), rtu.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start modbus-device");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read modbus-device output");
+        assert_eq!(line.trim(), "ready");
+        ModbusDevice { child, tcp, rtu }
+    }
+
+    /// Send it a signal (SIGSTOP: it stops answering; SIGCONT).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with the pid of a child we own.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for ModbusDevice {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

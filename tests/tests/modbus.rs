@@ -3,53 +3,12 @@
 //! that stops answering (SIGSTOP): errors, failed polls and missed slots
 //! counted, polling resumes when it answers again (SIGCONT).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outpost::config::Config;
 use outpost::ingest::SourceConfig;
 use outpost::ingest::modbus::Poller;
 use outpost_tests::*;
-
-/// The device process; killed on drop.
-struct Device {
-    child: Child,
-    tcp: u16,
-    rtu: u16,
-}
-
-impl Device {
-    fn start() -> Device {
-        let (tcp, rtu) = (free_port(), free_port());
-        let mut child = Command::new(bin("modbus-device"))
-            .args([tcp.to_string(), rtu.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start modbus-device");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped stdout"))
-            .read_line(&mut line)
-            .expect("read modbus-device output");
-        assert_eq!(line.trim(), "ready");
-        Device { child, tcp, rtu }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) with the pid of a child we own.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const MAP: &str = r#"
 [[sources.registers]]
@@ -96,7 +55,7 @@ fn source(transport: &str, port: u16, map: &str, extra: &str) -> String {
 
 #[test]
 fn the_register_map_is_decoded_over_tcp_and_rtu_framing() {
-    let device = Device::start();
+    let device = ModbusDevice::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -128,7 +87,7 @@ fn the_register_map_is_decoded_over_tcp_and_rtu_framing() {
 
 #[test]
 fn a_device_that_stops_answering_is_counted_and_polling_resumes() {
-    let device = Device::start();
+    let device = ModbusDevice::start();
     // Six holding registers: the bundled model's six channels.
     let map: String = (0..6)
         .map(|a| format!("[[sources.registers]]\nname = \"h{a}\"\naddress = {a}\n"))

@@ -205,11 +205,28 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let name = ctx.name.clone();
+    let bus = match linux_embedded_hal::I2cdev::new(&cfg.bus) {
+        Ok(bus) => bus,
+        Err(e) => {
+            return Err(IngestError::Io {
+                source_name: name,
+                message: format!("{}: {e}", cfg.bus.display()),
+            });
+        }
+    };
+    run_on_bus(bus, cfg, ctx, shutdown).await
+}
+
+/// [`run`] on a bus given by the caller (the source contract test passes a
+/// simulated device).
+pub async fn run_on_bus<B: I2c + Send + 'static>(
+    bus: B,
+    cfg: I2cSourceConfig,
+    ctx: IngestCtx,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let name = ctx.name.clone();
     tokio::task::spawn_blocking(move || {
-        let bus = linux_embedded_hal::I2cdev::new(&cfg.bus).map_err(|e| IngestError::Io {
-            source_name: ctx.name.clone(),
-            message: format!("{}: {e}", cfg.bus.display()),
-        })?;
         let mut dev = Adxl345::new(bus, cfg.address);
         init(&mut dev, &cfg, &ctx)?;
         tracing::info!(source = %ctx.name, bus = %cfg.bus.display(), address = cfg.address, rate_hz = cfg.rate_hz, "ADXL345 sampling");
