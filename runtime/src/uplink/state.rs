@@ -1,0 +1,476 @@
+//! The uplink's protocol state, free of I/O: in-flight window, packet id ↔
+//! outbox sequence, live and backlog cursors, the policy, rate limits,
+//! backoff and circuit breaker. No tokio, no MQTT client: time comes in as
+//! milliseconds and events as method calls, so it is tested on its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// Capped exponential backoff with jitter (half to full delay).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    /// A backoff from `initial` doubling up to `max`; `seed` drives the jitter.
+    pub fn new(initial: Duration, max: Duration, seed: u64) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        let frac = 0.5 + 0.5 * (r as f64 / (1u64 << 53) as f64);
+        exp.mul_f64(frac)
+    }
+
+    /// A connection succeeded.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A token bucket: `per_s` tokens a second, at most one second's worth
+/// banked. Time comes in as milliseconds, so it is testable without a clock.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    per_s: f64,
+    tokens: f64,
+    last_ms: Option<u64>,
+}
+
+impl RateLimit {
+    /// `per_s` tokens a second; 0 means no limit.
+    pub fn new(per_s: f64) -> Self {
+        Self {
+            per_s,
+            tokens: per_s.max(1.0),
+            last_ms: None,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        if let Some(last) = self.last_ms {
+            let dt = now_ms.saturating_sub(last) as f64 / 1000.0;
+            self.tokens = (self.tokens + dt * self.per_s).min(self.per_s.max(1.0));
+        }
+        self.last_ms = Some(now_ms);
+    }
+
+    /// Whole tokens available now.
+    pub fn available(&mut self, now_ms: u64) -> usize {
+        if self.per_s <= 0.0 {
+            return usize::MAX;
+        }
+        self.refill(now_ms);
+        self.tokens.floor() as usize
+    }
+
+    /// Spend one token.
+    pub fn take(&mut self) {
+        if self.per_s > 0.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    /// Milliseconds until a token is available (0 when one is).
+    pub fn wait_ms(&mut self, now_ms: u64) -> u64 {
+        if self.available(now_ms) > 0 {
+            return 0;
+        }
+        (((1.0 - self.tokens) / self.per_s) * 1000.0)
+            .ceil()
+            .max(1.0) as u64
+    }
+}
+
+/// Where the next records to publish come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Read up to `max` records from `from` (all of them live or in order).
+    Live {
+        /// First sequence.
+        from: u64,
+        /// Most records.
+        max: usize,
+    },
+    /// Read up to `max` backlog records from `from`, below `end`.
+    Backlog {
+        /// First sequence.
+        from: u64,
+        /// Backlog end (exclusive).
+        end: u64,
+        /// Most records.
+        max: usize,
+    },
+    /// Nothing may be sent now; ask again after this many milliseconds
+    /// (`None`: when something changes).
+    Wait(Option<u64>),
+}
+
+/// Uplink policy settings.
+#[derive(Debug, Clone)]
+pub struct UplinkPolicy {
+    /// Unacknowledged publishes at most.
+    pub max_inflight: usize,
+    /// Fresh aggregates before the backlog after a reconnect.
+    pub live_first: bool,
+    /// Backlog records per second while live first (0: no cap).
+    pub backlog_rate: f64,
+    /// Publishes per second in all (0: no cap).
+    pub max_publish_rate: f64,
+    /// Failed connections in a row that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits.
+    pub breaker_open: Duration,
+}
+
+impl UplinkPolicy {
+    /// In order, no caps, breaker after 10 failures for 5 minutes.
+    pub fn simple(max_inflight: usize) -> Self {
+        Self {
+            max_inflight,
+            live_first: false,
+            backlog_rate: 0.0,
+            max_publish_rate: 0.0,
+            breaker_failures: 10,
+            breaker_open: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The uplink protocol state, free of I/O: in-flight window, packet id ↔
+/// outbox sequence, live and backlog cursors, rate limits, backoff and
+/// circuit breaker.
+#[derive(Debug)]
+pub struct UplinkState {
+    policy: UplinkPolicy,
+    /// Records from here on are live (produced since the connection began).
+    live_from: u64,
+    /// Next live sequence to read.
+    live_cursor: u64,
+    /// Next backlog sequence to read (below `live_from`).
+    backlog_cursor: u64,
+    /// Messages handed to the client, packet id not yet known (in order),
+    /// each with the records it carries.
+    awaiting_pkid: VecDeque<Vec<u64>>,
+    /// Messages sent with a packet id, not yet acknowledged.
+    inflight: HashMap<u16, Vec<u64>>,
+    connected: bool,
+    backoff: Backoff,
+    failures: u32,
+    breaker_tripped: bool,
+    publish_limit: RateLimit,
+    backlog_limit: RateLimit,
+}
+
+impl UplinkState {
+    /// A disconnected state with a plain policy (in order, no caps).
+    pub fn new(max_inflight: usize, backoff: Backoff) -> Self {
+        Self::with_policy(UplinkPolicy::simple(max_inflight), backoff)
+    }
+
+    /// A disconnected state.
+    pub fn with_policy(mut policy: UplinkPolicy, backoff: Backoff) -> Self {
+        policy.max_inflight = policy.max_inflight.max(1);
+        policy.breaker_failures = policy.breaker_failures.max(1);
+        Self {
+            publish_limit: RateLimit::new(policy.max_publish_rate),
+            backlog_limit: RateLimit::new(policy.backlog_rate),
+            policy,
+            live_from: 0,
+            live_cursor: 0,
+            backlog_cursor: 0,
+            awaiting_pkid: VecDeque::new(),
+            inflight: HashMap::new(),
+            connected: false,
+            backoff,
+            failures: 0,
+            breaker_tripped: false,
+        }
+    }
+
+    /// The broker accepted the connection. `committed_end` is the outbox's
+    /// [`crate::outbox::Outbox::committed_end`]: with live first, everything
+    /// before it is backlog.
+    pub fn on_connected(&mut self, committed_end: u64) {
+        self.connected = true;
+        self.backoff.reset();
+        self.failures = 0;
+        self.breaker_tripped = false;
+        if self.policy.live_first {
+            self.live_from = committed_end.max(self.backlog_cursor);
+        } else {
+            self.live_from = self.backlog_cursor;
+        }
+        self.live_cursor = self.live_from;
+    }
+
+    /// Whether the broker accepted the current connection.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether the circuit breaker is open (the last delay was its wait).
+    pub fn breaker_open(&self) -> bool {
+        self.breaker_tripped
+    }
+
+    /// The connection is gone (or never came): everything unacknowledged
+    /// will be re-sent from `oldest_unacked`. Returns the delay before
+    /// reconnecting: the backoff, or the breaker's wait after too many
+    /// failures in a row.
+    pub fn on_disconnected(&mut self, oldest_unacked: Option<u64>) -> Duration {
+        if !self.connected {
+            self.failures = self.failures.saturating_add(1);
+        }
+        self.connected = false;
+        self.awaiting_pkid.clear();
+        self.inflight.clear();
+        let restart = oldest_unacked.unwrap_or(self.live_cursor.max(self.backlog_cursor));
+        self.backlog_cursor = restart;
+        self.live_cursor = restart;
+        self.live_from = restart;
+        self.breaker_tripped = self.failures >= self.policy.breaker_failures;
+        if self.breaker_tripped {
+            self.failures = 0;
+            self.backoff.reset();
+            return self.policy.breaker_open;
+        }
+        self.backoff.next_delay()
+    }
+
+    /// How many more records the in-flight window allows.
+    pub fn room(&self) -> usize {
+        if !self.connected {
+            return 0;
+        }
+        self.policy
+            .max_inflight
+            .saturating_sub(self.awaiting_pkid.len() + self.inflight.len())
+    }
+
+    /// What to read next at `now_ms`. `live_pending`: the caller's last
+    /// live read came back empty (so the backlog may go).
+    pub fn next(&mut self, now_ms: u64, live_empty: bool) -> Next {
+        let room = self.room();
+        if room == 0 {
+            return Next::Wait(None);
+        }
+        let total = self.publish_limit.available(now_ms);
+        if total == 0 {
+            return Next::Wait(Some(self.publish_limit.wait_ms(now_ms)));
+        }
+        let max = room.min(total);
+        let backlog = self.backlog_cursor < self.live_from;
+        if !live_empty || !backlog {
+            return Next::Live {
+                from: self.live_cursor,
+                max,
+            };
+        }
+        let b = self.backlog_limit.available(now_ms);
+        if b == 0 {
+            return Next::Wait(Some(self.backlog_limit.wait_ms(now_ms)));
+        }
+        Next::Backlog {
+            from: self.backlog_cursor,
+            end: self.live_from,
+            max: max.min(b),
+        }
+    }
+
+    /// The backlog has nothing left below its end.
+    pub fn backlog_done(&mut self) {
+        self.backlog_cursor = self.live_from;
+    }
+
+    /// Record `seq` was handed to the client in a message of its own.
+    pub fn on_sent(&mut self, seq: u64) {
+        self.on_sent_batch(vec![seq]);
+    }
+
+    /// One message carrying these records (in sequence order) was handed
+    /// to the client.
+    pub fn on_sent_batch(&mut self, seqs: Vec<u64>) {
+        self.publish_limit.take();
+        for &seq in &seqs {
+            if seq >= self.live_from {
+                self.live_cursor = self.live_cursor.max(seq + 1);
+            } else {
+                self.backlog_cursor = self.backlog_cursor.max(seq + 1);
+                self.backlog_limit.take();
+            }
+        }
+        self.awaiting_pkid.push_back(seqs);
+    }
+
+    /// The client wrote a publish with this packet id (in hand-over order).
+    pub fn on_outgoing(&mut self, pkid: u16) {
+        if let Some(seqs) = self.awaiting_pkid.pop_front() {
+            self.inflight.insert(pkid, seqs);
+        }
+    }
+
+    /// A PUBACK: the acknowledged records' sequences, if the message was ours.
+    pub fn on_puback(&mut self, pkid: u16) -> Option<Vec<u64>> {
+        self.inflight.remove(&pkid)
+    }
+
+    /// Messages handed to the client and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.awaiting_pkid.len() + self.inflight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_capped_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000), 9);
+        let d: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert!((50..=100).contains(&d[0]), "{d:?}");
+        assert!((100..=200).contains(&d[1]), "{d:?}");
+        assert!(d[6] <= 1000 && d[6] >= 500, "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn window_pkids_acks_and_resend_after_disconnect() {
+        let mut s = UplinkState::new(
+            2,
+            Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 1),
+        );
+        assert_eq!(s.room(), 0, "no sending before CONNACK");
+        s.on_connected(1);
+        assert_eq!(s.room(), 2);
+        // In order: from the start of the outbox.
+        assert_eq!(s.next(0, false), Next::Live { from: 0, max: 2 });
+        s.on_sent(1);
+        s.on_sent(2);
+        assert_eq!(s.room(), 0);
+        assert_eq!(s.next(0, false), Next::Wait(None));
+        s.on_outgoing(7);
+        s.on_outgoing(8);
+        assert_eq!(s.on_puback(7), Some(vec![1]));
+        assert_eq!(s.on_puback(99), None);
+        assert_eq!(s.room(), 1);
+        assert_eq!(s.next(0, false), Next::Live { from: 3, max: 1 });
+        // Record 2 never acknowledged: after a disconnect it is read again.
+        let _ = s.on_disconnected(Some(2));
+        assert_eq!(s.unacked(), 0);
+        assert_eq!(s.room(), 0);
+        s.on_connected(3);
+        assert_eq!(s.next(0, false), Next::Live { from: 2, max: 2 });
+    }
+
+    fn policy(live_first: bool, backlog_rate: f64, max_publish_rate: f64) -> UplinkPolicy {
+        UplinkPolicy {
+            max_inflight: 8,
+            live_first,
+            backlog_rate,
+            max_publish_rate,
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(60),
+        }
+    }
+
+    fn backoff() -> Backoff {
+        Backoff::new(Duration::from_millis(10), Duration::from_millis(100), 1)
+    }
+
+    #[test]
+    fn live_first_then_backlog_at_its_rate() {
+        let mut s = UplinkState::with_policy(policy(true, 2.0, 0.0), backoff());
+        // 100 records were waiting (1..=100) when the connection came up.
+        s.on_disconnected(Some(1));
+        s.on_connected(101);
+        // Live first: from 101.
+        assert_eq!(s.next(0, false), Next::Live { from: 101, max: 8 });
+        s.on_sent(101);
+        // The live read came back empty: now the backlog, 2 per second.
+        assert_eq!(
+            s.next(0, true),
+            Next::Backlog {
+                from: 1,
+                end: 101,
+                max: 2
+            }
+        );
+        s.on_sent(1);
+        s.on_sent(2);
+        match s.next(0, true) {
+            Next::Wait(Some(ms)) => assert!((1..=500).contains(&ms), "{ms}"),
+            other => panic!("{other:?}"),
+        }
+        // Fresh data still goes at once while the backlog waits.
+        assert_eq!(s.next(0, false), Next::Live { from: 102, max: 5 });
+        assert_eq!(
+            s.next(1000, true),
+            Next::Backlog {
+                from: 3,
+                end: 101,
+                max: 2
+            }
+        );
+        s.backlog_done();
+        assert_eq!(s.next(1000, true), Next::Live { from: 102, max: 5 });
+    }
+
+    #[test]
+    fn in_order_without_live_first() {
+        let mut s = UplinkState::with_policy(policy(false, 2.0, 0.0), backoff());
+        s.on_disconnected(Some(1));
+        s.on_connected(101);
+        assert_eq!(s.next(0, false), Next::Live { from: 1, max: 8 });
+    }
+
+    #[test]
+    fn publish_rate_caps_everything() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 3.0), backoff());
+        s.on_connected(1);
+        assert_eq!(s.next(0, false), Next::Live { from: 0, max: 3 });
+        for q in 1..=3 {
+            s.on_sent(q);
+            s.on_outgoing(q as u16);
+            s.on_puback(q as u16);
+        }
+        assert!(matches!(s.next(0, false), Next::Wait(Some(_))));
+        assert_eq!(s.next(1000, false), Next::Live { from: 4, max: 3 });
+    }
+
+    #[test]
+    fn breaker_opens_after_repeated_failures() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 0.0), backoff());
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        assert!(!s.breaker_open());
+        assert_eq!(s.on_disconnected(None), Duration::from_secs(60));
+        assert!(s.breaker_open());
+        // Then back to the backoff; a good connection closes it.
+        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        s.on_connected(1);
+        assert!(!s.breaker_open());
+    }
+}

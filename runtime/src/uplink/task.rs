@@ -1,0 +1,507 @@
+//! The uplink task: [`run`] drives a [`Session`] with the [`UplinkState`]
+//! over the outbox, sends health messages; [`run_log_sink`] when no cloud is
+//! configured; [`spawn`] starts one of them from the `[uplink]` table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+use crate::mqtt::render_topic;
+use crate::outbox::SharedOutbox;
+
+use super::config::UplinkConfig;
+use super::session::{Connector, RumqttConnector, Session, SessionEvent};
+use super::settings::{Compression, HealthSettings, Stop, UplinkSettings, ZSTD_TOPIC_SUFFIX};
+use super::state::{Backoff, Next, UplinkPolicy, UplinkState};
+
+/// Publish the outbox until stopped. Returns the records still undelivered.
+pub async fn run<C: Connector>(
+    mut connector: C,
+    mut state: UplinkState,
+    outbox: SharedOutbox,
+    settings: UplinkSettings,
+    metrics: Arc<Metrics>,
+    stop: Stop,
+) -> u64 {
+    let mut first = true;
+    let health_every = settings
+        .health
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |h| {
+            h.interval.max(Duration::from_secs(1))
+        });
+    let mut health_tick = tokio::time::interval(health_every);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if stop.drain.is_cancelled() && outbox.oldest().is_none() {
+            return 0;
+        }
+        if !first {
+            metrics.uplink_reconnects.inc();
+        }
+        first = false;
+        let mut session = connector.connect();
+        let err = loop {
+            let wait = send_ready(&mut session, &mut state, &outbox, &settings, &metrics);
+            let rate_wait = async {
+                match wait {
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            metrics.uplink_inflight.set(state.unacked() as i64);
+            if stop.drain.is_cancelled() && state.unacked() == 0 && outbox.oldest().is_none() {
+                session.disconnect().await;
+                metrics.uplink_connected.set(0);
+                return 0;
+            }
+            tokio::select! {
+                ev = session.next_event() => match ev {
+                    Ok(SessionEvent::Connected) => {
+                        tracing::info!("uplink connected");
+                        metrics.uplink_connected.set(1);
+                        metrics.uplink_breaker_open.set(0);
+                        state.on_connected(outbox.committed_end());
+                        // The first health message at once: the cloud sees
+                        // the gateway back (and replaces a retained will).
+                        send_health(&mut session, &settings, &metrics);
+                        health_tick.reset();
+                    }
+                    Ok(SessionEvent::Published(pkid)) => state.on_outgoing(pkid),
+                    Ok(SessionEvent::Acked(pkid)) => {
+                        if let Some(seqs) = state.on_puback(pkid) {
+                            for &seq in &seqs {
+                                if let Err(e) = outbox.ack(seq) {
+                                    tracing::error!(error = %e, seq, "outbox ack failed");
+                                }
+                            }
+                            metrics.uplink_acked.inc_by(seqs.len() as u64);
+                            metrics.uplink_inflight.set(state.unacked() as i64);
+                            metrics.outbox_depth.set(outbox.stats().depth as i64);
+                        }
+                    }
+                    Err(e) => break e,
+                },
+                _ = outbox.appended() => {}
+                _ = rate_wait => {}
+                _ = health_tick.tick(), if settings.health.is_some() => {
+                    if state.is_connected() {
+                        send_health(&mut session, &settings, &metrics);
+                    }
+                }
+                _ = stop.drain.cancelled(), if !stop.drain.is_cancelled() => {}
+                _ = stop.now.cancelled() => {
+                    return outbox.stats().depth;
+                }
+            }
+        };
+        drop(session);
+        metrics.uplink_connected.set(0);
+        metrics.uplink_inflight.set(0);
+        let delay = state.on_disconnected(outbox.oldest());
+        if state.breaker_open() {
+            metrics.uplink_breaker_open.set(1);
+            tracing::error!(error = %err, wait_ms = delay.as_millis() as u64, "uplink: too many failed connections in a row; circuit breaker open");
+        } else {
+            tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink disconnected; reconnecting");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.now.cancelled() => return outbox.stats().depth,
+        }
+    }
+}
+
+/// Publish a health message (QoS 0: lost with the connection, never
+/// resent; the next one carries newer numbers anyway).
+fn send_health<S: Session>(session: &mut S, settings: &UplinkSettings, metrics: &Metrics) {
+    let Some(h) = &settings.health else {
+        return;
+    };
+    let mut status =
+        crate::status::Status::snapshot(metrics, &settings.gateway, crate::clock::now_ms());
+    if h.withhold_counts {
+        status = status.withhold_counts();
+    }
+    // Plain data with string keys: serializing cannot fail.
+    let payload = serde_json::to_vec(&status).unwrap_or_default();
+    match session.try_publish_health(h.topic.clone(), payload, h.retain) {
+        Ok(true) => {
+            metrics.health_sent.inc();
+        }
+        Ok(false) => tracing::debug!("health message skipped: client queue full"),
+        Err(e) => tracing::warn!(error = %e, "health message refused"),
+    }
+}
+
+/// Hand the session everything the policy allows now. Returns how long to
+/// wait for a rate limit, if one is what stops sending.
+fn send_ready<S: Session>(
+    session: &mut S,
+    state: &mut UplinkState,
+    outbox: &SharedOutbox,
+    settings: &UplinkSettings,
+    metrics: &Metrics,
+) -> Option<u64> {
+    let mut live_empty = false;
+    loop {
+        let budget;
+        let (records, end) = match state.next(now_ms(), live_empty) {
+            Next::Wait(w) => return w,
+            Next::Live { from, max } => {
+                budget = max;
+                if live_empty {
+                    // Live read came back empty and there is no backlog left.
+                    return None;
+                }
+                match outbox.read_from(from, settings.records_for(max)) {
+                    Ok(r) if r.is_empty() => {
+                        live_empty = true;
+                        continue;
+                    }
+                    Ok(r) => (r, u64::MAX),
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox read failed");
+                        return None;
+                    }
+                }
+            }
+            Next::Backlog { from, end, max } => {
+                match outbox.read_from(from, settings.records_for(max)) {
+                    Ok(r) => {
+                        budget = max;
+                        let r: Vec<_> = r.into_iter().filter(|r| r.seq < end).collect();
+                        if r.is_empty() {
+                            state.backlog_done();
+                            continue;
+                        }
+                        (r, end)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox read failed");
+                        return None;
+                    }
+                }
+            }
+        };
+        debug_assert!(records.iter().all(|r| r.seq < end));
+        for batch in settings.batches(&records).into_iter().take(budget) {
+            let first = &batch[0];
+            let mut topic = render_topic(
+                &settings.topic,
+                &[("gateway", &settings.gateway), ("group", &first.group)],
+            );
+            let payload = match settings.encode(batch) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot compress a batch");
+                    return None;
+                }
+            };
+            if settings.compression == Compression::Zstd {
+                topic.push_str(ZSTD_TOPIC_SUFFIX);
+            }
+            let size = (topic.len() + payload.len()) as u64;
+            match session.try_publish(topic, payload) {
+                Ok(true) => {
+                    state.on_sent_batch(batch.iter().map(|r| r.seq).collect());
+                    metrics.uplink_sent.inc_by(batch.len() as u64);
+                    metrics.uplink_messages.inc();
+                    metrics.uplink_bytes.inc_by(size);
+                }
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish refused");
+                    return None;
+                }
+            }
+        }
+        live_empty = false;
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::clock::now_ms().max(0) as u64
+}
+
+/// No cloud configured: log each aggregate and acknowledge it.
+pub async fn run_log_sink(outbox: SharedOutbox, metrics: Arc<Metrics>, stop: Stop) {
+    let mut cursor = 0;
+    loop {
+        let records = outbox.read_from(cursor, 256).unwrap_or_default();
+        for r in &records {
+            tracing::info!(target: "outpost::aggregate", "{}", String::from_utf8_lossy(r.payload()));
+            cursor = r.seq + 1;
+            let _ = outbox.ack(r.seq);
+            metrics.uplink_acked.inc();
+        }
+        metrics.outbox_depth.set(outbox.stats().depth as i64);
+        if !records.is_empty() {
+            continue;
+        }
+        if stop.drain.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = outbox.appended() => {}
+            _ = stop.drain.cancelled() => {}
+            _ = stop.now.cancelled() => return,
+        }
+    }
+}
+
+/// Start the uplink stage for `cfg` (`None`: aggregates are logged, the log
+/// sink): it publishes the outbox's committed records to the cloud broker
+/// and acknowledges them there; health messages (`withhold_counts`: without
+/// data counts, under differential privacy) and the last will go with it.
+/// The task returns the records left undelivered.
+pub fn spawn(
+    cfg: Option<&UplinkConfig>,
+    gateway: &str,
+    withhold_counts: bool,
+    outbox: SharedOutbox,
+    metrics: Arc<Metrics>,
+    stop: Stop,
+) -> Result<tokio::task::JoinHandle<u64>, crate::mqtt::MqttSetupError> {
+    metrics
+        .uplink_configured
+        .store(cfg.is_some(), std::sync::atomic::Ordering::Relaxed);
+    let Some(u) = cfg else {
+        return Ok(tokio::spawn(async move {
+            run_log_sink(outbox.clone(), metrics, stop).await;
+            outbox.stats().depth
+        }));
+    };
+    let mut options = crate::mqtt::options(&u.broker, gateway, "uplink")?;
+    let health_topic = render_topic(&u.health_topic, &[("gateway", gateway)]);
+    if u.health_interval_s > 0 {
+        // The broker tells the cloud when the gateway vanishes.
+        options.set_last_will(rumqttc::LastWill::new(
+            health_topic.clone(),
+            crate::status::offline_message(gateway),
+            rumqttc::QoS::AtLeastOnce,
+            u.health_retain,
+        ));
+    }
+    let state = UplinkState::with_policy(
+        UplinkPolicy {
+            max_inflight: u.max_inflight as usize,
+            live_first: u.live_first,
+            backlog_rate: u.backlog_rate,
+            max_publish_rate: u.max_publish_rate,
+            breaker_failures: u.breaker_failures,
+            breaker_open: Duration::from_millis(u.breaker_open_ms),
+        },
+        Backoff::new(
+            Duration::from_millis(u.backoff_initial_ms),
+            Duration::from_millis(u.backoff_max_ms),
+            crate::clock::now_ms() as u64,
+        ),
+    );
+    let settings = UplinkSettings {
+        topic: u.topic.clone(),
+        gateway: gateway.to_string(),
+        batch_max_bytes: u.batch_max_bytes,
+        compression: u.compression,
+        health: (u.health_interval_s > 0).then(|| HealthSettings {
+            topic: health_topic,
+            interval: Duration::from_secs(u.health_interval_s),
+            retain: u.health_retain,
+            withhold_counts,
+        }),
+    };
+    let connector = RumqttConnector::new(options, u.max_inflight);
+    Ok(tokio::spawn(async move {
+        run(connector, state, outbox, settings, metrics, stop).await
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::super::session::UplinkError;
+    use super::*;
+
+    /// A scripted session: acknowledges every publish except those whose
+    /// sequence is listed in `drop_before_ack` (then fails the connection).
+    type Health = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+    struct FakeConnector {
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
+        fail_on: Vec<usize>,
+        sessions: usize,
+    }
+
+    struct FakeSession {
+        queue: VecDeque<SessionEvent>,
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
+        fail_at: Option<usize>,
+        pkid: u16,
+        count: usize,
+    }
+
+    impl Connector for FakeConnector {
+        type Session = FakeSession;
+        fn connect(&mut self) -> FakeSession {
+            let fail_at = self.fail_on.get(self.sessions).copied();
+            self.sessions += 1;
+            FakeSession {
+                queue: VecDeque::from([SessionEvent::Connected]),
+                published: self.published.clone(),
+                health: self.health.clone(),
+                fail_at,
+                pkid: 0,
+                count: 0,
+            }
+        }
+    }
+
+    impl Session for FakeSession {
+        fn try_publish(&mut self, _topic: String, payload: Vec<u8>) -> Result<bool, UplinkError> {
+            self.count += 1;
+            self.pkid += 1;
+            self.published.lock().unwrap().push(payload);
+            self.queue.push_back(SessionEvent::Published(self.pkid));
+            if Some(self.count) != self.fail_at {
+                self.queue.push_back(SessionEvent::Acked(self.pkid));
+            }
+            Ok(true)
+        }
+        fn try_publish_health(
+            &mut self,
+            topic: String,
+            payload: Vec<u8>,
+            _retain: bool,
+        ) -> Result<bool, UplinkError> {
+            self.health.lock().unwrap().push((topic, payload));
+            Ok(true)
+        }
+        async fn next_event(&mut self) -> Result<SessionEvent, UplinkError> {
+            if let Some(e) = self.queue.pop_front() {
+                return Ok(e);
+            }
+            if self.fail_at.is_some() {
+                self.fail_at = None;
+                return Err(UplinkError::Connection(Box::new(
+                    rumqttc::ConnectionError::Io(std::io::Error::other("scripted")),
+                )));
+            }
+            std::future::pending().await
+        }
+        async fn disconnect(&mut self) {}
+    }
+
+    /// What a run over a scripted connector left behind.
+    struct Drained {
+        outbox: SharedOutbox,
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        health: Health,
+        metrics: Arc<Metrics>,
+    }
+
+    /// `records` aggregates in a memory outbox, delivered through a fake
+    /// session whose connections fail at the publishes in `fail_on`; runs
+    /// until the outbox is empty (draining) and checks nothing is left.
+    async fn drain_fake(records: i64, fail_on: Vec<usize>, settings: UplinkSettings) -> Drained {
+        use crate::outbox::MemoryOutbox;
+        let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(100)));
+        for i in 0..records {
+            outbox.append(&crate::outbox::tests::agg(i)).unwrap();
+        }
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let health = Health::default();
+        let connector = FakeConnector {
+            published: published.clone(),
+            health: health.clone(),
+            fail_on,
+            sessions: 0,
+        };
+        let state = UplinkState::new(
+            4,
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(2), 3),
+        );
+        let stop = Stop {
+            drain: CancellationToken::new(),
+            now: CancellationToken::new(),
+        };
+        stop.drain.cancel();
+        let metrics = Arc::new(Metrics::new());
+        let left = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(
+                connector,
+                state,
+                outbox.clone(),
+                settings,
+                metrics.clone(),
+                stop,
+            ),
+        )
+        .await
+        .expect("uplink drains");
+        assert_eq!(left, 0);
+        assert_eq!(outbox.stats().depth, 0);
+        Drained {
+            outbox,
+            published,
+            health,
+            metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn unacked_record_is_resent_from_the_outbox() {
+        use crate::aggregate::Aggregate;
+        // First session: the 3rd publish is never acknowledged and the connection drops.
+        let d = drain_fake(5, vec![3], UplinkSettings::new("t/{group}", "g")).await;
+        assert_eq!(d.outbox.stats().acked, 5);
+        let ids: std::collections::BTreeSet<String> = d
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| serde_json::from_slice::<Aggregate>(p).unwrap().id)
+            .collect();
+        assert_eq!(ids.len(), 5, "every aggregate delivered");
+        assert!(
+            d.published.lock().unwrap().len() > 5,
+            "the unacknowledged ones were re-sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn health_goes_at_qos0_on_connect_and_bytes_are_counted() {
+        let mut settings = UplinkSettings::new("t/{group}", "gw-9");
+        settings.health = Some(HealthSettings {
+            topic: "outpost/gw-9/health".into(),
+            interval: Duration::from_secs(60),
+            retain: true,
+            withhold_counts: false,
+        });
+        // Two connections (the first fails at its 2nd publish): one health
+        // message at each CONNACK, none taking a packet id from the window.
+        let d = drain_fake(3, vec![2], settings).await;
+        let health = d.health.lock().unwrap();
+        assert_eq!(health.len(), 2, "{health:?}");
+        assert_eq!(d.metrics.health_sent.get(), 2);
+        let status: crate::status::Status = serde_json::from_slice(&health[0].1).unwrap();
+        assert_eq!(health[0].0, "outpost/gw-9/health");
+        assert_eq!(status.gateway, "gw-9");
+        assert_eq!(status.kind, crate::status::HEALTH_KIND);
+        // Bytes: topic and payload of every aggregate message sent.
+        let sent: u64 = d
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.len() as u64 + "t/x".len() as u64)
+            .sum();
+        assert_eq!(d.metrics.uplink_bytes.get(), sent);
+        assert_eq!(d.metrics.uplink_acked.get(), 3);
+    }
+}
