@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+
 pub use outpost_storage::audit::{
     AuditError, AuditLog, AuditProblem, GENESIS, MAX_ENTRY, ProblemKind, VerifyReport, verify,
 };
@@ -91,5 +93,31 @@ mod tests {
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert_eq!(last["kind"], kinds::RECOVERED);
         assert!(verify(&path).unwrap().ok());
+    }
+}
+
+/// `[audit]`: the hash-chained audit log.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Keep the audit log (off in the embedded default, which keeps nothing on disk).
+    pub enabled: bool,
+    /// The log file; absent: `<gateway.state_dir>/audit/audit.log`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The log file.
+    pub fn path(&self, state_dir: &Path) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| default_path(state_dir))
     }
 }

@@ -223,7 +223,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
         None => {
             // The embedded demo only logs its aggregates: nothing to keep on disk.
             let mut cfg = Config::default();
-            cfg.outbox.kind = outpost::config::OutboxKind::Memory;
+            cfg.outbox.kind = outpost::outbox::OutboxKind::Memory;
             cfg.governance.enabled = false;
             cfg.audit.enabled = false;
             Ok(cfg)

@@ -859,6 +859,38 @@ impl Metrics {
     }
 }
 
+/// Log a summary line every `every` seconds (`metrics.log_interval_s`; 0:
+/// none) until `stop`; `outbox_depth` reads the outbox's depth.
+pub fn spawn_summary(
+    every: u64,
+    metrics: std::sync::Arc<Metrics>,
+    outbox_depth: impl Fn() -> u64 + Send + 'static,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if every == 0 {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(every));
+        t.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            let depth = outbox_depth();
+            tracing::info!(
+                windows = metrics.windows.get(),
+                inferences = metrics.inferences.get(),
+                aggregates = metrics.aggregates.get(),
+                outbox_depth = depth,
+                acked = metrics.uplink_acked.get(),
+                "summary"
+            );
+        }
+    }))
+}
+
 /// CPU time consumed by the calling thread.
 pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {

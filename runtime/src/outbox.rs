@@ -13,10 +13,26 @@
 //! for the embedded demo and tests), [`SharedOutbox`] (shared by the
 //! aggregation writer and the uplink reader). [`Outbox`] is the storage
 //! trait for aggregates, so that `dyn Outbox` needs no type argument.
+//!
+//! The stage's task is [`write`], on a blocking thread: it appends the
+//! aggregates as they come and commits them as a group; the uplink sees
+//! committed records only. [`spawn_backlog_age`] keeps the backlog's age
+//! metric current. `[outbox]` is [`OutboxConfig`].
 
 use outpost_storage::outbox as store;
 
+mod config;
+pub use config::{OutboxConfig, OutboxKind};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use crate::aggregate::Aggregate;
+use crate::governance::SharedAudit;
+use crate::metrics::Metrics;
 
 pub use outpost_storage::outbox::{
     DiskSettings, FullPolicy, MAX_RECORD, OutboxError, OutboxStats, Record, StreamCaps,
@@ -120,6 +136,122 @@ impl<T: store::Outbox<Aggregate>> Outbox for T {
     fn stream_bytes(&self) -> Vec<(String, u64)> {
         store::Outbox::stream_bytes(self)
     }
+}
+
+/// The outbox's figures as the metrics take them.
+pub fn counts(s: &OutboxStats) -> crate::metrics::OutboxCounts {
+    crate::metrics::OutboxCounts {
+        depth: s.depth,
+        bytes: s.bytes,
+        dropped: s.dropped,
+        rejected: s.rejected,
+        quarantined: s.quarantined,
+        lost: s.lost,
+        coarsened: s.coarsened,
+    }
+}
+
+/// Append aggregates as they come and commit them as a group every
+/// `interval`; returns when the aggregation stage has ended, after a final
+/// commit. Each aggregate gets an audit entry (id, model, policy), committed
+/// before the outbox commit that lets the uplink see the aggregate: every
+/// aggregate that can leave has its entry.
+pub fn write(
+    aggregates: &flume::Receiver<Aggregate>,
+    outbox: &SharedOutbox,
+    audit: &Option<SharedAudit>,
+    metrics: &Metrics,
+    interval: Duration,
+) {
+    let commit = |outbox: &SharedOutbox| {
+        if let Some(a) = audit {
+            let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
+            match log.commit() {
+                Ok(()) => metrics.set_audit_head(log.committed()),
+                Err(e) => {
+                    metrics.audit_errors.inc();
+                    tracing::error!(error = %e, "audit log commit failed");
+                }
+            }
+        }
+        if let Err(e) = outbox.commit() {
+            tracing::error!(error = %e, "outbox commit failed");
+        }
+        metrics.outbox_commits.inc();
+        metrics.observe_outbox(&counts(&outbox.stats()));
+        metrics.observe_streams(&outbox.stream_bytes());
+    };
+    let mut last_commit = std::time::Instant::now();
+    loop {
+        let wait = interval.saturating_sub(last_commit.elapsed());
+        match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
+            Ok(a) => match outbox.append(&a) {
+                Ok(_) => {
+                    if let Some(log) = audit {
+                        let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
+                            crate::audit::kinds::AGGREGATE,
+                            serde_json::json!({
+                                "id": &a.id,
+                                "group": &a.group,
+                                "window_start": a.window_start,
+                                "model": format!("{}@{}", a.model.name, a.model.version),
+                                "policy": &a.policy,
+                            }),
+                        );
+                        match r {
+                            Ok(_) => {
+                                metrics.audit_entries.inc();
+                            }
+                            Err(e) => {
+                                metrics.audit_errors.inc();
+                                tracing::error!(error = %e, id = %a.id, "audit append failed");
+                            }
+                        }
+                    }
+                }
+                Err(e @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
+                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
+                }
+                Err(e) => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
+            },
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+        }
+        if interval.is_zero() || last_commit.elapsed() >= interval {
+            commit(outbox);
+            last_commit = std::time::Instant::now();
+        }
+    }
+    commit(outbox);
+}
+
+/// Keep `outpost_outbox_oldest_age_seconds` current: once a second, the
+/// time since the window end of the oldest aggregate still waiting.
+pub fn spawn_backlog_age(
+    metrics: Arc<Metrics>,
+    outbox: SharedOutbox,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            // A disk read of one record: off the async workers.
+            let o = outbox.clone();
+            let end = tokio::task::spawn_blocking(move || o.oldest_window_end())
+                .await
+                .ok()
+                .flatten();
+            let age = end.map_or(0.0, |end| {
+                (crate::clock::now_ms() - end).max(0) as f64 / 1000.0
+            });
+            metrics.outbox_oldest_age.set(age);
+        }
+    })
 }
 
 #[cfg(test)]

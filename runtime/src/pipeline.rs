@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregate, Aggregator, DriftSettings, Grouper};
 use crate::config::Config;
-use crate::config::OutboxKind;
 use crate::decisions::{Decision, DecisionFilter};
 use crate::governance::{self, GovernanceTask, Observation, Registry, SharedAudit, Trust};
 use crate::inference::{
@@ -41,9 +40,8 @@ use crate::ingest::file::FileSourceConfig;
 use crate::ingest::{self, IngestCtx};
 use crate::metrics::DEFAULT_METRICS_LISTEN;
 use crate::metrics::{Metrics, ModelStatus};
-use crate::outbox::{
-    DiskOutbox, DiskSettings, MemoryOutbox, OutboxError, SharedOutbox, StreamCaps,
-};
+use crate::outbox::OutboxKind;
+use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, SharedOutbox, StreamCaps};
 use crate::privacy::{Admission, Privacy, Release};
 use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
@@ -454,7 +452,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         }
     };
     let outbox = SharedOutbox::new(outbox);
-    metrics.observe_outbox(&outbox_counts(&outbox.stats()));
+    metrics.observe_outbox(&crate::outbox::counts(&outbox.stats()));
     let stop = Stop {
         drain: CancellationToken::new(),
         now: stop_all.clone(),
@@ -480,7 +478,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         let interval = Duration::from_millis(cfg.outbox.fsync_interval_ms);
         let audit = audit.clone();
         tokio::task::spawn_blocking(move || {
-            write_outbox(&aggregates, &outbox, &audit, &metrics, interval);
+            crate::outbox::write(&aggregates, &outbox, &audit, &metrics, interval);
             drain.cancel();
             outbox.wake();
         })
@@ -511,10 +509,19 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     let notifier = systemd_notifier();
     let watchdog = notifier
         .clone()
-        .and_then(|n| spawn_watchdog(n, metrics.clone(), stop_sources.clone()));
+        .and_then(|n| sdnotify::spawn_watchdog(n, metrics.clone(), stop_sources.clone()));
 
-    let summary = spawn_summary(&cfg, metrics.clone(), outbox.clone(), stop_all.clone());
-    let observer = spawn_backlog_age(metrics.clone(), outbox.clone(), stop_all.clone());
+    let summary = {
+        let outbox = outbox.clone();
+        crate::metrics::spawn_summary(
+            cfg.metrics.log_interval_s,
+            metrics.clone(),
+            move || outbox.stats().depth,
+            stop_all.clone(),
+        )
+    };
+    let observer =
+        crate::outbox::spawn_backlog_age(metrics.clone(), outbox.clone(), stop_all.clone());
 
     // Wait for a signal or for every source to end.
     let all_sources = futures_join_all(sources);
@@ -660,174 +667,10 @@ fn systemd_notifier() -> Option<Arc<Notifier>> {
     }
 }
 
-/// `WATCHDOG=1` every half `WatchdogSec`, as long as the outbox writer
-/// commits (it does every `outbox.fsync_interval_ms`, data or not): a
-/// stuck disk or a dead writer thread stops the pings and systemd restarts
-/// the service. While draining (`draining` cancelled) the pings go on
-/// unconditionally: the drain is bounded by `gateway.shutdown_timeout_ms`.
-fn spawn_watchdog(
-    n: Arc<Notifier>,
-    metrics: Arc<Metrics>,
-    draining: CancellationToken,
-) -> Option<JoinHandle<()>> {
-    let every = sdnotify::watchdog_interval()?;
-    tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        let mut last = u64::MAX;
-        loop {
-            tick.tick().await;
-            let commits = metrics.outbox_commits.get();
-            if commits != last || draining.is_cancelled() {
-                if let Err(e) = n.notify("WATCHDOG=1") {
-                    tracing::warn!(error = %e, "cannot notify systemd");
-                }
-            } else {
-                tracing::warn!("outbox writer made no progress: systemd watchdog not fed");
-            }
-            last = commits;
-        }
-    }))
-}
-
 async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
     }
-}
-
-/// Append aggregates as they come and commit them as a group every
-/// `interval`; returns when the aggregation stage has ended, after a final
-/// commit. Each aggregate gets an audit entry (id, model, policy), committed
-/// before the outbox commit that lets the uplink see the aggregate: every
-/// aggregate that can leave has its entry.
-fn write_outbox(
-    aggregates: &flume::Receiver<Aggregate>,
-    outbox: &SharedOutbox,
-    audit: &Option<SharedAudit>,
-    metrics: &Metrics,
-    interval: Duration,
-) {
-    let commit = |outbox: &SharedOutbox| {
-        if let Some(a) = audit {
-            let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
-            match log.commit() {
-                Ok(()) => metrics.set_audit_head(log.committed()),
-                Err(e) => {
-                    metrics.audit_errors.inc();
-                    tracing::error!(error = %e, "audit log commit failed");
-                }
-            }
-        }
-        if let Err(e) = outbox.commit() {
-            tracing::error!(error = %e, "outbox commit failed");
-        }
-        metrics.outbox_commits.inc();
-        metrics.observe_outbox(&outbox_counts(&outbox.stats()));
-        metrics.observe_streams(&outbox.stream_bytes());
-    };
-    let mut last_commit = std::time::Instant::now();
-    loop {
-        let wait = interval.saturating_sub(last_commit.elapsed());
-        match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
-            Ok(a) => match outbox.append(&a) {
-                Ok(_) => {
-                    if let Some(log) = audit {
-                        let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
-                            crate::audit::kinds::AGGREGATE,
-                            serde_json::json!({
-                                "id": &a.id,
-                                "group": &a.group,
-                                "window_start": a.window_start,
-                                "model": format!("{}@{}", a.model.name, a.model.version),
-                                "policy": &a.policy,
-                            }),
-                        );
-                        match r {
-                            Ok(_) => {
-                                metrics.audit_entries.inc();
-                            }
-                            Err(e) => {
-                                metrics.audit_errors.inc();
-                                tracing::error!(error = %e, id = %a.id, "audit append failed");
-                            }
-                        }
-                    }
-                }
-                Err(e @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
-                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
-                }
-                Err(e) => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
-            },
-            Err(flume::RecvTimeoutError::Timeout) => {}
-            Err(flume::RecvTimeoutError::Disconnected) => break,
-        }
-        if interval.is_zero() || last_commit.elapsed() >= interval {
-            commit(outbox);
-            last_commit = std::time::Instant::now();
-        }
-    }
-    commit(outbox);
-}
-
-/// Keep `outpost_outbox_oldest_age_seconds` current: once a second, the
-/// time since the window end of the oldest aggregate still waiting.
-fn spawn_backlog_age(
-    metrics: Arc<Metrics>,
-    outbox: SharedOutbox,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(1));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = t.tick() => {}
-            }
-            // A disk read of one record: off the async workers.
-            let o = outbox.clone();
-            let end = tokio::task::spawn_blocking(move || o.oldest_window_end())
-                .await
-                .ok()
-                .flatten();
-            let age = end.map_or(0.0, |end| {
-                (crate::clock::now_ms() - end).max(0) as f64 / 1000.0
-            });
-            metrics.outbox_oldest_age.set(age);
-        }
-    })
-}
-
-fn spawn_summary(
-    cfg: &Config,
-    metrics: Arc<Metrics>,
-    outbox: SharedOutbox,
-    stop: CancellationToken,
-) -> Option<JoinHandle<()>> {
-    let every = cfg.metrics.log_interval_s;
-    if every == 0 {
-        return None;
-    }
-    Some(tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(every));
-        t.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = t.tick() => {}
-            }
-            let s = outbox.stats();
-            tracing::info!(
-                windows = metrics.windows.get(),
-                inferences = metrics.inferences.get(),
-                aggregates = metrics.aggregates.get(),
-                outbox_depth = s.depth,
-                acked = metrics.uplink_acked.get(),
-                "summary"
-            );
-        }
-    }))
 }
 
 /// Replay recorded readings through the same stages and write the aggregates
@@ -894,17 +737,4 @@ async fn replay_core(
         Err(_) => return Err(InferenceError::Panicked.into()),
     }
     Ok(())
-}
-
-/// The outbox's figures as the metrics take them.
-fn outbox_counts(s: &crate::outbox::OutboxStats) -> crate::metrics::OutboxCounts {
-    crate::metrics::OutboxCounts {
-        depth: s.depth,
-        bytes: s.bytes,
-        dropped: s.dropped,
-        rejected: s.rejected,
-        quarantined: s.quarantined,
-        lost: s.lost,
-        coarsened: s.coarsened,
-    }
 }

@@ -5,7 +5,13 @@
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// Errors of the notification socket.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +83,36 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// `WATCHDOG=1` every half `WatchdogSec`, as long as the outbox writer
+/// commits (it does every `outbox.fsync_interval_ms`, data or not): a
+/// stuck disk or a dead writer thread stops the pings and systemd restarts
+/// the service. While draining (`draining` cancelled) the pings go on
+/// unconditionally: the drain is bounded by `gateway.shutdown_timeout_ms`.
+pub fn spawn_watchdog(
+    n: Arc<Notifier>,
+    metrics: Arc<Metrics>,
+    draining: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let every = watchdog_interval()?;
+    tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        let mut last = u64::MAX;
+        loop {
+            tick.tick().await;
+            let commits = metrics.outbox_commits.get();
+            if commits != last || draining.is_cancelled() {
+                if let Err(e) = n.notify("WATCHDOG=1") {
+                    tracing::warn!(error = %e, "cannot notify systemd");
+                }
+            } else {
+                tracing::warn!("outbox writer made no progress: systemd watchdog not fed");
+            }
+            last = commits;
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -27,8 +27,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outpost::config::Config;
-use outpost::config::OutboxKind;
 use outpost::ingest::file::FileFormat;
+use outpost::outbox::OutboxKind;
 use outpost::pipeline::{self, Prepared};
 use outpost_models::{LoadedModel, bundled};
 use outpost_tests::{free_port, load_ts_series, reading, workspace};
