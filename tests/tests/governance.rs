@@ -326,12 +326,14 @@ path = "{}"
     assert_eq!(registry_state(&config)["active"], "basicmotions-fcn@1.1.0");
 
     // Phase 4: promote the broken 1.2.0: it disagrees with 1.1.0 and is rolled back.
-    let swaps = gw.metric("outpost_model_swaps_total", &[]);
+    // Wait for the model itself, not a swap count: the passed probation
+    // drops its shadow with a swap of its own, which may land before or
+    // after this point.
     models(&config, &["promote", "basicmotions-fcn@1.2.0"]);
     gw.wait_metric(
-        "outpost_model_swaps_total",
-        &[],
-        swaps + 1.0,
+        "outpost_model",
+        &["version=\"1.2.0\""],
+        1.0,
         Duration::from_secs(20),
     );
     feed.publish(&all, &mixed(3));
