@@ -428,6 +428,16 @@ impl Aggregator {
         }
     }
 
+    /// Apply the settings of a new `[aggregation]` table that can change
+    /// while windows are open (live reconfiguration): the lateness allowed
+    /// and the idle close. The window length cannot (a window would change
+    /// its bounds, and its id, while open): that takes a restart, which
+    /// closes the open windows first.
+    pub fn reconfigure(&mut self, cfg: &AggregationConfig) {
+        self.lateness_ms = cfg.allowed_lateness_ms.max(0);
+        self.idle_close_ms = cfg.idle_close_ms.max(0);
+    }
+
     /// With these drift settings.
     pub fn with_drift(mut self, drift: DriftSettings) -> Self {
         self.drift = drift;
@@ -747,6 +757,7 @@ pub fn spawn(
         crate::decisions::DecisionFilter,
     )>,
     aggregates: flume::Sender<Aggregate>,
+    settings: flume::Receiver<AggregationConfig>,
     metrics: Arc<crate::metrics::Metrics>,
     live: bool,
 ) -> tokio::task::JoinHandle<()> {
@@ -767,6 +778,9 @@ pub fn spawn(
             }
         };
         loop {
+            if let Ok(cfg) = settings.try_recv() {
+                aggregator.reconfigure(&cfg);
+            }
             let next = if live {
                 tokio::select! {
                     r = inferred.recv_async() => r.ok(),

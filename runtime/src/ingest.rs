@@ -15,9 +15,11 @@ pub mod i2c;
 pub mod modbus;
 pub mod mqtt;
 pub mod pacer;
+mod set;
 pub mod simulated;
 
 pub use config::{IngestConfig, SourceConfig};
+pub use set::{SourceChanges, SourceSet};
 
 use std::collections::HashMap;
 use std::sync::Arc;

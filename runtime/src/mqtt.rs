@@ -65,6 +65,29 @@ pub struct TlsConfig {
 }
 
 /// Check a broker table at `path`.
+/// A digest of what a connection reads from files (TLS certificates and
+/// key, the password file), so that a reload notices a renewed certificate
+/// or a changed password behind an unchanged configuration. A file that
+/// cannot be read counts as its error. Never logged: it is only compared.
+pub fn files_digest(b: &BrokerConfig) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let tls = b.tls.as_ref();
+    let files = [
+        tls.and_then(|t| t.ca_file.as_ref()),
+        tls.and_then(|t| t.cert_file.as_ref()),
+        tls.and_then(|t| t.key_file.as_ref()),
+        b.password.as_ref().and_then(|p| p.file.as_ref()),
+    ];
+    for f in files.into_iter().flatten() {
+        match std::fs::read(f) {
+            Ok(bytes) => h.update(sha2::Sha256::digest(&bytes)),
+            Err(e) => h.update(e.to_string().as_bytes()),
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
 pub fn check_broker(c: &mut Collector, path: &str, b: &BrokerConfig) {
     if b.host.trim().is_empty() {
         c.push(format!("{path}.host"), "must not be empty");

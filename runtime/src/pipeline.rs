@@ -27,7 +27,7 @@ use outpost_models::LoadedModel;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{Aggregate, Aggregator, DriftSettings, Grouper};
+use crate::aggregate::{Aggregate, AggregationConfig, Aggregator, DriftSettings, Grouper};
 use crate::config::Config;
 use crate::decisions::{Decision, DecisionFilter};
 use crate::governance::{self, GovernanceTask, Observation, Registry, SharedAudit, Trust};
@@ -37,12 +37,12 @@ use crate::inference::{
 use crate::ingest::SourceConfig;
 use crate::ingest::file::FileFormat;
 use crate::ingest::file::FileSourceConfig;
-use crate::ingest::{self, IngestCtx};
+use crate::ingest::{self, IngestCtx, SourceSet};
 use crate::metrics::DEFAULT_METRICS_LISTEN;
 use crate::metrics::{Metrics, ModelStatus};
 use crate::outbox::OutboxKind;
 use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, SharedOutbox, StreamCaps};
-use crate::privacy::{Admission, Privacy, Release};
+use crate::privacy::{Admission, Privacy, Release, ReleaseUpdate};
 use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
 use crate::uplink::{self, Stop};
@@ -175,6 +175,12 @@ const AGGREGATES_CAPACITY: usize = 256;
 /// Handles of the core stages.
 struct Core {
     aggregates: flume::Receiver<Aggregate>,
+    /// A new ingest-side privacy policy and grouping, taken before the next reading.
+    admission: flume::Sender<Admission>,
+    /// A new release-side privacy policy.
+    release: flume::Sender<ReleaseUpdate>,
+    /// New aggregation timing.
+    aggregation: flume::Sender<AggregationConfig>,
     /// Resolves when the models are ready on their device.
     inference_ready: tokio::sync::oneshot::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -196,6 +202,9 @@ fn start_core(
     let (inf_tx, inf_rx) = flume::bounded::<Inferred>(p.cfg.inference.channel_capacity);
     let (closed_tx, closed_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
     let (agg_tx, agg_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
+    let (admission_tx, admission_rx) = flume::unbounded::<Admission>();
+    let (release_tx, release_rx) = flume::unbounded::<ReleaseUpdate>();
+    let (aggregation_tx, aggregation_rx) = flume::unbounded::<AggregationConfig>();
     let mut tasks = Vec::new();
 
     // Privacy (reading by reading) and windowing.
@@ -210,7 +219,13 @@ fn start_core(
     tasks.push(crate::window::spawn(
         Windower::new(p.spec.clone())?,
         readings,
-        move |r| admission.admit(r),
+        move |r| {
+            // A live reconfiguration applies from the next reading on.
+            while let Ok(a) = admission_rx.try_recv() {
+                admission = a;
+            }
+            admission.admit(r)
+        },
         win_tx,
         p.metrics.clone(),
     ));
@@ -236,6 +251,7 @@ fn start_core(
         inf_rx,
         decisions,
         closed_tx,
+        aggregation_rx,
         p.metrics.clone(),
         live,
     ));
@@ -244,6 +260,7 @@ fn start_core(
     tasks.push(crate::privacy::spawn_release(
         Release::new(&p.cfg.privacy, privacy_state, key_handle)?,
         closed_rx,
+        release_rx,
         observations,
         agg_tx,
         p.metrics.clone(),
@@ -251,6 +268,9 @@ fn start_core(
 
     Ok(Core {
         aggregates: agg_rx,
+        admission: admission_tx,
+        release: release_tx,
+        aggregation: aggregation_tx,
         inference_ready,
         tasks,
         inference,
@@ -305,7 +325,11 @@ pub struct RunReport {
 }
 
 /// Run the gateway until `shutdown` fires or every source has ended; then drain.
-pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, PipelineError> {
+pub async fn run(
+    p: Prepared,
+    shutdown: CancellationToken,
+    updates: flume::Receiver<LiveUpdate>,
+) -> Result<RunReport, PipelineError> {
     let cfg = p.cfg.clone();
     let metrics = p.metrics.clone();
     tracing::info!(
@@ -453,27 +477,16 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     };
     let outbox = SharedOutbox::new(outbox);
     metrics.observe_outbox(&crate::outbox::counts(&outbox.stats()));
-    let stop = Stop {
-        drain: CancellationToken::new(),
-        now: stop_all.clone(),
-    };
-    metrics
-        .uplink_configured
-        .store(cfg.uplink.is_some(), std::sync::atomic::Ordering::Relaxed);
-    let uplink_task = uplink::spawn(
-        cfg.uplink.as_ref(),
-        &cfg.gateway.id,
-        cfg.privacy.differential_privacy.is_some(),
-        outbox.clone(),
-        metrics.clone(),
-        stop.clone(),
-    )?;
+    // Cancelled by the outbox writer once the last aggregate is in: the
+    // uplink then exits when the outbox is empty.
+    let drain = CancellationToken::new();
+    let uplink_task = UplinkRun::start(&cfg, &outbox, &metrics, &drain, &stop_all)?;
 
     // Outbox writer: the end of the core, on a blocking thread (file I/O and
     // fsync). Appends are committed as a group every `fsync_interval_ms`;
     // the uplink only sees committed records.
     let writer = {
-        let (outbox, metrics, drain) = (outbox.clone(), metrics.clone(), stop.drain.clone());
+        let (outbox, metrics, drain) = (outbox.clone(), metrics.clone(), drain.clone());
         let aggregates = core.aggregates.clone();
         let interval = Duration::from_millis(cfg.outbox.fsync_interval_ms);
         let audit = audit.clone();
@@ -486,24 +499,10 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     drop(core.aggregates);
 
     // Sources.
-    let validator = p.validator();
-    let mut sources = Vec::new();
+    let mut sources = SourceSet::new(p.validator(), read_tx, metrics.clone(), &cfg.gateway.id);
     for s in cfg.sources.clone() {
-        let ctx = IngestCtx::new(
-            s.name(),
-            validator.clone(),
-            read_tx.clone(),
-            metrics.clone(),
-        );
-        let (gateway, stop) = (cfg.gateway.id.clone(), stop_sources.clone());
-        sources.push(tokio::spawn(async move {
-            let name = s.name().to_string();
-            if let Err(e) = ingest::run_source(s, ctx, gateway, stop).await {
-                tracing::error!(source = %name, error = %e, "source failed");
-            }
-        }));
+        sources.start(s);
     }
-    drop(read_tx);
     metrics.set_ready(true);
     tracing::info!("outpost ready");
     let notifier = systemd_notifier();
@@ -511,31 +510,47 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
         .clone()
         .and_then(|n| sdnotify::spawn_watchdog(n, metrics.clone(), stop_sources.clone()));
 
-    let summary = {
-        let outbox = outbox.clone();
-        crate::metrics::spawn_summary(
-            cfg.metrics.log_interval_s,
-            metrics.clone(),
-            move || outbox.stats().depth,
-            stop_all.clone(),
-        )
-    };
+    let summary = Summary::start(&cfg, &metrics, &outbox, &stop_all);
     let observer =
         crate::outbox::spawn_backlog_age(metrics.clone(), outbox.clone(), stop_all.clone());
 
-    // Wait for a signal or for every source to end.
-    let all_sources = futures_join_all(sources);
-    tokio::pin!(all_sources);
-    let mut sources_done = false;
-    tokio::select! {
-        _ = shutdown.cancelled() => {
-            tracing::info!("shutdown requested: stopping sources and draining");
-        }
-        _ = &mut all_sources => {
-            sources_done = true;
-            tracing::info!("every source has ended: draining");
+    // Run, applying live changes, until a signal or every source ended.
+    let mut live = Live {
+        cfg: cfg.clone(),
+        sources,
+        admission: core.admission.clone(),
+        release: core.release.clone(),
+        aggregation: core.aggregation.clone(),
+        uplink: uplink_task,
+        summary,
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        outbox: outbox.clone(),
+        drain: drain.clone(),
+        stop_all: stop_all.clone(),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                tracing::info!("shutdown requested: stopping sources and draining");
+                break;
+            }
+            _ = live.sources.ended() => {
+                tracing::info!("every source has ended: draining");
+                break;
+            }
+            Ok(u) = updates.recv_async() => {
+                let r = live.apply(u.cfg, u.renew_uplink).await;
+                let _ = u.reply.send(r);
+            }
         }
     }
+    let Live {
+        sources,
+        uplink: uplink_task,
+        summary,
+        ..
+    } = live;
     stop_sources.cancel();
     metrics.set_ready(false);
     if let Some(n) = &notifier {
@@ -543,9 +558,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     }
     let deadline = Duration::from_millis(cfg.gateway.shutdown_timeout_ms);
     let drained = tokio::time::timeout(deadline, async {
-        if !sources_done {
-            all_sources.await;
-        }
+        sources.stop().await;
         for t in core.tasks {
             let _ = t.await;
         }
@@ -555,7 +568,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     if drained.is_err() {
         tracing::warn!("pipeline did not drain within gateway.shutdown_timeout_ms");
     }
-    let undelivered = match tokio::time::timeout(deadline, uplink_task).await {
+    let undelivered = match tokio::time::timeout(deadline, uplink_task.task).await {
         Ok(Ok(n)) => n,
         _ => {
             stop_all.cancel();
@@ -567,9 +580,7 @@ pub async fn run(p: Prepared, shutdown: CancellationToken) -> Result<RunReport, 
     if let Err(e) = outbox.commit() {
         tracing::error!(error = %e, "outbox commit at exit failed");
     }
-    if let Some(s) = summary {
-        let _ = s.await;
-    }
+    summary.stop().await;
     let _ = observer.await;
     if let Some(g) = governance_task {
         let _ = g.await;
@@ -667,9 +678,202 @@ fn systemd_notifier() -> Option<Arc<Notifier>> {
     }
 }
 
-async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
-    for h in handles {
-        let _ = h.await;
+/// A new configuration for the running pipeline, sent by the supervisor
+/// when every part that changed applies live (see
+/// [`crate::supervisor`]); the reply says what changed, or why it did not
+/// apply (then the parts applied before the failure stay applied: the
+/// supervisor sends the previous configuration back).
+pub struct LiveUpdate {
+    /// The new configuration.
+    pub cfg: Config,
+    /// Reconnect the uplink even when its settings are the same: the files
+    /// it reads (certificates, password) changed.
+    pub renew_uplink: bool,
+    /// What was applied.
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<String>, String>>,
+}
+
+/// The uplink of a running pipeline: stopped and started again on new
+/// settings; the outbox keeps what it has not delivered.
+struct UplinkRun {
+    task: JoinHandle<u64>,
+    now: CancellationToken,
+}
+
+impl UplinkRun {
+    fn start(
+        cfg: &Config,
+        outbox: &SharedOutbox,
+        metrics: &Arc<Metrics>,
+        drain: &CancellationToken,
+        stop_all: &CancellationToken,
+    ) -> Result<Self, crate::mqtt::MqttSetupError> {
+        let stop = Stop {
+            drain: drain.child_token(),
+            now: stop_all.child_token(),
+        };
+        let task = uplink::spawn(
+            cfg.uplink.as_ref(),
+            &cfg.gateway.id,
+            cfg.privacy.differential_privacy.is_some(),
+            outbox.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )?;
+        Ok(Self {
+            task,
+            now: stop.now,
+        })
+    }
+
+    /// A stand-in while one uplink replaces another: a task that has ended.
+    fn idle() -> Self {
+        Self {
+            task: tokio::spawn(async { 0 }),
+            now: CancellationToken::new(),
+        }
+    }
+
+    /// Stop now (what is in flight stays in the outbox, sent again).
+    async fn stop(self) {
+        self.now.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The summary log line's task.
+struct Summary {
+    task: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Summary {
+    fn start(
+        cfg: &Config,
+        metrics: &Arc<Metrics>,
+        outbox: &SharedOutbox,
+        stop_all: &CancellationToken,
+    ) -> Self {
+        let stop = stop_all.child_token();
+        let outbox = outbox.clone();
+        let task = crate::metrics::spawn_summary(
+            cfg.metrics.log_interval_s,
+            metrics.clone(),
+            move || outbox.stats().depth,
+            stop.clone(),
+        );
+        Self { task, stop }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(t) = self.task {
+            let _ = t.await;
+        }
+    }
+}
+
+/// What a running pipeline changes live, and what it needs to.
+struct Live {
+    /// What is applied, part by part.
+    cfg: Config,
+    sources: SourceSet,
+    admission: flume::Sender<Admission>,
+    release: flume::Sender<ReleaseUpdate>,
+    aggregation: flume::Sender<AggregationConfig>,
+    uplink: UplinkRun,
+    summary: Summary,
+    metrics: Arc<Metrics>,
+    audit: Option<SharedAudit>,
+    outbox: SharedOutbox,
+    drain: CancellationToken,
+    stop_all: CancellationToken,
+}
+
+impl Live {
+    /// Apply the parts of `new` that differ from what runs, each in its
+    /// stage: the uplink reconnects on its new settings, the release and
+    /// admission stages take the new privacy policy and grouping, the
+    /// aggregator its new timing, sources are added, removed or replaced,
+    /// the summary line its interval. Windows stay open throughout.
+    async fn apply(&mut self, new: Config, renew_uplink: bool) -> Result<Vec<String>, String> {
+        let mut applied = Vec::new();
+        let dp = |c: &Config| c.privacy.differential_privacy.is_some();
+        if renew_uplink || self.cfg.uplink != new.uplink || dp(&self.cfg) != dp(&new) {
+            // What would fail the start fails here, before the old one stops.
+            if let Some(u) = &new.uplink {
+                crate::mqtt::options(&u.broker, &new.gateway.id, "uplink")
+                    .map_err(|e| format!("uplink: {e}"))?;
+            }
+            // The old one stops first: one session per client id.
+            let (tx, rx) = (&self.drain, &self.stop_all);
+            let old = std::mem::replace(&mut self.uplink, UplinkRun::idle());
+            old.stop().await;
+            self.uplink = match UplinkRun::start(&new, &self.outbox, &self.metrics, tx, rx) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.uplink = UplinkRun::start(&self.cfg, &self.outbox, &self.metrics, tx, rx)
+                        .map_err(|e| format!("uplink: {e}"))?;
+                    return Err(format!("uplink: {e}"));
+                }
+            };
+            self.cfg.uplink = new.uplink.clone();
+            applied.push("uplink".to_string());
+        }
+        if self.cfg.privacy != new.privacy || self.cfg.aggregation != new.aggregation {
+            let privacy = Privacy::new(&new.privacy).map_err(|e| format!("privacy: {e}"))?;
+            if self.cfg.privacy != new.privacy {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let update = ReleaseUpdate {
+                    cfg: new.privacy.clone(),
+                    state_dir: new.gateway.state_dir.clone(),
+                    key_id: privacy.key_id_handle(),
+                    reply,
+                };
+                if self.release.send(update).is_err() {
+                    return Err("privacy: the release stage has ended".into());
+                }
+                match answer.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("privacy: {e}")),
+                    Err(_) => return Err("privacy: the release stage has ended".into()),
+                }
+                applied.push("privacy".to_string());
+            }
+            let admission = Admission::new(
+                privacy,
+                Grouper::new(&new.aggregation, &new.gateway.id),
+                self.metrics.clone(),
+                self.audit.clone(),
+            );
+            let _ = self.admission.send(admission);
+            self.cfg.privacy = new.privacy.clone();
+            if self.cfg.aggregation != new.aggregation {
+                let _ = self.aggregation.send(new.aggregation.clone());
+                self.cfg.aggregation = new.aggregation.clone();
+                applied.push("aggregation".to_string());
+            }
+        }
+        if self.cfg.sources != new.sources {
+            let c = self.sources.apply(&new.sources).await;
+            for (what, names) in [
+                ("added", &c.added),
+                ("removed", &c.removed),
+                ("replaced", &c.replaced),
+            ] {
+                for n in names {
+                    applied.push(format!("source {n:?} {what}"));
+                }
+            }
+            self.cfg.sources = new.sources.clone();
+        }
+        if self.cfg.metrics.log_interval_s != new.metrics.log_interval_s {
+            let next = Summary::start(&new, &self.metrics, &self.outbox, &self.stop_all);
+            std::mem::replace(&mut self.summary, next).stop().await;
+            applied.push("metrics".to_string());
+        }
+        self.cfg = new;
+        Ok(applied)
     }
 }
 

@@ -158,7 +158,7 @@ use crate::reading::Reading;
 
 /// The release stage's task.
 pub use release::spawn as spawn_release;
-pub use release::{Release, ReleaseStats};
+pub use release::{Release, ReleaseStats, ReleaseUpdate};
 
 pub(crate) use redact::compile_pattern;
 

@@ -9,10 +9,16 @@
 //!    windows, and every broker's TLS files and credentials can be read. A
 //!    configuration that passes its checks but cannot start is
 //!    [`Outcome::RolledBack`]: what ran keeps running;
-//! 3. restarts the pipeline in process: the sources stop, every stage
-//!    drains into the outbox (nothing accepted is dropped: windows are
-//!    flushed, the outbox commits), then the new pipeline starts. When it
-//!    fails before it is ready, the last configuration that ran
+//! 3. when every part that changed can change live ([`live_parts`]),
+//!    sends it to the running pipeline ([`LiveUpdate`]): each stage takes
+//!    its part and open windows stay open. When a part fails, the previous
+//!    configuration is sent back, [`Outcome::RolledBack`]. The files the
+//!    uplink reads (certificates, key, password) count as part of the
+//!    configuration: renewed in place, they are read again;
+//! 4. otherwise restarts the pipeline in process: the sources stop, every
+//!    stage drains into the outbox (nothing accepted is dropped: windows
+//!    are flushed, the outbox commits), then the new pipeline starts. When
+//!    it fails before it is ready, the last configuration that ran
 //!    (last-known-good) starts again, [`Outcome::RolledBack`].
 //!
 //! Every outcome is counted (`outpost_config_reloads_total{kind}`) and
@@ -40,7 +46,7 @@ use crate::control::{Control, Outcome};
 use crate::governance::SharedAudit;
 use crate::ingest::SourceConfig;
 use crate::metrics::Metrics;
-use crate::pipeline::{self, PipelineError, Prepared, RunReport};
+use crate::pipeline::{self, LiveUpdate, PipelineError, Prepared, RunReport};
 
 /// The sha256 shown for a configuration that is not a file.
 const EMBEDDED: &str = "embedded";
@@ -64,6 +70,8 @@ pub async fn run(
     let mut audit = AuditLog::default();
     let mut http = Endpoint::default();
     let mut good = next.cfg.clone();
+    // What the running uplink read from its files, to notice a renewal.
+    let mut good_files = uplink_files(&good);
     // A reload being tried: who asked, and the configuration it replaces.
     let mut trying: Option<Option<oneshot::Sender<Outcome>>> = None;
     loop {
@@ -73,7 +81,8 @@ pub async fn run(
         let started = next.cfg.clone();
         let generation = CancellationToken::new();
         let mut ready = metrics.ready_watch();
-        let mut run = tokio::spawn(pipeline::run(next, generation.clone()));
+        let (live, updates) = flume::bounded::<LiveUpdate>(1);
+        let mut run = tokio::spawn(pipeline::run(next, generation.clone(), updates));
         // Ready, or ended (by an error, or every source ended) first.
         let ended = tokio::select! {
             biased;
@@ -102,6 +111,7 @@ pub async fn run(
                 );
                 answer(&metrics, reply, Outcome::RolledBack(error));
                 next = Prepared::with_metrics(good.clone(), metrics.clone())?;
+                good_files = uplink_files(&good);
                 continue;
             }
             audit.entry(
@@ -110,9 +120,12 @@ pub async fn run(
                 serde_json::json!({
                     "config_sha256": sha(&started),
                     "previous_sha256": sha(&good),
+                    "policy_version": &started.privacy.policy_version,
+                    "how": "restart",
                 }),
             );
             tracing::info!(config_sha256 = %sha(&started), "new configuration applied");
+            good_files = uplink_files(&started);
             good = started;
             answer(&metrics, reply, Outcome::Applied(sha(&good)));
         }
@@ -137,7 +150,7 @@ pub async fn run(
                     return finished(r);
                 }
                 Some(req) = requests.recv() => {
-                    match try_config(path.as_deref(), &good, &metrics) {
+                    match try_config(path.as_deref(), &good, &good_files, &metrics) {
                         Err(outcome) => {
                             if let Outcome::Refused(problems) = &outcome {
                                 tracing::warn!(problems = %problems.join("; "), "configuration refused; nothing changed");
@@ -154,7 +167,20 @@ pub async fn run(
                             }
                             answer(&metrics, req.reply, outcome);
                         }
-                        Ok(p) => {
+                        Ok((p, renew)) if live_parts(&good, &p.cfg) => {
+                            let outcome = apply_live(&live, &good, p.cfg, renew, &metrics, &audit).await;
+                            match outcome {
+                                Ok(cfg) => {
+                                    http.follow(&cfg, &metrics, &control).await?;
+                                    good_files = uplink_files(&cfg);
+                                    good = cfg;
+                                    metrics.set_config(&sha(&good), crate::clock::now_ms());
+                                    answer(&metrics, req.reply, Outcome::Applied(sha(&good)));
+                                }
+                                Err(outcome) => answer(&metrics, req.reply, outcome),
+                            }
+                        }
+                        Ok((p, _)) => {
                             tracing::info!(config_sha256 = %sha(&p.cfg), "applying a new configuration: draining the pipeline");
                             generation.cancel();
                             if let Ok(Err(e)) = (&mut run).await {
@@ -167,6 +193,89 @@ pub async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Whether every part that differs between `old` and `new` applies live:
+/// sources, `[privacy]`, `[aggregation]` but its window length, `[uplink]`,
+/// `[metrics]`, `[log]` (at the next start of the process). Anything else
+/// (the model, windows, inference, outbox, governance, decisions, audit,
+/// ingest checks, gateway identity) restarts the pipeline in process.
+fn live_parts(old: &Config, new: &Config) -> bool {
+    let mut rest = new.clone();
+    rest.sources.clone_from(&old.sources);
+    rest.privacy = old.privacy.clone();
+    rest.aggregation = crate::aggregate::AggregationConfig {
+        window_ms: new.aggregation.window_ms,
+        ..old.aggregation.clone()
+    };
+    rest.uplink.clone_from(&old.uplink);
+    rest.metrics = old.metrics.clone();
+    rest.log = old.log.clone();
+    rest.source_sha256.clone_from(&old.source_sha256);
+    rest == *old
+}
+
+/// Send `cfg` to the running pipeline; when it does not apply, send `good`
+/// back so that what had applied is undone. `Ok`: the configuration that
+/// now runs.
+async fn apply_live(
+    live: &flume::Sender<LiveUpdate>,
+    good: &Config,
+    cfg: Config,
+    renew_uplink: bool,
+    metrics: &Arc<Metrics>,
+    audit: &AuditLog,
+) -> Result<Config, Outcome> {
+    tracing::info!(config_sha256 = %sha(&cfg), "applying a new configuration live");
+    if cfg.log != good.log {
+        tracing::warn!("log settings take effect at the next start of the process");
+    }
+    let send = |cfg: Config, renew_uplink: bool| async move {
+        let (reply, answer) = oneshot::channel();
+        live.send_async(LiveUpdate {
+            cfg,
+            renew_uplink,
+            reply,
+        })
+        .await
+        .map_err(|_| "the pipeline has ended".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the pipeline has ended".to_string())?
+    };
+    match send(cfg.clone(), renew_uplink).await {
+        Ok(parts) => {
+            tracing::info!(config_sha256 = %sha(&cfg), parts = %parts.join(", "), "new configuration applied live");
+            audit.entry(
+                metrics,
+                kinds::CONFIG_APPLIED,
+                serde_json::json!({
+                    "config_sha256": sha(&cfg),
+                    "previous_sha256": sha(good),
+                    "policy_version": &cfg.privacy.policy_version,
+                    "how": "live",
+                    "parts": parts,
+                }),
+            );
+            Ok(cfg)
+        }
+        Err(error) => {
+            tracing::error!(%error, "the new configuration could not apply: the previous one is restored");
+            if let Err(e) = send(good.clone(), renew_uplink).await {
+                tracing::error!(error = %e, "the previous configuration could not be restored live");
+            }
+            audit.entry(
+                metrics,
+                kinds::CONFIG_ROLLED_BACK,
+                serde_json::json!({
+                    "config_sha256": sha(&cfg),
+                    "restored_sha256": sha(good),
+                    "error": &error,
+                }),
+            );
+            Err(Outcome::RolledBack(error))
         }
     }
 }
@@ -191,8 +300,9 @@ fn answer(metrics: &Metrics, reply: Option<oneshot::Sender<Outcome>>, outcome: O
 fn try_config(
     path: Option<&Path>,
     good: &Config,
+    good_files: &Option<String>,
     metrics: &Arc<Metrics>,
-) -> Result<Prepared, Outcome> {
+) -> Result<(Prepared, bool), Outcome> {
     let Some(path) = path else {
         return Err(Outcome::Refused(vec![
             "the gateway runs the embedded default: there is no configuration file to read again"
@@ -207,7 +317,8 @@ fn try_config(
             other => vec![other.to_string()],
         })
     })?;
-    if sha(&cfg) == sha(good) {
+    let renew = uplink_files(&cfg) != *good_files;
+    if sha(&cfg) == sha(good) && !renew {
         return Err(Outcome::Unchanged(sha(good)));
     }
     let file_sources: Vec<String> = [good, &cfg]
@@ -222,7 +333,14 @@ fn try_config(
     let p = Prepared::with_metrics(cfg, metrics.clone())
         .map_err(|e| Outcome::RolledBack(e.to_string()))?;
     preflight(&p.cfg).map_err(Outcome::RolledBack)?;
-    Ok(p)
+    Ok((p, renew))
+}
+
+/// What the uplink reads from files, as [`crate::mqtt::files_digest`].
+fn uplink_files(cfg: &Config) -> Option<String> {
+    cfg.uplink
+        .as_ref()
+        .map(|u| crate::mqtt::files_digest(&u.broker))
 }
 
 /// What a start would read first: every broker's TLS files and password.

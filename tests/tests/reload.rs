@@ -58,6 +58,36 @@ fn reloads(o: &Outpost, kind: &str) -> f64 {
     )
 }
 
+/// Stop the gateway (SIGTERM, a drain) and wait until every aggregate it
+/// produced has arrived: the aggregates by id, and the readings they count.
+fn stop_and_collect(
+    mut o: Outpost,
+    sub: &Subscriber,
+) -> (BTreeMap<String, serde_json::Value>, u64) {
+    o.signal(libc::SIGTERM);
+    assert!(o.wait(Duration::from_secs(60)).success(), "{}", o.log());
+    let n = o.produced_aggregates();
+    let by_id = || {
+        sub.json()
+            .into_iter()
+            .map(|a| (a["id"].as_str().unwrap().to_string(), a))
+            .collect::<BTreeMap<_, _>>()
+    };
+    wait_for(Duration::from_secs(30), || by_id().len() as u64 >= n);
+    let by_id = by_id();
+    assert_eq!(
+        by_id.len() as u64,
+        n,
+        "every aggregate arrived\n{}",
+        o.log()
+    );
+    let readings = by_id
+        .values()
+        .map(|a| a["readings"].as_u64().unwrap() + a["late_readings"].as_u64().unwrap())
+        .sum();
+    (by_id, readings)
+}
+
 #[test]
 fn reload_under_load_loses_and_duplicates_no_reading() {
     let site = Broker::start();
@@ -109,7 +139,13 @@ fn reload_under_load_loses_and_duplicates_no_reading() {
         reloads(&o, "applied") == 1.0
     });
 
-    o.write_config(&config(site.port, cloud.port, "health_interval_s = 3"));
+    // The window queue's capacity cannot change live: the pipeline
+    // restarts in process.
+    o.write_config(&config(
+        site.port,
+        cloud.port,
+        "health_interval_s = 3\n[windowing]\nchannel_capacity = 500",
+    ));
     let reload = {
         let path = o.config_path.clone();
         std::thread::spawn(move || {
@@ -139,41 +175,128 @@ fn reload_under_load_loses_and_duplicates_no_reading() {
         sent as f64,
         Duration::from_secs(60),
     );
-    let mut o = o;
-    o.signal(libc::SIGTERM);
-    assert!(o.wait(Duration::from_secs(60)).success(), "{}", o.log());
-    let n = o.produced_aggregates();
-    wait_for(Duration::from_secs(30), || {
-        let mut ids: Vec<String> = sub
-            .json()
-            .iter()
-            .map(|a| a["id"].as_str().unwrap().to_string())
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.len() as u64 >= n
-    });
-    let mut by_id = BTreeMap::new();
-    for a in sub.json() {
-        by_id.insert(a["id"].as_str().unwrap().to_string(), a);
-    }
-    assert_eq!(
-        by_id.len() as u64,
-        n,
-        "every aggregate arrived\n{}",
-        o.log()
-    );
-    let readings: u64 = by_id
-        .values()
-        .map(|a| a["readings"].as_u64().unwrap() + a["late_readings"].as_u64().unwrap())
-        .sum();
+    let (_, readings) = stop_and_collect(o, &sub);
     assert_eq!(
         readings, sent,
         "every reading counted once across two reloads"
     );
-    // Both changes are on record.
+    // Both changes are on record: the first applied live, the second by a restart.
     let audit = std::fs::read_to_string(state.path().join("audit/audit.log")).unwrap();
     assert_eq!(audit.matches("\"config_applied\"").count(), 2, "{audit}");
+    assert_eq!(audit.matches("\"how\":\"live\"").count(), 1, "{audit}");
+    assert_eq!(audit.matches("\"how\":\"restart\"").count(), 1, "{audit}");
+}
+
+#[test]
+fn a_live_change_keeps_windows_open_and_sessions_up_and_adds_a_source() {
+    let site = Broker::start();
+    let cloud = Broker::start_persistent();
+    let sub = Subscriber::start_persistent(cloud.port, "outpost/+/agg/#");
+    let state = tempfile::tempdir().unwrap();
+    // One-minute windows that close only by event time or at the end: every
+    // reading below falls in one window per sensor.
+    let base_config = config(site.port, cloud.port, "")
+        .replace("window_ms = 1000", "window_ms = 60000")
+        .replace(
+            "allowed_lateness_ms = 0",
+            "allowed_lateness_ms = 0\nidle_close_ms = 600000",
+        );
+    let o = Outpost::run_with_state(&base_config, state.path());
+    wait_until("site subscription", Duration::from_secs(20), || {
+        o.log().contains("subscribed to site topics")
+    });
+    let mut p = Publisher::connect(site.port);
+    let base = now_ms() - 600_000;
+    let base = base - base.rem_euclid(60_000);
+    let mut sent = 0u64;
+    let publish = |p: &mut Publisher, prefix: &str, from: i64, n: i64, sent: &mut u64| {
+        for t in from..from + n {
+            for s in 0..3 {
+                let v = (t * 3 + s) as f32 * 0.001;
+                p.publish(
+                    &format!("{prefix}/{prefix}-{s}/data"),
+                    reading(
+                        &format!("{prefix}-{s}"),
+                        base + t * 20,
+                        &[v, 0.2, 0.3, 0.4, 0.5, v],
+                    ),
+                );
+                *sent += 1;
+            }
+        }
+        p.flush();
+    };
+    publish(&mut p, "sensors", 0, 300, &mut sent);
+    o.wait_metric(
+        "outpost_readings_total",
+        &[],
+        sent as f64,
+        Duration::from_secs(30),
+    );
+
+    // A second source, a new privacy policy version, new uplink and
+    // aggregation settings: every part applies live.
+    let changed = format!(
+        "{}\n[privacy]\npolicy_version = \"2\"\n\n[[sources]]\ntype = \"mqtt\"\nname = \"line2\"\nbroker = {{ host = \"127.0.0.1\", port = {} }}\ntopics = [\"line2/+/data\"]\nsensor_from = \"topic:1\"\n",
+        base_config
+            .replace("idle_close_ms = 600000", "idle_close_ms = 500000")
+            .replace("backoff_max_ms = 500", "backoff_max_ms = 400"),
+        site.port
+    );
+    o.write_config(&changed);
+    let (ok, out) = outpost_reload(&o);
+    assert!(ok && out.starts_with("applied "), "{out}\n{}", o.log());
+    wait_until("the new source subscribed", Duration::from_secs(20), || {
+        o.log().contains("line2/+/data")
+    });
+    publish(&mut p, "sensors", 300, 300, &mut sent);
+    publish(&mut p, "line2", 0, 300, &mut sent);
+    o.wait_metric(
+        "outpost_readings_total",
+        &[],
+        sent as f64,
+        Duration::from_secs(30),
+    );
+    // The site source was not touched: one subscription in the whole run.
+    let log = o.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("subscribed to site topics") && l.contains("sensors/+/data"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("draining the pipeline"), "{log}");
+
+    let (by_id, readings) = stop_and_collect(o, &sub);
+    // Windows stayed open across the change: one aggregate per sensor and
+    // window, holding all of its readings.
+    let mut windows = BTreeMap::new();
+    for a in by_id.values() {
+        let key = (
+            a["group"].as_str().unwrap().to_string(),
+            a["window_start"].as_i64().unwrap(),
+        );
+        *windows.entry(key).or_insert(0u64) += 1;
+    }
+    assert_eq!(windows.len(), 6, "{windows:?}");
+    assert!(windows.values().all(|&c| c == 1), "{windows:?}");
+    assert_eq!(readings, sent, "every reading counted once");
+    // The windows released after the change carry the new policy version.
+    assert!(
+        by_id.values().all(|a| a["policy"]["version"] == "2"),
+        "{by_id:?}"
+    );
+    let audit = std::fs::read_to_string(state.path().join("audit/audit.log")).unwrap();
+    for part in [
+        "\"how\":\"live\"",
+        "uplink",
+        "privacy",
+        "aggregation",
+        "source \\\"line2\\\" added",
+    ] {
+        assert!(audit.contains(part), "{part}: {audit}");
+    }
 }
 
 #[test]

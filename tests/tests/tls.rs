@@ -1,5 +1,6 @@
 //! The uplink over mutual TLS (rustls, ring provider) to a real Mosquitto
-//! that requires client certificates; and refusal of an untrusted server.
+//! that requires client certificates; refusal of an untrusted server; a
+//! client certificate renewed in place, read again by `outpost reload`.
 
 use std::time::Duration;
 
@@ -38,20 +39,9 @@ fn tls_cloud(pki: &Pki) -> (Broker, u16) {
     (Broker::start_with(&extra), tls_port)
 }
 
-#[test]
-fn aggregates_cross_mutual_tls() {
-    let pki = Pki::new();
-    let site = Broker::start();
-    let (cloud, tls_port) = tls_cloud(&pki);
-    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
-    let mut o = Outpost::run(&tls_config(site.port, tls_port, &pki, &pki.path("ca.pem")));
-    o.wait_subscribed();
-    o.wait_metric(
-        "outpost_uplink_connected",
-        &[],
-        1.0,
-        Duration::from_secs(20),
-    );
+/// Publish 150 readings on site, stop the gateway, and see every one of
+/// them counted in the aggregates that arrived over TLS.
+fn deliver_150(mut o: Outpost, site: &Broker, sub: &Subscriber) {
     publish_old_readings(site.port, 150);
     o.wait_metric(
         "outpost_readings_total",
@@ -68,6 +58,23 @@ fn aggregates_cross_mutual_tls() {
             .sum::<u64>()
             == 150
     });
+}
+
+#[test]
+fn aggregates_cross_mutual_tls() {
+    let pki = Pki::new();
+    let site = Broker::start();
+    let (cloud, tls_port) = tls_cloud(&pki);
+    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
+    let o = Outpost::run(&tls_config(site.port, tls_port, &pki, &pki.path("ca.pem")));
+    o.wait_subscribed();
+    o.wait_metric(
+        "outpost_uplink_connected",
+        &[],
+        1.0,
+        Duration::from_secs(20),
+    );
+    deliver_150(o, &site, &sub);
 }
 
 #[test]
@@ -94,4 +101,51 @@ fn an_untrusted_server_is_refused() {
         "{log}"
     );
     assert!(sub.messages().is_empty());
+}
+
+#[test]
+fn a_client_certificate_renewed_in_place_is_read_again_by_a_reload() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let site = Broker::start();
+    let (cloud, tls_port) = tls_cloud(&pki);
+    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
+    // The gateway's certificate is not one the broker accepts (as an
+    // expired one would not be) until it is renewed at the same paths.
+    let certs = tempfile::tempdir().unwrap();
+    let cert = certs.path().join("client.pem").display().to_string();
+    let key = certs.path().join("client.key").display().to_string();
+    std::fs::copy(other.path("client.pem"), &cert).unwrap();
+    std::fs::copy(other.path("client.key"), &key).unwrap();
+    let config = tls_config(site.port, tls_port, &pki, &pki.path("ca.pem"))
+        .replace(&pki.path("client.pem"), &cert)
+        .replace(&pki.path("client.key"), &key);
+    assert!(config.contains(&cert) && config.contains(&key));
+    let o = Outpost::run(&config);
+    wait_until("a refused connection", Duration::from_secs(20), || {
+        o.log().contains("uplink disconnected")
+    });
+    assert_eq!(o.metric("outpost_uplink_connected", &[]), 0.0);
+    let reload = |o: &Outpost| {
+        let out = std::process::Command::new(outpost_bin())
+            .args(["reload", "--config"])
+            .arg(&o.config_path)
+            .output()
+            .expect("run outpost reload");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(reload(&o).starts_with("unchanged "), "{}", o.log());
+
+    std::fs::copy(pki.path("client.pem"), &cert).unwrap();
+    std::fs::copy(pki.path("client.key"), &key).unwrap();
+    let out = reload(&o);
+    assert!(out.starts_with("applied "), "{out}\n{}", o.log());
+    o.wait_metric(
+        "outpost_uplink_connected",
+        &[],
+        1.0,
+        Duration::from_secs(20),
+    );
+    o.wait_subscribed();
+    deliver_150(o, &site, &sub);
 }

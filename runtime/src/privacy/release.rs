@@ -229,6 +229,26 @@ impl Release {
         })
     }
 
+    /// Apply a new policy (live reconfiguration): the spend so far is on
+    /// disk first, the new stage reads it back, and the aggregates held for
+    /// merging stay held. On an error nothing changes.
+    pub fn reconfigure(
+        &mut self,
+        cfg: &PrivacyConfig,
+        state_dir: &Path,
+        key_id: KeyIdHandle,
+    ) -> Result<(), PrivacyError> {
+        if let Some(dp) = self.dp.as_mut()
+            && dp.accountant.is_dirty()
+        {
+            dp.accountant.persist()?;
+        }
+        let mut next = Release::new(cfg, state_dir, key_id)?;
+        next.held = std::mem::take(&mut self.held);
+        *self = next;
+        Ok(())
+    }
+
     /// Aggregates held for merging (below k so far), over all groups.
     pub fn held(&self) -> usize {
         self.held.len()
@@ -347,6 +367,7 @@ impl Release {
 pub fn spawn(
     mut release: Release,
     aggregates: flume::Receiver<Aggregate>,
+    updates: flume::Receiver<ReleaseUpdate>,
     observations: Option<flume::Sender<crate::governance::Observation>>,
     released: flume::Sender<Aggregate>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -354,7 +375,25 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut batch = Vec::new();
         let mut out = Vec::new();
-        while let Ok(first) = aggregates.recv_async().await {
+        let mut updates_open = true;
+        loop {
+            let first = tokio::select! {
+                biased;
+                u = updates.recv_async(), if updates_open => {
+                    match u {
+                        Ok(u) => {
+                            let r = release.reconfigure(&u.cfg, &u.state_dir, u.key_id);
+                            let _ = u.reply.send(r);
+                        }
+                        Err(_) => updates_open = false,
+                    }
+                    continue;
+                }
+                a = aggregates.recv_async() => match a {
+                    Ok(a) => a,
+                    Err(_) => break,
+                },
+            };
             batch.push(first);
             batch.extend(aggregates.try_iter());
             for a in &batch {
@@ -389,6 +428,18 @@ pub fn spawn(
             }
         }
     })
+}
+
+/// A new policy for the running release stage ([`Release::reconfigure`]).
+pub struct ReleaseUpdate {
+    /// The new `[privacy]` table.
+    pub cfg: PrivacyConfig,
+    /// The gateway's state directory (the budget file).
+    pub state_dir: std::path::PathBuf,
+    /// The key id handle of the new ingest-side policy.
+    pub key_id: KeyIdHandle,
+    /// Whether it applied.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), PrivacyError>>,
 }
 
 fn count(m: &crate::metrics::Metrics, s: &ReleaseStats) {
