@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::inference::{Inferred, Runner};
-use crate::reading::Reading;
+use crate::ingest::reading::Reading;
 
 /// Version of the aggregate's JSON layout.
 pub const AGGREGATE_SCHEMA: u32 = 2;

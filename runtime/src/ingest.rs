@@ -15,6 +15,7 @@ pub mod i2c;
 pub mod modbus;
 pub mod mqtt;
 pub mod pacer;
+pub mod reading;
 mod set;
 pub mod simulated;
 
@@ -27,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::reading::{Reading, RejectReason, Rejection, Validator};
 use crate::metrics::Metrics;
-use crate::reading::{Reading, RejectReason, Rejection, Validator};
 
 /// Errors of a source.
 #[derive(Debug, thiserror::Error)]

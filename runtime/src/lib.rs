@@ -21,7 +21,6 @@ pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 pub mod privacy;
-pub mod reading;
 pub mod sdnotify;
 pub mod secret;
 pub mod status;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use argh::FromArgs;
 use outpost::config::Config;
 use outpost::config::ConfigError;
 use outpost::config::LogFormat;
@@ -13,208 +13,300 @@ use outpost::ingest::file::FileFormat;
 use outpost::pipeline::{self, Prepared};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-#[command(
-    name = "outpost",
-    version,
-    about = "Edge inference runtime: sensor readings in, aggregates out"
-)]
+/// Edge inference runtime: sensor readings in, aggregates out.
+#[derive(FromArgs)]
 struct Cli {
-    #[command(subcommand)]
+    #[argh(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy)]
 enum Format {
     Jsonl,
     Csv,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Run the gateway. Without --config: the embedded default (simulated
-    /// source, bundled model, no cloud: aggregates are logged).
-    Run {
-        /// Configuration file (TOML).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
-    /// Validate a configuration; print every problem with its path.
-    Check {
-        /// Configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Run the pipeline over recorded readings and print the aggregates as
-    /// JSON Lines. Deterministic; needs no broker.
-    Replay {
-        /// Configuration file (its sources, uplink and decisions are ignored).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Recorded readings, or `-` for stdin.
-        #[arg(long, short)]
-        input: PathBuf,
-        /// Input format (default: from the extension; `.csv` is CSV, else JSON Lines).
-        #[arg(long, value_enum)]
-        format: Option<Format>,
-    },
-    /// Summarize the running gateway: read its `/status` on the metrics
-    /// endpoint. Exit status 0 when it runs, 3 when it answers but is not
-    /// ready (starting or draining), 1 when it cannot be reached.
-    Status {
-        /// The gateway's configuration, for its `metrics.listen`.
-        #[arg(long, short, conflicts_with = "addr")]
-        config: Option<PathBuf>,
-        /// The metrics endpoint (default: the configuration's, else
-        /// 127.0.0.1:9464).
-        #[arg(long)]
-        addr: Option<String>,
-        /// Print the JSON status instead of the summary.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Apply a changed configuration file to the running gateway (as
-    /// SIGHUP does): it is checked first (every problem printed, nothing
-    /// applied when there is any), then the gateway drains and restarts its
-    /// pipeline on it, or goes back to the configuration that ran when the
-    /// new one cannot start. Exit status 0 when applied (or unchanged), 1
-    /// when refused or rolled back, 2 when the gateway cannot be reached.
-    Reload {
-        /// The gateway's configuration file (the gateway reads the file it
-        /// was started with; this one is checked here first and gives the
-        /// endpoint's address).
-        #[arg(
-            long,
-            short,
-            env = "OUTPOST_CONFIG",
-            default_value = "/etc/outpost/outpost.toml"
-        )]
-        config: PathBuf,
-        /// The local endpoint (default: the configuration's metrics.listen,
-        /// else 127.0.0.1:9464).
-        #[arg(long)]
-        addr: Option<String>,
-    },
-    /// Model governance: publisher keys, signatures, the registry.
-    Models {
-        #[command(subcommand)]
-        command: ModelsCommand,
-    },
-    /// The hash-chained audit log.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-    /// Print the version, git commit and enabled backends.
-    Version,
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "jsonl" => Ok(Format::Jsonl),
+            "csv" => Ok(Format::Csv),
+            other => Err(format!("unknown format {other:?} (jsonl, csv)")),
+        }
+    }
 }
 
-/// Where the gateway's configuration is, for commands that act on its state.
-#[derive(clap::Args)]
-struct ConfigArg {
-    /// The gateway's configuration (its state_dir, registry and trusted keys).
-    #[arg(
-        long,
-        short,
-        env = "OUTPOST_CONFIG",
-        default_value = "/etc/outpost/outpost.toml"
-    )]
+/// The default configuration file: `$OUTPOST_CONFIG`, else `/etc/outpost/outpost.toml`.
+fn config_or_default(config: Option<PathBuf>) -> PathBuf {
+    config
+        .or_else(|| std::env::var_os("OUTPOST_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| "/etc/outpost/outpost.toml".into())
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Run(Run),
+    Check(Check),
+    Replay(Replay),
+    Status(Status),
+    Reload(Reload),
+    Models(Models),
+    Audit(Audit),
+    Version(Version),
+}
+
+/// Run the gateway. Without --config: the embedded default (simulated
+/// source, bundled model, no cloud: aggregates are logged).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "run")]
+struct Run {
+    /// configuration file (TOML)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Validate a configuration; print every problem with its path.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct Check {
+    /// configuration file (TOML)
+    #[argh(option, short = 'c')]
     config: PathBuf,
 }
 
-#[derive(Subcommand)]
-enum ModelsCommand {
-    /// Create a publisher key pair (ed25519); the secret file is mode 0600.
-    Keygen {
-        /// Secret key file to create.
-        #[arg(long)]
-        secret: PathBuf,
-        /// Public key file to create (give it to operators for governance.trusted_keys).
-        #[arg(long)]
-        public: PathBuf,
-    },
-    /// Sign an artifact directory (publishers): checks every file's hash
-    /// against the manifest, then writes manifest.sig.
-    Sign {
-        /// Secret key file.
-        #[arg(long)]
-        key: PathBuf,
-        /// The artifact directory.
-        dir: PathBuf,
-    },
-    /// Verify an artifact (operators): its signature against trusted keys,
-    /// and every file's hash. Exit status 1 when it does not verify.
-    Verify {
-        /// The artifact directory.
-        dir: PathBuf,
-        /// A trusted public key file (repeat for several); default: the
-        /// configuration's governance.trusted_keys.
-        #[arg(long = "trusted-key")]
-        trusted_keys: Vec<PathBuf>,
-        /// The gateway's configuration, for its trusted keys.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
-    /// Verify an artifact and copy it into the registry (not activated).
-    Install {
-        /// The artifact directory.
-        dir: PathBuf,
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Installed versions, what runs, and the history of changes.
-    List {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Print the registry state as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run an installed version in shadow beside the active model.
-    Shadow {
-        /// `name@version`.
-        version: String,
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Make a version active (default: the candidate in shadow); the one it
-    /// replaces runs in shadow during the probation.
-    Promote {
-        /// `name@version`; default: the candidate.
-        version: Option<String>,
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Go back to the version active before this one.
-    Rollback {
-        /// Why (recorded in the history and the audit log).
-        #[arg(long, default_value = "operator rollback")]
-        reason: String,
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Stop the candidate's shadow run.
-    Reject {
-        /// Why.
-        #[arg(long, default_value = "operator rejection")]
-        reason: String,
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+/// Run the pipeline over recorded readings and print the aggregates as
+/// JSON Lines. Deterministic; needs no broker.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "replay")]
+struct Replay {
+    /// configuration file (its sources, uplink and decisions are ignored)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// recorded readings, or `-` for stdin
+    #[argh(option, short = 'i')]
+    input: PathBuf,
+    /// input format, jsonl or csv (default: from the extension; `.csv` is
+    /// CSV, else JSON Lines)
+    #[argh(option)]
+    format: Option<Format>,
 }
 
-#[derive(Subcommand)]
+/// Summarize the running gateway: read its `/status` on the metrics
+/// endpoint. Exit status 0 when it runs, 3 when it answers but is not
+/// ready (starting or draining), 1 when it cannot be reached.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct Status {
+    /// the gateway's configuration, for its `metrics.listen`
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// the metrics endpoint (default: the configuration's, else
+    /// 127.0.0.1:9464)
+    #[argh(option)]
+    addr: Option<String>,
+    /// print the JSON status instead of the summary
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Apply a changed configuration file to the running gateway (as SIGHUP
+/// does): it is checked first (every problem printed, nothing applied when
+/// there is any); then the gateway applies it live where it can, or drains
+/// and restarts its pipeline on it, or goes back to the configuration that
+/// ran when the new one cannot start. Exit status 0 when applied (or
+/// unchanged), 1 when refused or rolled back, 2 when the gateway cannot be
+/// reached.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "reload")]
+struct Reload {
+    /// the gateway's configuration file (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml); the gateway reads the file it was
+    /// started with, this one is checked here first and gives the
+    /// endpoint's address
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// the local endpoint (default: the configuration's metrics.listen,
+    /// else 127.0.0.1:9464)
+    #[argh(option)]
+    addr: Option<String>,
+}
+
+/// Model governance: publisher keys, signatures, the registry.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "models")]
+struct Models {
+    #[argh(subcommand)]
+    command: ModelsCommand,
+}
+
+/// The hash-chained audit log.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "audit")]
+struct Audit {
+    #[argh(subcommand)]
+    command: AuditCommand,
+}
+
+/// Print the version, git commit and enabled backends.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "version")]
+struct Version {}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ModelsCommand {
+    Keygen(Keygen),
+    Sign(Sign),
+    Verify(Verify),
+    Install(Install),
+    List(List),
+    Shadow(Shadow),
+    Promote(Promote),
+    Rollback(Rollback),
+    Reject(Reject),
+}
+
+/// Create a publisher key pair (ed25519); the secret file is mode 0600.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "keygen")]
+struct Keygen {
+    /// secret key file to create
+    #[argh(option)]
+    secret: PathBuf,
+    /// public key file to create (give it to operators for
+    /// governance.trusted_keys)
+    #[argh(option)]
+    public: PathBuf,
+}
+
+/// Sign an artifact directory (publishers): checks every file's hash
+/// against the manifest, then writes manifest.sig.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "sign")]
+struct Sign {
+    /// secret key file
+    #[argh(option)]
+    key: PathBuf,
+    /// the artifact directory
+    #[argh(positional)]
+    dir: PathBuf,
+}
+
+/// Verify an artifact (operators): its signature against trusted keys, and
+/// every file's hash. Exit status 1 when it does not verify.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+struct Verify {
+    /// the artifact directory
+    #[argh(positional)]
+    dir: PathBuf,
+    /// a trusted public key file (repeat for several); default: the
+    /// configuration's governance.trusted_keys
+    #[argh(option, long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
+    /// the gateway's configuration, for its trusted keys
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Verify an artifact and copy it into the registry (not activated).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "install")]
+struct Install {
+    /// the artifact directory
+    #[argh(positional)]
+    dir: PathBuf,
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Installed versions, what runs, and the history of changes.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct List {
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// print the registry state as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Run an installed version in shadow beside the active model.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "shadow")]
+struct Shadow {
+    /// the version, name@version
+    #[argh(positional)]
+    version: String,
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Make a version active (default: the candidate in shadow); the one it
+/// replaces runs in shadow during the probation.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "promote")]
+struct Promote {
+    /// the version, name@version; default: the candidate
+    #[argh(positional)]
+    version: Option<String>,
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Go back to the version active before this one.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rollback")]
+struct Rollback {
+    /// why (recorded in the history and the audit log)
+    #[argh(option, default = "String::from(\"operator rollback\")")]
+    reason: String,
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Stop the candidate's shadow run.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "reject")]
+struct Reject {
+    /// why
+    #[argh(option, default = "String::from(\"operator rejection\")")]
+    reason: String,
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
 enum AuditCommand {
-    /// Check the whole hash chain; say where it was edited, cut, extended or
-    /// reordered. Exit status 1 when it does not verify.
-    Verify {
-        /// The audit log file; default: the configuration's.
-        #[arg(long, conflicts_with = "config")]
-        log: Option<PathBuf>,
-        /// The gateway's configuration, for its audit log.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    AuditVerify(AuditVerify),
+}
+
+/// Check the whole hash chain; say where it was edited, cut, extended or
+/// reordered. Exit status 1 when it does not verify.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+struct AuditVerify {
+    /// the audit log file; default: the configuration's
+    #[argh(option)]
+    log: Option<PathBuf>,
+    /// the gateway's configuration, for its audit log
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
@@ -271,7 +363,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `outpost --version` as well as `outpost version`.
+    if matches!(std::env::args().nth(1).as_deref(), Some("--version" | "-V"))
+        && std::env::args().len() == 2
+    {
+        return real_main(Cli {
+            command: Command::Version(Version {}),
+        })
+        .map_or(ExitCode::FAILURE, |c| c);
+    }
+    let cli: Cli = argh::from_env();
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -283,7 +384,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Version => {
+        Command::Version(Version {}) => {
             println!("outpost {}", env!("CARGO_PKG_VERSION"));
             println!(
                 "commit {}",
@@ -293,7 +394,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("model {}", bundled_model_id());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check(Check { config }) => match Config::load(&config) {
             Ok(cfg) => match Prepared::new(cfg) {
                 Ok(p) => {
                     println!(
@@ -316,7 +417,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Run { config } => {
+        Command::Run(Run { config }) => {
             let cfg = load_config(config.as_ref())?;
             init_logging(&cfg);
             let rt = runtime()?;
@@ -329,7 +430,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = report;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { config, addr, json } => {
+        Command::Status(Status { config, addr, json }) => {
+            if addr.is_some() && config.is_some() {
+                anyhow::bail!("give --config or --addr, not both");
+            }
             let addr = match (addr, config) {
                 (Some(a), _) => a,
                 (None, Some(path)) => Config::load(&path)
@@ -354,7 +458,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => ExitCode::from(3),
             })
         }
-        Command::Reload { config, addr } => {
+        Command::Reload(Reload { config, addr }) => {
+            let config = config_or_default(config);
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -387,12 +492,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Models { command } => models_command(command),
-        Command::Audit {
-            command: AuditCommand::Verify { log, config },
-        } => {
+        Command::Models(Models { command }) => models_command(command),
+        Command::Audit(Audit {
+            command: AuditCommand::AuditVerify(AuditVerify { log, config }),
+        }) => {
             let path = match (log, config) {
-                (Some(l), _) => l,
+                (Some(_), Some(_)) => anyhow::bail!("give --log or --config, not both"),
+                (Some(l), None) => l,
                 (None, c) => {
                     let c = c.unwrap_or_else(|| "/etc/outpost/outpost.toml".into());
                     let cfg = Config::load(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -421,11 +527,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Replay {
+        Command::Replay(Replay {
             config,
             input,
             format,
-        } => {
+        }) => {
             let cfg = load_config(config.as_ref())?;
             init_logging(&cfg);
             let format = match format {
@@ -441,7 +547,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 pipeline::replay(prepared, input, format, &mut out).await
             })?;
-            let rejected: u64 = outpost::reading::RejectReason::ALL
+            let rejected: u64 = outpost::ingest::reading::RejectReason::ALL
                 .iter()
                 .map(|r| metrics.rejected_total(r.as_str()))
                 .sum();
@@ -456,8 +562,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn registry_of(config: &ConfigArg) -> anyhow::Result<(Config, Registry)> {
-    let cfg = Config::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+fn registry_of(config: Option<PathBuf>) -> anyhow::Result<(Config, Registry)> {
+    let cfg = Config::load(&config_or_default(config)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let registry = Registry::open(&cfg.governance.registry_dir(&cfg.gateway.state_dir))?;
     Ok((cfg, registry))
 }
@@ -479,7 +585,7 @@ fn print_event(ev: &HistoryEvent) {
 fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
     use outpost_models::signing;
     match command {
-        ModelsCommand::Keygen { secret, public } => {
+        ModelsCommand::Keygen(Keygen { secret, public }) => {
             let key_id = signing::generate_keypair(&secret, &public)?;
             println!(
                 "key {key_id}: secret {} (keep it offline), public {}",
@@ -487,16 +593,16 @@ fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 public.display()
             );
         }
-        ModelsCommand::Sign { key, dir } => {
+        ModelsCommand::Sign(Sign { key, dir }) => {
             let key = signing::read_secret_key(&key)?;
             let sig = signing::sign_artifact(&dir, &key)?;
             println!("signed {} with key {}", dir.display(), sig.key_id);
         }
-        ModelsCommand::Verify {
+        ModelsCommand::Verify(Verify {
             dir,
             trusted_keys,
             config,
-        } => {
+        }) => {
             let keys = if trusted_keys.is_empty() {
                 let path = config.unwrap_or_else(|| "/etc/outpost/outpost.toml".into());
                 let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -526,8 +632,8 @@ fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ModelsCommand::Install { dir, config } => {
-            let (cfg, registry) = registry_of(&config)?;
+        ModelsCommand::Install(Install { dir, config }) => {
+            let (cfg, registry) = registry_of(config)?;
             let trust = trust_of(&cfg)?;
             if !trust.require_signature {
                 eprintln!(
@@ -537,8 +643,8 @@ fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
             let id = registry.install(&dir, &trust)?;
             println!("installed {id} in {}", registry.dir().display());
         }
-        ModelsCommand::List { config, json } => {
-            let (_, registry) = registry_of(&config)?;
+        ModelsCommand::List(List { config, json }) => {
+            let (_, registry) = registry_of(config)?;
             let state = registry.state()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
@@ -559,16 +665,16 @@ fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ModelsCommand::Shadow { version, config } => {
-            let (_, registry) = registry_of(&config)?;
+        ModelsCommand::Shadow(Shadow { version, config }) => {
+            let (_, registry) = registry_of(config)?;
             if !registry.versions()?.contains(&version) {
                 anyhow::bail!("{version} is not installed (outpost models install DIR)");
             }
             let (ev, _) = registry.update(|s| s.shadow(&version, "cli"))?;
             print_event(&ev);
         }
-        ModelsCommand::Promote { version, config } => {
-            let (cfg, registry) = registry_of(&config)?;
+        ModelsCommand::Promote(Promote { version, config }) => {
+            let (cfg, registry) = registry_of(config)?;
             if let Some(v) = &version
                 && v != outpost::governance::CONFIGURED
                 && !registry.versions()?.contains(v)
@@ -579,13 +685,13 @@ fn models_command(command: ModelsCommand) -> anyhow::Result<ExitCode> {
             let (ev, _) = registry.update(|s| s.promote(version.as_deref(), probation, "cli"))?;
             print_event(&ev);
         }
-        ModelsCommand::Rollback { reason, config } => {
-            let (_, registry) = registry_of(&config)?;
+        ModelsCommand::Rollback(Rollback { reason, config }) => {
+            let (_, registry) = registry_of(config)?;
             let (ev, _) = registry.update(|s| s.rollback(&reason, "cli"))?;
             print_event(&ev);
         }
-        ModelsCommand::Reject { reason, config } => {
-            let (_, registry) = registry_of(&config)?;
+        ModelsCommand::Reject(Reject { reason, config }) => {
+            let (_, registry) = registry_of(config)?;
             let (ev, _) = registry.update(|s| s.reject_candidate(&reason, "cli"))?;
             print_event(&ev);
         }

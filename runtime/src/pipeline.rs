@@ -37,13 +37,13 @@ use crate::inference::{
 use crate::ingest::SourceConfig;
 use crate::ingest::file::FileFormat;
 use crate::ingest::file::FileSourceConfig;
+use crate::ingest::reading::{Reading, Validator};
 use crate::ingest::{self, IngestCtx, SourceSet};
 use crate::metrics::DEFAULT_METRICS_LISTEN;
 use crate::metrics::{Metrics, ModelStatus};
 use crate::outbox::OutboxKind;
 use crate::outbox::{DiskOutbox, DiskSettings, MemoryOutbox, SharedOutbox, StreamCaps};
 use crate::privacy::{Admission, Privacy, Release, ReleaseUpdate};
-use crate::reading::{Reading, Validator};
 use crate::sdnotify::{self, Notifier};
 use crate::uplink::{self, Stop};
 use crate::window::{Window, WindowError, WindowSpec, Windower};

@@ -154,7 +154,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::reading::Reading;
+use crate::ingest::reading::Reading;
 
 /// The release stage's task.
 pub use release::spawn as spawn_release;

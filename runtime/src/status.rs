@@ -366,7 +366,7 @@ mod tests {
         });
         m.reading("s");
         m.reading("s");
-        m.reject("s", crate::reading::RejectReason::Malformed.as_str());
+        m.reject("s", "malformed");
         m.observe_batch(
             4,
             std::time::Duration::from_millis(2),

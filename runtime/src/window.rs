@@ -17,8 +17,8 @@ use std::sync::Arc;
 use outpost_models::features::Extractor;
 use outpost_models::manifest::{InputKind, Manifest};
 
+use crate::ingest::reading::Reading;
 use crate::metrics::Metrics;
-use crate::reading::Reading;
 
 /// Errors of building a windower from a model and configuration.
 #[derive(Debug, thiserror::Error)]

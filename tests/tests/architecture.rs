@@ -18,9 +18,8 @@ const CRATES: [&str; 4] = [
 
 /// Modules of the runtime below every stage: they report numbers, read
 /// files, talk MQTT or check config; they import no stage.
-const FOUNDATION: [&str; 11] = [
-    "audit", "check", "clock", "control", "http", "metrics", "mqtt", "reading", "sdnotify",
-    "secret", "status",
+const FOUNDATION: [&str; 10] = [
+    "audit", "check", "clock", "control", "http", "metrics", "mqtt", "sdnotify", "secret", "status",
 ];
 
 fn graph(src: &str, args: &[&str]) -> (bool, String, String) {

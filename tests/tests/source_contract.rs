@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use outpost::ingest::file::{FileFormat, FileSourceConfig};
 use outpost::ingest::i2c::I2cSourceConfig;
+use outpost::ingest::reading::{Reading, Validator};
 use outpost::ingest::simulated::SimulatedSourceConfig;
 use outpost::ingest::{IngestCtx, SourceConfig};
 use outpost::metrics::Metrics;
-use outpost::reading::{Reading, Validator};
 use outpost_tests::*;
 use tokio_util::sync::CancellationToken;
 

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use super::{IngestCtx, IngestError};
 use crate::check::Collector;
 use crate::clock::now_ms;
-use crate::reading::CsvLayout;
+use crate::ingest::reading::CsvLayout;
 use serde::Deserialize;
 use std::path::PathBuf;
 

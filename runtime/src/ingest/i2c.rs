@@ -20,7 +20,7 @@ use super::pacer::Pacer;
 use super::{IngestCtx, IngestError};
 use crate::check::Collector;
 use crate::clock::now_ms;
-use crate::reading::Reading;
+use crate::ingest::reading::Reading;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -243,8 +243,8 @@ pub async fn run_on_bus<B: I2c + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::reading::Validator;
     use crate::metrics::Metrics;
-    use crate::reading::Validator;
     use embedded_hal::i2c::NoAcknowledgeSource;
     use embedded_hal_mock::eh1::i2c::{Mock, Transaction as T};
     use outpost_adxl345::{ADDRESS_LOW, reg};

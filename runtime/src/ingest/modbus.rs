@@ -23,7 +23,7 @@ use super::pacer::Pacer;
 use super::{IngestCtx, IngestError};
 use crate::check::Collector;
 use crate::clock::now_ms;
-use crate::reading::Reading;
+use crate::ingest::reading::Reading;
 use std::path::PathBuf;
 
 /// `type = "modbus"`: registers of one device, polled every

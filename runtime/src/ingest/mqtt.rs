@@ -186,8 +186,8 @@ pub async fn run(
                         ctx.validator
                             .decode_json(&p.payload, sensor.as_deref(), now_ms())
                     }
-                    None => vec![Err(crate::reading::Rejection {
-                        reason: crate::reading::RejectReason::InvalidField,
+                    None => vec![Err(crate::ingest::reading::Rejection {
+                        reason: crate::ingest::reading::RejectReason::InvalidField,
                         detail: format!("topic {:?} has no level {:?}", p.topic, cfg.sensor_from),
                     })],
                 };

@@ -10,8 +10,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestCtx, SourceConfig, run_source};
+use crate::ingest::reading::{Reading, Validator};
 use crate::metrics::Metrics;
-use crate::reading::{Reading, Validator};
 
 struct Running {
     cfg: SourceConfig,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::IngestCtx;
 use crate::check::Collector;
 use crate::clock::now_ms;
-use crate::reading::Reading;
+use crate::ingest::reading::Reading;
 use serde::Deserialize;
 
 /// `type = "simulated"`
