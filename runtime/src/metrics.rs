@@ -140,6 +140,8 @@ pub struct Metrics {
     pub outbox_coarsened: Counter,
     /// Outbox group commits.
     pub outbox_commits: Counter,
+    /// Failed outbox appends (each an aggregate refused or lost) and commits.
+    pub outbox_append_failures: Counter,
     /// Aggregates published to the cloud (sent, not yet acknowledged).
     pub uplink_sent: Counter,
     /// Aggregates acknowledged by the cloud broker.
@@ -300,6 +302,7 @@ impl Metrics {
             outbox_lost: Counter::default(),
             outbox_coarsened: Counter::default(),
             outbox_commits: Counter::default(),
+            outbox_append_failures: Counter::default(),
             uplink_sent: Counter::default(),
             uplink_acked: Counter::default(),
             uplink_reconnects: Counter::default(),
@@ -445,6 +448,11 @@ impl Metrics {
             "outbox_commits",
             "Outbox group commits",
             m.outbox_commits.clone(),
+        );
+        registry.register(
+            "outbox_append_failures",
+            "Failed outbox appends (each an aggregate refused or lost) and commits",
+            m.outbox_append_failures.clone(),
         );
         registry.register(
             "uplink_sent",

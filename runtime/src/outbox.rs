@@ -175,6 +175,7 @@ pub fn write(
             }
         }
         if let Err(e) = outbox.commit() {
+            metrics.outbox_append_failures.inc();
             tracing::error!(error = %e, "outbox commit failed");
         }
         metrics.outbox_commits.inc();
@@ -209,10 +210,16 @@ pub fn write(
                         }
                     }
                 }
-                Err(e @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
-                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
+                Err(e) => {
+                    // The aggregate is refused or lost: counted, whatever the cause.
+                    metrics.outbox_append_failures.inc();
+                    match e {
+                        OutboxError::Full | OutboxError::StreamFull(_) => {
+                            tracing::warn!(id = %a.id, group = %a.group, "{e}");
+                        }
+                        e => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
+                    }
                 }
-                Err(e) => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
             },
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -372,6 +379,69 @@ pub(crate) mod tests {
         for a in &held {
             assert_eq!(a.id, a.compute_id(), "ids match the merged content");
         }
+    }
+
+    /// An outbox on a full disk: appends alternate between refused (full)
+    /// and failed (`ENOSPC`), and commits fail.
+    struct FullDisk(u64);
+
+    fn enospc() -> OutboxError {
+        OutboxError::Io {
+            path: "outbox".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        }
+    }
+
+    impl store::Outbox<Aggregate> for FullDisk {
+        fn append(&mut self, _: &Aggregate) -> Result<u64, OutboxError> {
+            self.0 += 1;
+            Err(if self.0.is_multiple_of(2) {
+                OutboxError::Full
+            } else {
+                enospc()
+            })
+        }
+
+        fn commit(&mut self) -> Result<(), OutboxError> {
+            Err(enospc())
+        }
+
+        fn read_from(&mut self, _: u64, _: usize) -> Result<Vec<OutboxRecord>, OutboxError> {
+            Ok(Vec::new())
+        }
+
+        fn ack(&mut self, _: u64) -> Result<(), OutboxError> {
+            Ok(())
+        }
+
+        fn oldest(&self) -> Option<u64> {
+            None
+        }
+
+        fn committed_end(&self) -> u64 {
+            1
+        }
+
+        fn stats(&self) -> OutboxStats {
+            OutboxStats::default()
+        }
+    }
+
+    #[test]
+    fn every_aggregate_a_failing_outbox_refuses_or_loses_is_counted() {
+        let metrics = Metrics::new();
+        let (tx, rx) = flume::unbounded();
+        for i in 0..3 {
+            tx.send(agg(i)).unwrap();
+        }
+        drop(tx);
+        let outbox = SharedOutbox::new(Box::new(FullDisk(0)));
+        write(&rx, &outbox, &None, &metrics, Duration::from_secs(3600));
+        assert_eq!(
+            metrics.outbox_append_failures.get(),
+            4,
+            "three appends (full or ENOSPC) and the final commit"
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 mod disk;
+mod segment_file;
 pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD, StreamCaps};
+pub use segment_file::SegmentFile;
 
 /// What an outbox holds: a summary of one stream (a sensor, a site, a line
 /// ...) over a time window, stored as JSON. The outbox needs its stream (for

@@ -18,7 +18,10 @@
 //!   [`Record::id`], and the JSON the record serialized with `serde_json`.
 //!
 //!   `seq` 0 marks padding: a span the outbox found corrupt, copied to
-//!   `quarantine/` and overwrote with a valid record that readers skip.
+//!   `quarantine/` and overwrote with a valid record that readers skip. A
+//!   span too short for a padding record (under 20 bytes) is cut out
+//!   instead: the segment is rewritten without it (beside, synced, renamed
+//!   over).
 //! - `acked`: `OPOBACK1`, u64 LE low watermark W (every seq below W is
 //!   acknowledged or gone), u32 LE count, that many (u64 start, u64 end)
 //!   acknowledged ranges above W, u32 LE CRC-32 of everything before it.
@@ -37,6 +40,16 @@
 //! - Appends are written at once and synced by [`DiskOutbox::commit`] (group
 //!   commit); only committed records are handed to the uplink, so anything
 //!   published is on disk. The pipeline commits every `fsync_interval_ms`.
+//! - A write that fails part-way (`ENOSPC`, `EIO`, `EFBIG`) is cut back, so
+//!   the next record follows the last whole one; if the cut fails too, the
+//!   segment is cut and its unsynced records written again from memory
+//!   before anything else is written.
+//! - A failed fsync is not retried alone (Linux reports a writeback error
+//!   once and drops the pages; the next fsync would succeed without them):
+//!   the records written since the last good fsync, kept in memory until
+//!   one covers them, are cut off, written again and synced again, and
+//!   only then is a commit reported. Opening syncs the newest segment,
+//!   whose records count as committed from then on.
 //! - A segment is synced before the next one is created, so only the newest
 //!   segment can have a torn tail after a power loss: opening scans it (and
 //!   only it: start-up cost does not depend on the backlog), truncates a torn
@@ -71,6 +84,7 @@ use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::segment_file::SegmentFile;
 use super::{Outbox, OutboxError, OutboxRecord, OutboxStats, Record};
 
 const SEG_MAGIC: &[u8; 8] = b"OPOBSEG1";
@@ -162,13 +176,24 @@ struct ReadPos {
     next_seq: u64,
 }
 
-/// The segment log outbox of records of type `R`. See the module
-/// documentation.
+/// The segment log outbox of records of type `R`, appending through `F`
+/// (the real [`File`]; tests put a double there to inject faults). See the
+/// module documentation.
 #[derive(Debug)]
-pub struct DiskOutbox<R> {
+pub struct DiskOutbox<R, F = File> {
     settings: DiskSettings,
     segments: Vec<Segment>,
-    active: File,
+    active: F,
+    /// Bytes of the active segment known to be on disk (at its last good
+    /// fsync): what a reader may read of it.
+    synced_size: u64,
+    /// The records written to the active segment after `synced_size`, kept
+    /// until an fsync covers them, to write them again if it fails.
+    pending: Vec<u8>,
+    /// The active segment's bytes after `synced_size` may not be `pending`
+    /// (a failed fsync or a failed cut after a failed write): they are cut
+    /// and written again before anything else is.
+    in_doubt: bool,
     next_seq: u64,
     committed_next: u64,
     unsynced: bool,
@@ -271,6 +296,21 @@ fn summarize(file: &File, size: u64) -> Summary {
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
     crate::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
+}
+
+/// Create segment `first` in `dir`: its magic, synced, and the directory
+/// synced.
+fn new_segment_file(dir: &Path, first: u64) -> Result<(), OutboxError> {
+    let path = dir.join(seg_name(first));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    Write::write_all(&mut f, SEG_MAGIC).map_err(|e| io(&path, e))?;
+    f.sync_all().map_err(|e| io(&path, e))?;
+    sync_dir(dir)
 }
 
 /// Write `path` whole or not at all.
@@ -386,7 +426,7 @@ fn resync(file: &File, from: u64, size: u64) -> Option<u64> {
     None
 }
 
-impl<R: Record> DiskOutbox<R> {
+impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     /// Open (or create) the log in `settings.dir`. Corruption is repaired and
     /// reported in [`OutboxStats::quarantined`], never returned as an error;
     /// errors are only for a directory that cannot be used at all.
@@ -432,9 +472,26 @@ impl<R: Record> DiskOutbox<R> {
         }
         segments.sort_by_key(|s| s.first);
         let (watermark, acked) = read_acks(&dir, &mut stats);
+        if segments.is_empty() {
+            let first = watermark.max(1);
+            new_segment_file(&dir, first)?;
+            segments.push(Segment {
+                first,
+                size: HEADER as u64,
+                coarse: false,
+            });
+        }
+        let (active_first, active_size) = segments
+            .last()
+            .map(|s| (s.first, s.size))
+            .ok_or_else(|| io(&dir, std::io::Error::other("no segment after creating one")))?;
+        let active_path = dir.join(seg_name(active_first));
 
         let mut me = Self {
-            active: File::open(&dir).map_err(|e| io(&dir, e))?, // replaced below
+            active: F::open_append(&active_path).map_err(|e| io(&active_path, e))?,
+            synced_size: active_size,
+            pending: Vec::new(),
+            in_doubt: false,
             settings,
             segments,
             next_seq: 1,
@@ -467,15 +524,14 @@ impl<R: Record> DiskOutbox<R> {
     }
 
     /// Scan the newest segment: find the next sequence, truncate a torn
-    /// tail, repair corrupt spans. Creates the first segment if none.
+    /// tail, repair corrupt spans, and sync it: what it holds counts as
+    /// committed from now on.
     fn recover_tail(&mut self) -> Result<(), OutboxError> {
-        let dir = self.settings.dir.clone();
         let Some(last) = self.segments.last().copied() else {
-            self.next_seq = self.watermark.max(1);
-            return self.create_segment(self.next_seq);
+            return Ok(());
         };
-        let path = dir.join(seg_name(last.first));
-        let file = OpenOptions::new()
+        let path = self.settings.dir.join(seg_name(last.first));
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
@@ -496,14 +552,12 @@ impl<R: Record> DiskOutbox<R> {
                 }
                 Slot::Bad => match resync(&file, off, size) {
                     Some(good) => {
-                        self.repair(&file, last.first, off, good)?;
-                        off = good;
+                        off = self.repair(&mut file, last.first, off, good, &mut size)?;
                     }
                     None => {
                         // Torn tail: keep the bytes, cut the file.
                         self.quarantine_bytes(&file, last.first, off, size)?;
                         file.set_len(off).map_err(|e| io(&path, e))?;
-                        file.sync_all().map_err(|e| io(&path, e))?;
                         tracing::warn!(segment = %path.display(), offset = off, bytes = size - off, "outbox: torn tail truncated and quarantined");
                         size = off;
                         break;
@@ -511,33 +565,24 @@ impl<R: Record> DiskOutbox<R> {
                 },
             }
         }
+        file.sync_all().map_err(|e| io(&path, e))?;
         if let Some(s) = self.segments.last_mut() {
             s.size = size;
         }
+        self.synced_size = size;
         self.summaries.insert(last.first, sum);
         self.next_seq = next.max(self.watermark);
-        self.active = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
         Ok(())
     }
 
     fn create_segment(&mut self, first: u64) -> Result<(), OutboxError> {
+        new_segment_file(&self.settings.dir, first)?;
         let path = self.settings.dir.join(seg_name(first));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
-        f.write_all(SEG_MAGIC).map_err(|e| io(&path, e))?;
-        f.sync_all().map_err(|e| io(&path, e))?;
-        sync_dir(&self.settings.dir)?;
-        self.active = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
+        self.active = F::open_append(&path).map_err(|e| io(&path, e))?;
+        self.synced_size = HEADER as u64;
+        self.pending.clear();
+        self.in_doubt = false;
+        self.unsynced = false;
         self.segments.push(Segment {
             first,
             size: HEADER as u64,
@@ -653,21 +698,98 @@ impl<R: Record> DiskOutbox<R> {
         Ok(())
     }
 
-    /// Quarantine `[from, to)` of a segment and overwrite it with padding.
-    fn repair(&mut self, file: &File, segment: u64, from: u64, to: u64) -> Result<(), OutboxError> {
+    /// Quarantine `[from, to)` of a segment, read through `file` up to
+    /// `size`, and make it readable: overwritten with padding, or, when it
+    /// is too short for a padding record, cut out (see
+    /// [`DiskOutbox::cut_span`]; `file` and `size` then describe the new
+    /// file). Any span within `size` is handled. Returns the offset where
+    /// reading goes on.
+    fn repair(
+        &mut self,
+        file: &mut File,
+        segment: u64,
+        from: u64,
+        to: u64,
+        size: &mut u64,
+    ) -> Result<u64, OutboxError> {
+        let to = to.min(*size);
+        if from >= to {
+            return Ok(from);
+        }
         self.quarantine_bytes(file, segment, from, to)?;
-        let body_len = (to - from) as usize - HEADER;
-        let mut pad = Vec::with_capacity(body_len + HEADER);
-        pad.extend_from_slice(&(body_len as u32).to_le_bytes());
-        pad.extend_from_slice(&[0; 4]);
-        pad.resize(HEADER + body_len, 0);
+        let path = self.settings.dir.join(seg_name(segment));
+        let span = to - from;
+        if span < (HEADER + MIN_BODY) as u64 {
+            self.cut_span(file, segment, from..to, size)?;
+            tracing::warn!(segment = %path.display(), offset = from, bytes = span, "outbox: corrupt bytes quarantined and cut out");
+            return Ok(from);
+        }
+        // `span` is below the segment's size, itself far below 4 GiB: the
+        // conversions cannot truncate.
+        let body_len = span as usize - HEADER;
+        let mut pad = vec![0u8; HEADER + body_len];
+        pad[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
         // seq 0 (padding) and two empty strings: all zero bytes.
         let c = crc(&pad[0..4], &pad[HEADER..]);
         pad[4..8].copy_from_slice(&c.to_le_bytes());
-        let path = self.settings.dir.join(seg_name(segment));
         file.write_all_at(&pad, from).map_err(|e| io(&path, e))?;
         file.sync_data().map_err(|e| io(&path, e))?;
-        tracing::warn!(segment = %path.display(), offset = from, bytes = to - from, "outbox: corrupt records quarantined");
+        tracing::warn!(segment = %path.display(), offset = from, bytes = span, "outbox: corrupt records quarantined");
+        Ok(to)
+    }
+
+    /// Cut `span` out of segment `segment`, read through `file` up to
+    /// `size`: the segment is rewritten without it (beside, synced, renamed
+    /// over), the records after it move up. For the active segment the
+    /// records not yet synced are written from memory after it, and the
+    /// append handle is opened again. `file` and `size` then describe the
+    /// new file.
+    fn cut_span(
+        &mut self,
+        file: &mut File,
+        segment: u64,
+        span: std::ops::Range<u64>,
+        size: &mut u64,
+    ) -> Result<(), OutboxError> {
+        let (from, to) = (span.start, span.end);
+        let path = self.settings.dir.join(seg_name(segment));
+        let active = self.segments.last().is_some_and(|s| s.first == segment);
+        let mut bytes = vec![0u8; *size as usize];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| io(&path, e))?;
+        bytes.drain(from as usize..to as usize);
+        if active {
+            bytes.extend_from_slice(&self.pending);
+        }
+        write_atomic(&path, &bytes)?;
+        *file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let cut = to - from;
+        *size -= cut;
+        if let Some(s) = self.segments.iter_mut().find(|s| s.first == segment) {
+            s.size -= cut;
+        }
+        if active {
+            // The new file is synced whole, the records not synced before included.
+            self.active = F::open_append(&path).map_err(|e| io(&path, e))?;
+            self.synced_size = bytes.len() as u64;
+            self.pending.clear();
+            self.in_doubt = false;
+            self.unsynced = false;
+        }
+        if self
+            .pos
+            .is_some_and(|p| p.segment_first == segment && p.offset > from)
+        {
+            self.pos = None;
+        }
+        // A kept handle would read the old file.
+        if self.reader.as_ref().is_some_and(|(f, _)| *f == segment) {
+            self.reader = None;
+        }
         Ok(())
     }
 
@@ -1048,14 +1170,60 @@ impl<R: Record> DiskOutbox<R> {
         self.create_segment(self.next_seq)
     }
 
+    /// The path of the active segment.
+    fn active_path(&self) -> PathBuf {
+        let first = self.segments.last().map(|s| s.first).unwrap_or(0);
+        self.settings.dir.join(seg_name(first))
+    }
+
+    /// Make the active segment durable. A failed fsync does not leave what
+    /// it was to sync in the page cache to be retried: Linux reports the
+    /// error once and forgets the pages, and a later fsync succeeds without
+    /// them. So the records since the last good fsync are cut off and
+    /// written again from memory, and synced again; until that succeeds
+    /// nothing more counts as synced.
     fn sync_active(&mut self) -> Result<(), OutboxError> {
-        if self.unsynced {
-            let first = self.segments.last().map(|s| s.first).unwrap_or(0);
-            self.active
-                .sync_data()
-                .map_err(|e| io(&self.settings.dir.join(seg_name(first)), e))?;
-            self.unsynced = false;
+        if self.in_doubt {
+            self.restore()?;
         }
+        if !self.unsynced {
+            return Ok(());
+        }
+        if let Err(e) = self.active.sync_data() {
+            self.in_doubt = true;
+            let path = self.active_path();
+            tracing::warn!(error = %e, segment = %path.display(), bytes = self.pending.len(), "outbox: fsync failed; writing the records since the last good one again");
+            let again = self
+                .restore()
+                .and_then(|()| self.active.sync_data().map_err(|e2| io(&path, e2)));
+            if let Err(e2) = again {
+                self.in_doubt = true;
+                tracing::error!(error = %e2, segment = %path.display(), "outbox: records not synced; tried again at the next commit");
+                return Err(io(&path, e));
+            }
+        }
+        self.synced_size += self.pending.len() as u64;
+        self.pending.clear();
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Make the active segment hold what was synced of it followed by the
+    /// records written since (from memory): cut it back and append them
+    /// again. They are synced at the next [`DiskOutbox::sync_active`].
+    fn restore(&mut self) -> Result<(), OutboxError> {
+        let path = self.active_path();
+        self.in_doubt = true;
+        self.unsynced = true;
+        self.active
+            .set_len(self.synced_size)
+            .map_err(|e| io(&path, e))?;
+        if let Err(e) = self.active.write_all(&self.pending) {
+            // Left in doubt: cut and written again at the next try.
+            let _ = self.active.set_len(self.synced_size);
+            return Err(io(&path, e));
+        }
+        self.in_doubt = false;
         Ok(())
     }
 
@@ -1092,10 +1260,16 @@ impl<R: Record> DiskOutbox<R> {
                 .get(idx + 1)
                 .map(|s| s.first)
                 .unwrap_or(self.committed_next);
-            // The segment's size is tracked as it is written; the file handle
-            // is kept while reading goes on in the same segment.
-            let size = seg.size;
-            let file = match self.reader.take() {
+            // The segment's size is tracked as it is written (of the active
+            // segment, only what an fsync covered is read: the rest is not
+            // committed, and may be in doubt); the file handle is kept
+            // while reading goes on in the same segment.
+            let mut size = if idx + 1 == self.segments.len() {
+                self.synced_size.min(seg.size)
+            } else {
+                seg.size
+            };
+            let mut file = match self.reader.take() {
                 Some((first, f)) if first == seg.first => f,
                 _ => {
                     let path = self.settings.dir.join(seg_name(seg.first));
@@ -1119,19 +1293,16 @@ impl<R: Record> DiskOutbox<R> {
                         done_segment = true;
                         break;
                     }
-                    Slot::Bad => match resync(&file, off, size) {
-                        Some(good) => {
-                            self.repair(&file, seg.first, off, good)?;
-                            self.resummarize(seg.first)?;
-                            off = good;
-                        }
-                        None => {
-                            self.repair_to_end(&file, seg.first, off, size)?;
-                            self.resummarize(seg.first)?;
+                    Slot::Bad => {
+                        let good = resync(&file, off, size);
+                        let to = good.unwrap_or(size);
+                        off = self.repair(&mut file, seg.first, off, to, &mut size)?;
+                        self.resummarize(seg.first)?;
+                        if good.is_none() {
                             done_segment = true;
                             break;
                         }
-                    },
+                    }
                     Slot::Record(b, len) => {
                         if b.seq == 0 {
                             off += len;
@@ -1190,28 +1361,6 @@ impl<R: Record> DiskOutbox<R> {
     fn keep_reader(&mut self, first: u64, file: File) {
         if self.segments.iter().any(|s| s.first == first) {
             self.reader = Some((first, file));
-        }
-    }
-
-    /// A corrupt span that runs to the end of a segment: quarantine it and
-    /// pad it (or cut it, for the segment being written).
-    fn repair_to_end(
-        &mut self,
-        file: &File,
-        segment: u64,
-        from: u64,
-        size: u64,
-    ) -> Result<(), OutboxError> {
-        if size - from >= (HEADER + MIN_BODY) as u64 {
-            self.repair(file, segment, from, size)
-        } else {
-            self.quarantine_bytes(file, segment, from, size)?;
-            let path = self.settings.dir.join(seg_name(segment));
-            file.set_len(from).map_err(|e| io(&path, e))?;
-            if let Some(s) = self.segments.iter_mut().find(|s| s.first == segment) {
-                s.size = from;
-            }
-            Ok(())
         }
     }
 
@@ -1280,7 +1429,7 @@ fn read_acks(dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
     }
 }
 
-impl<R: Record> Outbox<R> for DiskOutbox<R> {
+impl<R: Record, F: SegmentFile> Outbox<R> for DiskOutbox<R, F> {
     fn append(&mut self, record: &R) -> Result<u64, OutboxError> {
         let payload = serde_json::to_vec(record)?;
         let seq = self.next_seq;
@@ -1294,10 +1443,23 @@ impl<R: Record> Outbox<R> for DiskOutbox<R> {
         {
             self.roll()?;
         }
-        let first = self.segments.last().map(|s| s.first).unwrap_or(seq);
-        self.active
-            .write_all(&rec)
-            .map_err(|e| io(&self.settings.dir.join(seg_name(first)), e))?;
+        if self.in_doubt {
+            self.restore()?;
+        }
+        if let Err(e) = self.active.write_all(&rec) {
+            // Part of the record may be in the file: cut it back to the
+            // records it holds, or the next record would land after the
+            // stray bytes. Where the cut fails too, the active segment is
+            // cut and written again before anything else is.
+            let path = self.active_path();
+            let size = self.synced_size + self.pending.len() as u64;
+            if let Err(e2) = self.active.set_len(size) {
+                self.in_doubt = true;
+                tracing::error!(error = %e2, segment = %path.display(), "outbox: cannot cut a failed write back");
+            }
+            return Err(io(&path, e));
+        }
+        self.pending.extend_from_slice(&rec);
         if let Some(s) = self.segments.last_mut() {
             s.size += rec.len() as u64;
             *self
@@ -1368,6 +1530,7 @@ impl<R: Record> Outbox<R> for DiskOutbox<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::segment_file::faulty::{EFBIG, EIO, ENOSPC, Faulty};
     use crate::outbox::tests::{Agg, agg};
     use proptest::prelude::*;
 
@@ -1529,6 +1692,148 @@ mod tests {
         let mut o = open(dir.path());
         assert_eq!(o.stats().quarantined, 2);
         assert_eq!(pending(&mut o), vec![1], "acks unreadable: re-sent");
+    }
+
+    type FaultyOutbox = super::DiskOutbox<Agg, Faulty>;
+
+    fn open_faulty(dir: &Path) -> FaultyOutbox {
+        super::DiskOutbox::open(settings(dir, 4096, 1 << 20, FullPolicy::DropOldest)).unwrap()
+    }
+
+    fn os_error(e: &OutboxError) -> Option<i32> {
+        match e {
+            OutboxError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// The committed records, as (seq, id), and the outbox's lost and
+    /// quarantined counts.
+    fn held<F: SegmentFile>(o: &mut super::DiskOutbox<Agg, F>) -> (Vec<(u64, String)>, u64, u64) {
+        let recs = o.read_from(0, usize::MAX).unwrap();
+        for r in &recs {
+            let a: Agg = serde_json::from_slice(r.payload()).unwrap();
+            assert_eq!(a.id, r.id, "seq {} intact", r.seq);
+        }
+        let s = o.stats();
+        (
+            recs.into_iter().map(|r| (r.seq, r.id)).collect(),
+            s.lost,
+            s.quarantined,
+        )
+    }
+
+    /// (seq, id) of `aggs` stored from seq 1 on.
+    fn expect(aggs: impl IntoIterator<Item = i64>) -> Vec<(u64, String)> {
+        aggs.into_iter()
+            .enumerate()
+            .map(|(n, i)| (n as u64 + 1, agg(i).id))
+            .collect()
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_is_cut_back_and_the_next_record_follows() {
+        let a = agg(3);
+        let len = encode(4, "x", &a.id, &serde_json::to_vec(&a).unwrap()).len();
+        // Any part of the record may have reached the file: a few bytes of
+        // its header, less than a padding record, more, all but one byte.
+        for (part, errno) in [
+            (1, ENOSPC),
+            (5, EIO),
+            (8, EFBIG),
+            (13, ENOSPC),
+            (19, EIO),
+            (20, ENOSPC),
+            (40, EFBIG),
+            (len - 1, ENOSPC),
+        ] {
+            // The cut back fails too: it is done before the next write.
+            for failing_cut in [0, 1] {
+                let what = format!("{part} bytes written, {failing_cut} failing cuts");
+                let dir = tempfile::tempdir().unwrap();
+                let mut o = open_faulty(dir.path());
+                for i in 0..3 {
+                    o.append(&agg(i)).unwrap();
+                }
+                o.commit().unwrap();
+                o.active.plan.short_write = Some((part, errno));
+                o.active.plan.failing_set_len = failing_cut;
+                let e = o.append(&agg(3)).unwrap_err();
+                assert_eq!(os_error(&e), Some(errno), "{what}: {e}");
+                assert_eq!(o.append(&agg(4)).unwrap(), 4, "{what}");
+                assert_eq!(o.append(&agg(5)).unwrap(), 5, "{what}");
+                o.commit().unwrap();
+                let want = (expect([0, 1, 2, 4, 5]), 0, 0);
+                assert_eq!(held(&mut o), want, "{what}");
+                drop(o);
+                assert_eq!(held(&mut open(dir.path())), want, "{what}: reopened");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stray_span_of_any_length_is_repaired_without_panicking() {
+        // As a short write left them before writes were cut back: stray
+        // bytes after the first record of a sealed segment and of the
+        // active one, the next records after them.
+        for stray in 1..=24 {
+            let dir = written(30);
+            let segs = segments(dir.path());
+            assert!(segs.len() >= 2);
+            for seg in [&segs[0], &segs[segs.len() - 1]] {
+                let mut bytes = std::fs::read(seg).unwrap();
+                let len = u32::from_le_bytes(bytes[HEADER..HEADER + 4].try_into().unwrap());
+                let at = 2 * HEADER + len as usize;
+                let rest = bytes.split_off(at);
+                bytes.extend(std::iter::repeat_n(0xA5, stray));
+                bytes.extend(rest);
+                std::fs::write(seg, &bytes).unwrap();
+            }
+            let mut o = open(dir.path());
+            assert_eq!(held(&mut o), (expect(0..30), 0, 2), "{stray} stray bytes");
+            drop(o);
+            let mut o = open(dir.path());
+            assert_eq!(
+                held(&mut o),
+                (expect(0..30), 0, 0),
+                "{stray} stray bytes: repaired for good"
+            );
+            // Appends go on.
+            assert_eq!(o.append(&agg(30)).unwrap(), 31);
+        }
+    }
+
+    #[test]
+    fn a_failed_fsync_is_not_retried_alone_the_records_are_written_again() {
+        for failing in 1..=3 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut o = open_faulty(dir.path());
+            for i in 0..3 {
+                o.append(&agg(i)).unwrap();
+            }
+            o.commit().unwrap();
+            for i in 3..6 {
+                o.append(&agg(i)).unwrap();
+            }
+            // Each failure loses what was written since the last good fsync.
+            o.active.plan.failing_syncs = failing;
+            let mut failed = 0;
+            while let Err(e) = o.commit() {
+                failed += 1;
+                assert!(failed <= failing, "{failing}: {e}");
+                assert_eq!(os_error(&e), Some(EIO));
+                assert_eq!(o.committed_end(), 4, "nothing committed on a failed fsync");
+                assert_eq!(held(&mut o), (expect(0..3), 0, 0));
+            }
+            assert_eq!(o.committed_end(), 7);
+            assert_eq!(held(&mut o), (expect(0..6), 0, 0), "{failing} failures");
+            drop(o);
+            assert_eq!(
+                held(&mut open(dir.path())),
+                (expect(0..6), 0, 0),
+                "{failing} failures: reopened"
+            );
+        }
     }
 
     #[test]
