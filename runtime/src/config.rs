@@ -389,7 +389,7 @@ mod tests {
                 "o/{gateway}/agg/{group}",
                 &[("gateway", "g1"), ("group", "a/b+")]
             ),
-            "o/g1/agg/a_b_"
+            "o/g1/agg/a%2Fb%2B"
         );
     }
 

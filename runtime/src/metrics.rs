@@ -154,6 +154,9 @@ pub struct Metrics {
     pub uplink_inflight: Gauge,
     /// 1 while the uplink's circuit breaker is open.
     pub uplink_breaker_open: Gauge,
+    /// Probes of the open circuit breaker that failed (no connection, or
+    /// dropped before their first PUBACK).
+    pub uplink_breaker_probes_failed: Counter,
     /// MQTT messages published to the cloud (a batch is one message).
     pub uplink_messages: Counter,
     /// Bytes of aggregate messages published to the cloud (topic and
@@ -309,6 +312,7 @@ impl Metrics {
             uplink_connected: Gauge::default(),
             uplink_inflight: Gauge::default(),
             uplink_breaker_open: Gauge::default(),
+            uplink_breaker_probes_failed: Counter::default(),
             uplink_messages: Counter::default(),
             uplink_bytes: Counter::default(),
             health_sent: Counter::default(),
@@ -483,6 +487,11 @@ impl Metrics {
             "uplink_breaker_open",
             "1 while the uplink circuit breaker is open",
             m.uplink_breaker_open.clone(),
+        );
+        registry.register(
+            "uplink_breaker_probes_failed",
+            "Probes of the open uplink circuit breaker that failed",
+            m.uplink_breaker_probes_failed.clone(),
         );
         registry.register(
             "uplink_messages",

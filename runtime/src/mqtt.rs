@@ -155,26 +155,53 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Fill a topic template.
+/// Fill a topic template: each `{name}` of `vars` becomes its value as one
+/// topic level ([`escape_level`]); anything else is kept as it is. Values
+/// are not searched for placeholders again, so distinct values always give
+/// distinct topics.
 pub fn render_topic(template: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = template.to_string();
-    for (k, v) in vars {
-        out = out.replace(&format!("{{{k}}}"), &sanitize_level(v));
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let var = after.find('}').and_then(|close| {
+            let name = &after[..close];
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (close, *v))
+        });
+        match var {
+            Some((close, v)) => {
+                out.push_str(&escape_level(v));
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
     }
+    out.push_str(rest);
     out
 }
 
-/// A topic level from arbitrary text: no separators or wildcards.
-fn sanitize_level(v: &str) -> String {
-    v.chars()
-        .map(|ch| {
-            if matches!(ch, '/' | '+' | '#') || ch.is_control() {
-                '_'
-            } else {
-                ch
+/// A topic level from arbitrary text, one to one: `/`, `+`, `#`, `%` and
+/// control characters become `%XX`, one per UTF-8 byte (upper-case hex);
+/// everything else is kept, so a value without them is its own level.
+pub fn escape_level(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for ch in v.chars() {
+        if matches!(ch, '/' | '+' | '#' | '%') || ch.is_control() {
+            let mut buf = [0u8; 4];
+            for b in ch.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
             }
-        })
-        .collect()
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// Errors of setting up a broker connection.
@@ -297,4 +324,68 @@ pub fn options(
         )));
     }
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The inverse of [`escape_level`], for the tests.
+    fn unescape(level: &str) -> String {
+        let mut bytes = Vec::new();
+        let mut rest = level.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            if b == b'%' {
+                let hex = std::str::from_utf8(&tail[..2]).expect("two hex digits after '%'");
+                bytes.push(u8::from_str_radix(hex, 16).expect("two hex digits after '%'"));
+                rest = &tail[2..];
+            } else {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+        String::from_utf8(bytes).expect("escape_level keeps UTF-8 whole")
+    }
+
+    const AGG: &str = "o/{gateway}/agg/{group}";
+
+    fn agg_topic(group: &str) -> String {
+        render_topic(AGG, &[("gateway", "g1"), ("group", group)])
+    }
+
+    /// Issue 18 (11): `a/b` and `a_b` went to the same topic.
+    #[test]
+    fn uplink_topics_of_groups_once_replaced_alike_are_distinct() {
+        assert_eq!(agg_topic("a/b"), "o/g1/agg/a%2Fb");
+        assert_eq!(agg_topic("a_b"), "o/g1/agg/a_b");
+        assert_ne!(agg_topic("a+b"), agg_topic("a#b"));
+        assert_eq!(agg_topic("a+b#%"), "o/g1/agg/a%2Bb%23%25");
+        assert_eq!(agg_topic("50%2F"), "o/g1/agg/50%252F");
+        assert_eq!(agg_topic("l\n\u{85}"), "o/g1/agg/l%0A%C2%85");
+        // Groups without those characters keep their topics.
+        for g in ["pump-7", "line a", "Ünïcode_läne", "unassigned", "x.y:z"] {
+            assert_eq!(agg_topic(g), format!("o/g1/agg/{g}"));
+        }
+        // A value is never searched for placeholders.
+        assert_eq!(
+            render_topic(AGG, &[("gateway", "{group}"), ("group", "x")]),
+            "o/{group}/agg/x"
+        );
+        assert_eq!(render_topic("a/{other}/{x", &[("x", "1")]), "a/{other}/{x");
+    }
+
+    proptest! {
+        #[test]
+        fn uplink_topic_levels_are_one_to_one(
+            a in prop_oneof![any::<String>(), "[ab/+#%_\\x00\\n-]{0,10}"],
+            b in prop_oneof![any::<String>(), "[ab/+#%_\\x00\\n-]{0,10}"],
+        ) {
+            let level = escape_level(&a);
+            prop_assert!(!level.contains(['/', '+', '#']) && !level.chars().any(char::is_control));
+            prop_assert_eq!(unescape(&level), a.clone());
+            prop_assert_eq!(agg_topic(&a) == agg_topic(&b), a == b);
+        }
+    }
 }

@@ -62,10 +62,14 @@ pub struct UplinkConfig {
     /// `none` (default) or `zstd` (the topic gets a `/zstd` suffix).
     #[serde(default = "default_compression")]
     pub compression: super::Compression,
-    /// Circuit breaker: after this many connection failures in a row ...
+    /// Circuit breaker: after this many connection failures in a row it
+    /// opens ...
     #[serde(default = "default_breaker_failures")]
     pub breaker_failures: u32,
-    /// ... wait this long before trying again (then back to the backoff).
+    /// ... and probes once every this many milliseconds, never more than
+    /// `backoff_max_ms` (so a cloud that is back is found within it). A
+    /// probe that connects sends one message at a time until its PUBACK
+    /// closes the breaker.
     #[serde(default = "default_breaker_open")]
     pub breaker_open_ms: u64,
 }

@@ -2,6 +2,13 @@
 //! outbox sequence, live and backlog cursors, the policy, rate limits,
 //! backoff and circuit breaker. No tokio, no MQTT client: time comes in as
 //! milliseconds and events as method calls, so it is tested on its own.
+//!
+//! The circuit breaker slows a gateway down and never keeps it off a
+//! healthy cloud: after `breaker_failures` failed connections in a row it
+//! opens, and then one probe connection goes every probe interval (at most
+//! `backoff_max`, so a returned cloud is found within it). A probe that
+//! connects is half-open: one message in flight, no bulk backlog, until its
+//! PUBACK closes the breaker.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -33,13 +40,23 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        // xorshift64*
+        exp.mul_f64(0.5 + 0.5 * self.uniform())
+    }
+
+    /// The delay before a probe of the open circuit breaker: `interval`,
+    /// never more than the largest backoff (a broker that is back is found
+    /// within it), jittered between three quarters and all of it.
+    pub fn probe_delay(&mut self, interval: Duration) -> Duration {
+        interval.min(self.max).mul_f64(0.75 + 0.25 * self.uniform())
+    }
+
+    /// A number in [0, 1) from the jitter generator (xorshift64*).
+    fn uniform(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         let r = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-        let frac = 0.5 + 0.5 * (r as f64 / (1u64 << 53) as f64);
-        exp.mul_f64(frac)
+        r as f64 / (1u64 << 53) as f64
     }
 
     /// A connection succeeded.
@@ -139,12 +156,14 @@ pub struct UplinkPolicy {
     pub max_publish_rate: f64,
     /// Failed connections in a row that open the circuit breaker.
     pub breaker_failures: u32,
-    /// How long the open breaker waits.
+    /// Time between two probes of the open breaker, capped at the largest
+    /// backoff ([`Backoff::probe_delay`]).
     pub breaker_open: Duration,
 }
 
 impl UplinkPolicy {
-    /// In order, no caps, breaker after 10 failures for 5 minutes.
+    /// In order, no caps, breaker after 10 failures (then a probe every
+    /// largest backoff).
     pub fn simple(max_inflight: usize) -> Self {
         Self {
             max_inflight,
@@ -155,6 +174,19 @@ impl UplinkPolicy {
             breaker_open: Duration::from_secs(300),
         }
     }
+}
+
+/// The circuit breaker of the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Breaker {
+    /// Connections are tried with the backoff.
+    Closed,
+    /// Too many failed connections in a row: one probe connection every
+    /// probe interval, no shorter backoff steps.
+    Open,
+    /// A probe connected: one message in flight until its PUBACK closes
+    /// the breaker; a drop before that opens it again.
+    HalfOpen,
 }
 
 /// The uplink protocol state, free of I/O: in-flight window, packet id ↔
@@ -177,7 +209,7 @@ pub struct UplinkState {
     connected: bool,
     backoff: Backoff,
     failures: u32,
-    breaker_tripped: bool,
+    breaker: Breaker,
     publish_limit: RateLimit,
     backlog_limit: RateLimit,
 }
@@ -204,18 +236,21 @@ impl UplinkState {
             connected: false,
             backoff,
             failures: 0,
-            breaker_tripped: false,
+            breaker: Breaker::Closed,
         }
     }
 
     /// The broker accepted the connection. `committed_end` is the outbox's
     /// [`crate::outbox::Outbox::committed_end`]: with live first, everything
-    /// before it is backlog.
+    /// before it is backlog. A probe of the open breaker makes it half-open.
     pub fn on_connected(&mut self, committed_end: u64) {
         self.connected = true;
-        self.backoff.reset();
-        self.failures = 0;
-        self.breaker_tripped = false;
+        if self.breaker == Breaker::Closed {
+            self.backoff.reset();
+            self.failures = 0;
+        } else {
+            self.breaker = Breaker::HalfOpen;
+        }
         if self.policy.live_first {
             self.live_from = committed_end.max(self.backlog_cursor);
         } else {
@@ -229,15 +264,22 @@ impl UplinkState {
         self.connected
     }
 
-    /// Whether the circuit breaker is open (the last delay was its wait).
+    /// Whether the circuit breaker is open or half-open: the last delay was
+    /// a probe's, or the connection is a probe whose first PUBACK is due.
     pub fn breaker_open(&self) -> bool {
-        self.breaker_tripped
+        self.breaker != Breaker::Closed
+    }
+
+    /// Whether the connection is a probe of the open breaker, allowed one
+    /// message in flight until its PUBACK.
+    pub fn half_open(&self) -> bool {
+        self.breaker == Breaker::HalfOpen
     }
 
     /// The connection is gone (or never came): everything unacknowledged
     /// will be re-sent from `oldest_unacked`. Returns the delay before
-    /// reconnecting: the backoff, or the breaker's wait after too many
-    /// failures in a row.
+    /// reconnecting: the backoff, or, once too many failed in a row or a
+    /// probe failed, the breaker's probe delay.
     pub fn on_disconnected(&mut self, oldest_unacked: Option<u64>) -> Duration {
         if !self.connected {
             self.failures = self.failures.saturating_add(1);
@@ -249,23 +291,26 @@ impl UplinkState {
         self.backlog_cursor = restart;
         self.live_cursor = restart;
         self.live_from = restart;
-        self.breaker_tripped = self.failures >= self.policy.breaker_failures;
-        if self.breaker_tripped {
-            self.failures = 0;
-            self.backoff.reset();
-            return self.policy.breaker_open;
+        if self.breaker == Breaker::Closed && self.failures < self.policy.breaker_failures {
+            return self.backoff.next_delay();
         }
-        self.backoff.next_delay()
+        // Too many failures in a row, or a failed probe: (still) open.
+        self.breaker = Breaker::Open;
+        self.failures = 0;
+        self.backoff.probe_delay(self.policy.breaker_open)
     }
 
-    /// How many more records the in-flight window allows.
+    /// How many more messages the in-flight window allows (one at a time
+    /// while half-open).
     pub fn room(&self) -> usize {
         if !self.connected {
             return 0;
         }
-        self.policy
-            .max_inflight
-            .saturating_sub(self.awaiting_pkid.len() + self.inflight.len())
+        let window = match self.breaker {
+            Breaker::HalfOpen => 1,
+            Breaker::Closed | Breaker::Open => self.policy.max_inflight,
+        };
+        window.saturating_sub(self.unacked())
     }
 
     /// What to read next at `now_ms`. `live_pending`: the caller's last
@@ -330,9 +375,16 @@ impl UplinkState {
         }
     }
 
-    /// A PUBACK: the acknowledged records' sequences, if the message was ours.
+    /// A PUBACK: the acknowledged records' sequences, if the message was
+    /// ours. The first one of a probe closes the breaker.
     pub fn on_puback(&mut self, pkid: u16) -> Option<Vec<u64>> {
-        self.inflight.remove(&pkid)
+        let seqs = self.inflight.remove(&pkid)?;
+        if self.breaker == Breaker::HalfOpen {
+            self.breaker = Breaker::Closed;
+            self.failures = 0;
+            self.backoff.reset();
+        }
+        Some(seqs)
     }
 
     /// Messages handed to the client and not yet acknowledged.
@@ -460,17 +512,68 @@ mod tests {
         assert_eq!(s.next(1000, false), Next::Live { from: 4, max: 3 });
     }
 
+    /// Issue 18 (6): with `breaker_open` far above the largest backoff
+    /// (5 minutes against 100 ms here), the open breaker kept the gateway
+    /// off a cloud that was back. It must keep probing within the largest
+    /// backoff, hold the window to one message until a probe's PUBACK, and
+    /// never fall back to the backoff's short first steps while open.
     #[test]
-    fn breaker_opens_after_repeated_failures() {
-        let mut s = UplinkState::with_policy(policy(false, 0.0, 0.0), backoff());
+    fn open_breaker_keeps_probing_within_the_largest_backoff() {
+        let mut p = policy(false, 0.0, 0.0);
+        p.breaker_open = Duration::from_secs(300);
+        let mut s = UplinkState::with_policy(p, backoff());
         assert!(s.on_disconnected(None) <= Duration::from_millis(100));
         assert!(s.on_disconnected(None) <= Duration::from_millis(100));
         assert!(!s.breaker_open());
-        assert_eq!(s.on_disconnected(None), Duration::from_secs(60));
-        assert!(s.breaker_open());
-        // Then back to the backoff; a good connection closes it.
-        assert!(s.on_disconnected(None) <= Duration::from_millis(100));
+        // The third failure in a row opens it; the cloud may be back any time.
+        for _ in 0..20 {
+            let d = s.on_disconnected(None);
+            // Three quarters to all of it (74: float rounding).
+            assert!(
+                (Duration::from_millis(74)..=Duration::from_millis(100)).contains(&d),
+                "a probe every 75 to 100 ms while open, not {d:?}"
+            );
+            assert!(s.breaker_open());
+        }
+        // A probe connects: half-open, one message at a time.
         s.on_connected(1);
+        assert!(s.breaker_open());
+        assert_eq!(s.room(), 1);
+        assert_eq!(s.next(0, false), Next::Live { from: 0, max: 1 });
+        s.on_sent(1);
+        assert_eq!(s.room(), 0);
+        s.on_outgoing(1);
+        // The probe drops before its PUBACK: open again, probing on.
+        let d = s.on_disconnected(Some(1));
+        assert!((Duration::from_millis(74)..=Duration::from_millis(100)).contains(&d));
+        assert!(s.breaker_open());
+        // The next probe gets its PUBACK: closed, the full window, and the
+        // backoff from its first step again.
+        s.on_connected(2);
+        assert_eq!(s.next(0, false), Next::Live { from: 1, max: 1 });
+        s.on_sent(1);
+        s.on_outgoing(2);
+        assert_eq!(s.on_puback(2), Some(vec![1]));
         assert!(!s.breaker_open());
+        assert_eq!(s.room(), 8);
+        assert!(s.on_disconnected(None) <= Duration::from_millis(10));
+        assert!(!s.breaker_open());
+    }
+
+    #[test]
+    fn breaker_probe_interval_and_what_closes_it() {
+        // A probe interval below the largest backoff is kept.
+        let mut p = policy(false, 0.0, 0.0);
+        p.breaker_failures = 1;
+        p.breaker_open = Duration::from_millis(40);
+        let mut s = UplinkState::with_policy(p, backoff());
+        let d = s.on_disconnected(None);
+        assert!(s.breaker_open());
+        assert!((Duration::from_millis(29)..=Duration::from_millis(40)).contains(&d));
+        // Only a PUBACK of a message of the probe's closes it.
+        s.on_connected(1);
+        assert!(s.half_open());
+        let _ = s.on_puback(1);
+        assert!(s.half_open(), "a PUBACK of no message of ours is no proof");
     }
 }

@@ -58,10 +58,10 @@ pub async fn run<C: Connector>(
             tokio::select! {
                 ev = session.next_event() => match ev {
                     Ok(SessionEvent::Connected) => {
-                        tracing::info!("uplink connected");
-                        metrics.uplink_connected.set(1);
-                        metrics.uplink_breaker_open.set(0);
                         state.on_connected(outbox.committed_end());
+                        // A probe of the open breaker: one message until its PUBACK.
+                        tracing::info!(probe = state.half_open(), "uplink connected");
+                        metrics.uplink_connected.set(1);
                         // The first health message at once: the cloud sees
                         // the gateway back (and replaces a retained will).
                         send_health(&mut session, &settings, &metrics);
@@ -76,6 +76,7 @@ pub async fn run<C: Connector>(
                                 }
                             }
                             metrics.uplink_acked.inc_by(seqs.len() as u64);
+                            metrics.uplink_breaker_open.set(state.breaker_open().into());
                             metrics.uplink_inflight.set(state.unacked() as i64);
                             metrics.outbox_depth.set(outbox.stats().depth as i64);
                         }
@@ -98,10 +99,14 @@ pub async fn run<C: Connector>(
         drop(session);
         metrics.uplink_connected.set(0);
         metrics.uplink_inflight.set(0);
+        let probing = state.breaker_open();
         let delay = state.on_disconnected(outbox.oldest());
-        if state.breaker_open() {
-            metrics.uplink_breaker_open.set(1);
-            tracing::error!(error = %err, wait_ms = delay.as_millis() as u64, "uplink: too many failed connections in a row; circuit breaker open");
+        metrics.uplink_breaker_open.set(state.breaker_open().into());
+        if probing {
+            metrics.uplink_breaker_probes_failed.inc();
+            tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink: probe of the open circuit breaker failed; probing on");
+        } else if state.breaker_open() {
+            tracing::error!(error = %err, delay_ms = delay.as_millis() as u64, "uplink: too many failed connections in a row; circuit breaker open, probing");
         } else {
             tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "uplink disconnected; reconnecting");
         }
