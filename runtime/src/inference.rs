@@ -628,7 +628,9 @@ fn run(
         }
         let started = Instant::now();
         let cpu_before = crate::metrics::thread_cpu_time();
-        let results = match placement.infer(&set, &batch, &mut scratch, metrics) {
+        let results = match metrics
+            .inference_pass(|| placement.infer(&set, &batch, &mut scratch, metrics))
+        {
             Ok((r, shadow_error)) => {
                 if let Some(e) = shadow_error {
                     tracing::warn!(error = %e, "the shadow model failed for a batch");
@@ -737,6 +739,74 @@ mod tests {
         let p2 = out[0].prediction.as_ref().unwrap();
         assert_eq!(p1.class, p2.class);
         assert!((p1.score - p2.score).abs() < 1e-5);
+    }
+
+    /// The bundled network (6 input channels) under a manifest that says
+    /// its windows have 5 channels of 120 samples: the same 600 values
+    /// pass the checks, and the first convolution panics in the backend.
+    fn panicking() -> Arc<Runner> {
+        let base = load_model(&ModelSource::Bundled).expect("bundled model loads");
+        let mut m = base.manifest().clone();
+        m.version = "0.0.1-panics".into();
+        assert_eq!((m.input.channels, m.input.length), (6, 100));
+        m.input.channels = 5;
+        m.input.length = 120;
+        let net = base.network().clone();
+        Runner::new(Arc::new(LoadedModel::from_network(m, net, base.device())))
+    }
+
+    #[test]
+    fn a_model_that_panics_costs_no_reading_and_the_thread_goes_on() {
+        let slot = ModelSlot::new(ModelSet {
+            active: panicking(),
+            shadow: None,
+        });
+        let metrics = Arc::new(Metrics::new());
+        let (win_tx, win_rx) = flume::bounded(16);
+        let (inf_tx, inf_rx) = flume::bounded(16);
+        let handle = spawn(
+            slot.clone(),
+            win_rx,
+            inf_tx,
+            Batching::cpu(4, None),
+            metrics.clone(),
+        )
+        .unwrap();
+        for i in 0..8 {
+            win_tx.send(window(i, true)).unwrap();
+        }
+        let failed: Vec<Inferred> = (0..8).map(|_| inf_rx.recv().unwrap()).collect();
+        assert!(failed.iter().all(|r| r.prediction.is_none()));
+        assert_eq!(
+            failed.iter().map(|r| r.readings.len()).sum::<usize>(),
+            8,
+            "the readings of the failed batches go on"
+        );
+        assert_eq!(metrics.inference_errors.get(), 2, "two batches of four");
+        // The thread survived the panics: a working model answers.
+        slot.replace(ModelSet {
+            active: bundled(),
+            shadow: None,
+        });
+        for i in 8..12 {
+            win_tx.send(window(i, true)).unwrap();
+        }
+        drop(win_tx);
+        let ok: Vec<Inferred> = inf_rx.iter().collect();
+        assert_eq!(ok.len(), 4);
+        assert!(ok.iter().all(|r| r.prediction.is_some()));
+        handle.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_backend_panic_is_what_the_guard_reports() {
+        let raw: Vec<f32> = (0..600).map(|k| k as f32 / 600.0).collect();
+        let err = run_model(&panicking(), &raw, 1, &mut Vec::new(), &|n| n)
+            .expect_err("the forward pass cannot take these windows");
+        assert_eq!(
+            err.to_string(),
+            ModelError::Backend("the backend panicked".into()).to_string()
+        );
     }
 
     #[test]

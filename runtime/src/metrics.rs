@@ -138,7 +138,7 @@ pub struct Metrics {
     pub outbox_lost: Counter,
     /// Outbox records merged into coarser windows (policy coarsen).
     pub outbox_coarsened: Counter,
-    /// Outbox group commits.
+    /// Outbox group commits that succeeded (what feeds the systemd watchdog).
     pub outbox_commits: Counter,
     /// Failed outbox appends (each an aggregate refused or lost) and commits.
     pub outbox_append_failures: Counter,
@@ -215,6 +215,11 @@ pub struct Metrics {
     /// since the epoch).
     config: std::sync::Mutex<Option<(String, i64)>>,
     ready_tx: tokio::sync::watch::Sender<bool>,
+    /// When the inference thread's current pass began (ms on the monotonic
+    /// clock since `created`, plus one); 0 while no pass runs.
+    inference_pass_since: AtomicU64,
+    /// The monotonic origin of `inference_pass_since`.
+    created: std::time::Instant,
 }
 
 /// The drift figures of one aggregate.
@@ -324,6 +329,8 @@ impl Metrics {
             config_reloads: Family::default(),
             config: Default::default(),
             ready_tx: tokio::sync::watch::channel(false).0,
+            inference_pass_since: AtomicU64::new(0),
+            created: std::time::Instant::now(),
             started: AtomicU64::new(0),
             uplink_configured: AtomicBool::new(false),
             audit_entries: Counter::default(),
@@ -849,6 +856,28 @@ impl Metrics {
                 })
                 .set(*bytes as i64);
             seen.insert(stream.clone());
+        }
+    }
+
+    /// Run one forward pass of the inference thread, on record: the
+    /// watchdog sees a pass that does not return ([`Metrics::inference_stuck_for`]).
+    pub fn inference_pass<T>(&self, pass: impl FnOnce() -> T) -> T {
+        let since = self.created.elapsed().as_millis() as u64 + 1;
+        self.inference_pass_since.store(since, Ordering::SeqCst);
+        let r = pass();
+        self.inference_pass_since.store(0, Ordering::SeqCst);
+        r
+    }
+
+    /// How long the inference pass under way has run; `None` when none runs.
+    pub fn inference_stuck_for(&self) -> Option<std::time::Duration> {
+        match self.inference_pass_since.load(Ordering::SeqCst) {
+            0 => None,
+            since => Some(
+                self.created
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(since - 1)),
+            ),
         }
     }
 

@@ -164,21 +164,38 @@ pub fn write(
     interval: Duration,
 ) {
     let commit = |outbox: &SharedOutbox| {
-        if let Some(a) = audit {
-            let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
-            match log.commit() {
-                Ok(()) => metrics.set_audit_head(log.committed()),
+        // An aggregate leaves only with its audit entry on disk: when the
+        // audit log cannot commit, the outbox does not either (its records
+        // wait, invisible to the uplink, for the next commit).
+        let audited = match audit {
+            Some(a) => {
+                let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
+                match log.commit() {
+                    Ok(()) => {
+                        metrics.set_audit_head(log.committed());
+                        true
+                    }
+                    Err(e) => {
+                        metrics.audit_errors.inc();
+                        tracing::error!(error = %e, "audit log commit failed: the outbox commit waits");
+                        false
+                    }
+                }
+            }
+            None => true,
+        };
+        if audited {
+            match outbox.commit() {
+                // Only a commit that succeeded feeds the watchdog.
+                Ok(()) => {
+                    metrics.outbox_commits.inc();
+                }
                 Err(e) => {
-                    metrics.audit_errors.inc();
-                    tracing::error!(error = %e, "audit log commit failed");
+                    metrics.outbox_append_failures.inc();
+                    tracing::error!(error = %e, "outbox commit failed");
                 }
             }
         }
-        if let Err(e) = outbox.commit() {
-            metrics.outbox_append_failures.inc();
-            tracing::error!(error = %e, "outbox commit failed");
-        }
-        metrics.outbox_commits.inc();
         metrics.observe_outbox(&counts(&outbox.stats()));
         metrics.observe_streams(&outbox.stream_bytes());
     };

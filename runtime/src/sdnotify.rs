@@ -85,11 +85,51 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// `WATCHDOG=1` every half `WatchdogSec`, as long as the outbox writer
-/// commits (it does every `outbox.fsync_interval_ms`, data or not): a
-/// stuck disk or a dead writer thread stops the pings and systemd restarts
-/// the service. While draining (`draining` cancelled) the pings go on
-/// unconditionally: the drain is bounded by `gateway.shutdown_timeout_ms`.
+/// What the watchdog reads at each tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Outbox group commits that succeeded so far (the writer commits every
+    /// `outbox.fsync_interval_ms`, data or not).
+    pub commits: u64,
+    /// How long the inference pass under way has run (`None`: none runs,
+    /// the thread waits for windows).
+    pub inference_busy: Option<Duration>,
+}
+
+impl Progress {
+    fn of(m: &Metrics) -> Self {
+        Self {
+            commits: m.outbox_commits.get(),
+            inference_busy: m.inference_stuck_for(),
+        }
+    }
+}
+
+/// Whether the gateway makes progress between two ticks `every` apart:
+/// the outbox writer committed successfully since `before`, and no
+/// inference pass has been running for longer than `every`. `Err`: why
+/// the watchdog is not fed. No I/O.
+pub fn verdict(
+    before: Option<Progress>,
+    now: Progress,
+    every: Duration,
+) -> Result<(), &'static str> {
+    if before.is_some_and(|b| b.commits == now.commits) {
+        return Err("the outbox writer made no successful commit");
+    }
+    if now.inference_busy.is_some_and(|d| d > every) {
+        return Err("an inference pass has not returned");
+    }
+    Ok(())
+}
+
+/// `WATCHDOG=1` every half `WatchdogSec`, as long as every stage makes
+/// progress ([`verdict`]): the outbox writer commits successfully and the
+/// inference thread answers. A disk whose commits fail, a dead writer
+/// thread or a hung forward pass (a GPU that stopped answering) stops the
+/// pings, and systemd restarts the service. While draining (`draining`
+/// cancelled) the pings go on unconditionally: the drain is bounded by
+/// `gateway.shutdown_timeout_ms`.
 pub fn spawn_watchdog(
     n: Arc<Notifier>,
     metrics: Arc<Metrics>,
@@ -99,18 +139,21 @@ pub fn spawn_watchdog(
     tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
-        let mut last = u64::MAX;
+        let mut last = None;
         loop {
             tick.tick().await;
-            let commits = metrics.outbox_commits.get();
-            if commits != last || draining.is_cancelled() {
-                if let Err(e) = n.notify("WATCHDOG=1") {
-                    tracing::warn!(error = %e, "cannot notify systemd");
+            let now = Progress::of(&metrics);
+            match verdict(last, now, every) {
+                Err(why) if !draining.is_cancelled() => {
+                    tracing::warn!("{why}: systemd watchdog not fed");
                 }
-            } else {
-                tracing::warn!("outbox writer made no progress: systemd watchdog not fed");
+                _ => {
+                    if let Err(e) = n.notify("WATCHDOG=1") {
+                        tracing::warn!(error = %e, "cannot notify systemd");
+                    }
+                }
             }
-            last = commits;
+            last = Some(now);
         }
     }))
 }
@@ -118,6 +161,56 @@ pub fn spawn_watchdog(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_is_fed_only_while_commits_succeed_and_inference_answers() {
+        let every = Duration::from_secs(5);
+        let at = |commits, busy: Option<u64>| Progress {
+            commits,
+            inference_busy: busy.map(Duration::from_secs),
+        };
+        // The first tick has nothing to compare with.
+        assert_eq!(verdict(None, at(0, None), every), Ok(()));
+        // Commits go on, inference idle or answering within a tick.
+        assert_eq!(verdict(Some(at(3, None)), at(5, None), every), Ok(()));
+        assert_eq!(verdict(Some(at(3, None)), at(5, Some(2)), every), Ok(()));
+        // A failing commit does not count: no successful commit since.
+        assert!(verdict(Some(at(5, None)), at(5, None), every).is_err());
+        // A model that blocks forever: its pass outlives the tick.
+        assert!(verdict(Some(at(5, None)), at(9, Some(6)), every).is_err());
+    }
+
+    #[test]
+    fn a_pass_that_does_not_return_is_seen_and_one_that_returns_is_not() {
+        let metrics = Arc::new(Metrics::new());
+        assert_eq!(metrics.inference_stuck_for(), None);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let m = metrics.clone();
+        let hung = std::thread::spawn(move || {
+            m.inference_pass(|| {
+                entered_tx.send(()).unwrap();
+                // Blocks until the test lets it go: a hung forward pass.
+                let _ = released.recv();
+            })
+        });
+        entered.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let busy = metrics.inference_stuck_for().expect("a pass runs");
+        assert!(busy >= Duration::from_millis(30), "{busy:?}");
+        let p = Progress::of(&metrics);
+        assert!(
+            verdict(
+                Some(Progress { commits: 0, ..p }),
+                Progress { commits: 1, ..p },
+                Duration::from_millis(10)
+            )
+            .is_err()
+        );
+        release.send(()).unwrap();
+        hung.join().unwrap();
+        assert_eq!(metrics.inference_stuck_for(), None);
+    }
 
     #[test]
     fn notifications_reach_a_path_socket() {

@@ -87,3 +87,23 @@ fn architecture_md_shows_the_current_module_graphs() {
         );
     }
 }
+
+/// The inference thread catches a panic of a model's forward pass so that
+/// the batch's readings are still counted and the gateway keeps running
+/// (`runtime/src/inference.rs`, tested there with a model that panics).
+/// That needs unwinding in what ships: `panic = "abort"` would end the
+/// process instead.
+#[test]
+fn what_ships_unwinds_on_a_panic() {
+    let manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&manifest).unwrap();
+    let profiles = table["profile"].as_table().expect("[profile] tables");
+    for name in ["release", "dev"] {
+        let panic = profiles
+            .get(name)
+            .and_then(|p| p.get("panic"))
+            .and_then(|p| p.as_str())
+            .unwrap_or("unwind");
+        assert_eq!(panic, "unwind", "[profile.{name}] panic");
+    }
+}

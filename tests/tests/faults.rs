@@ -665,3 +665,38 @@ fn after_an_outage_fresh_aggregates_overtake_the_backlog() {
         "the fresh aggregate came after the whole backlog ({old} of {backlog})"
     );
 }
+
+/// A site message larger than the MQTT client would take used to drop the
+/// source's connection before its acknowledgement: on a persistent session
+/// the broker delivered it again at every reconnect, and everything behind
+/// it waited. It is received, acknowledged, refused (`payload_too_large`)
+/// once, and not seen again after a restart on the same session.
+#[test]
+fn an_oversized_site_message_is_refused_once_and_not_delivered_again() {
+    let site = Broker::start();
+    let state = tempfile::tempdir().unwrap();
+    let config = site_config("gw-big", site.port).replace(
+        "sensor_from = \"topic:1\"",
+        "sensor_from = \"topic:1\"\npersistent_session = true",
+    );
+    let too_large =
+        |o: &Outpost| o.metric("outpost_rejected_total", &["reason=\"payload_too_large\""]);
+    let mut o = Outpost::run_with_state(&config, state.path());
+    o.wait_subscribed();
+    let mut p = Publisher::connect(site.port);
+    // Over rumqttc's usual 1 MiB limit, and over ingest.max_payload_bytes.
+    p.publish("sensors/big/data", vec![b' '; 2 * 1024 * 1024]);
+    p.flush();
+    publish_old_readings(site.port, 30);
+    o.wait_metric("outpost_readings_total", &[], 30.0, Duration::from_secs(30));
+    assert_eq!(too_large(&o), 1.0, "{}", o.log());
+    o.signal(libc::SIGTERM);
+    assert!(o.wait(Duration::from_secs(30)).success(), "{}", o.log());
+
+    // The same session again: the broker has nothing more to deliver.
+    let o = Outpost::run_with_state(&config, state.path());
+    o.wait_subscribed();
+    publish_old_readings(site.port, 10);
+    o.wait_metric("outpost_readings_total", &[], 10.0, Duration::from_secs(30));
+    assert_eq!(too_large(&o), 0.0, "{}", o.log());
+}

@@ -110,6 +110,10 @@ pub fn sensor_from_topic(from: &SensorFrom, topic: &str) -> Option<Option<String
     }
 }
 
+/// The largest packet MQTT 3.1.1 can carry (remaining length 268,435,455
+/// bytes, plus the fixed header).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
 /// How long a stopping source waits for its DISCONNECT to go out.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,6 +131,13 @@ pub async fn run(
             error,
         })?;
     options.set_clean_session(!cfg.persistent_session);
+    // Take any message the broker can send (MQTT's largest), so that one
+    // over `ingest.max_payload_bytes` is received, acknowledged and refused
+    // (`payload_too_large`, counted): a smaller client limit would drop the
+    // connection before the acknowledgement, and the broker would deliver
+    // the same message again at every reconnect of a persistent session.
+    // It sends only SUBSCRIBE, PUBACK and PINGREQ.
+    options.set_max_packet_size(MQTT_MAX_PACKET, 64 * 1024);
     let qos = if cfg.qos == 0 {
         QoS::AtMostOnce
     } else {
