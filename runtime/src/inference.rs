@@ -698,11 +698,20 @@ mod tests {
         Runner::new(Arc::new(LoadedModel::from_network(m, net, base.device())))
     }
 
-    #[test]
-    fn batches_by_count_keep_order_and_pass_tails_through() {
-        let runner = bundled();
+    /// The inference thread on `runner` with batches of four filled by
+    /// count: its slot, metrics, window input, results and handle.
+    #[allow(clippy::type_complexity)]
+    fn thread_on(
+        runner: Arc<Runner>,
+    ) -> (
+        Arc<ModelSlot>,
+        Arc<Metrics>,
+        flume::Sender<Window>,
+        flume::Receiver<Inferred>,
+        JoinHandle<Result<(), InferenceError>>,
+    ) {
         let slot = ModelSlot::new(ModelSet {
-            active: runner.clone(),
+            active: runner,
             shadow: None,
         });
         let metrics = Arc::new(Metrics::new());
@@ -716,6 +725,12 @@ mod tests {
             metrics.clone(),
         )
         .unwrap();
+        (slot, metrics, win_tx, inf_rx, handle)
+    }
+
+    #[test]
+    fn batches_by_count_keep_order_and_pass_tails_through() {
+        let (slot, metrics, win_tx, inf_rx, handle) = thread_on(bundled());
         let inputs: Vec<Window> = (0..12).map(|i| window(i, i % 5 != 4)).collect();
         for w in inputs.clone() {
             win_tx.send(w).unwrap();
@@ -757,21 +772,7 @@ mod tests {
 
     #[test]
     fn a_model_that_panics_costs_no_reading_and_the_thread_goes_on() {
-        let slot = ModelSlot::new(ModelSet {
-            active: panicking(),
-            shadow: None,
-        });
-        let metrics = Arc::new(Metrics::new());
-        let (win_tx, win_rx) = flume::bounded(16);
-        let (inf_tx, inf_rx) = flume::bounded(16);
-        let handle = spawn(
-            slot.clone(),
-            win_rx,
-            inf_tx,
-            Batching::cpu(4, None),
-            metrics.clone(),
-        )
-        .unwrap();
+        let (slot, metrics, win_tx, inf_rx, handle) = thread_on(panicking());
         for i in 0..8 {
             win_tx.send(window(i, true)).unwrap();
         }
