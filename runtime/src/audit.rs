@@ -54,6 +54,15 @@ pub mod kinds {
     /// An aggregate was released to the outbox: `{id, group, window_start,
     /// model, policy}`.
     pub const AGGREGATE: &str = "aggregate";
+    /// The uplink set an aggregate the broker keeps refusing aside in the
+    /// dead-letter store: `{entry, id, group, seq, attempts, reason, bytes}`.
+    pub const DEADLETTER: &str = "deadletter";
+    /// A dead-letter entry was removed to keep the store within its bound:
+    /// `{entry, id, group}`.
+    pub const DEADLETTER_EVICTED: &str = "deadletter_evicted";
+    /// A dead-letter entry was put back in the outbox (`outpost deadletter
+    /// resend`): `{entry, id, group}`.
+    pub const DEADLETTER_RESENT: &str = "deadletter_resent";
 }
 
 /// Where the audit log lives under the runtime's state directory.

@@ -54,6 +54,7 @@ enum Command {
     Reload(Reload),
     Models(Models),
     Audit(Audit),
+    Deadletter(Deadletter),
     Version(Version),
 }
 
@@ -309,6 +310,140 @@ struct AuditVerify {
     config: Option<PathBuf>,
 }
 
+/// The dead-letter store: aggregates the cloud broker kept refusing, set
+/// aside so that what came behind them was delivered.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "deadletter")]
+struct Deadletter {
+    #[argh(subcommand)]
+    command: DeadletterCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum DeadletterCommand {
+    List(DeadletterList),
+    Resend(DeadletterResend),
+}
+
+/// List the entries, oldest first: number, when, group, aggregate id,
+/// failed attempts, size, reason, and whether a resend is asked for.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct DeadletterList {
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml), for the store's directory
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// the store's directory (instead of the configuration's)
+    #[argh(option)]
+    dir: Option<PathBuf>,
+    /// print JSON instead of a table
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Ask for entries to be sent again: the running gateway puts them back in
+/// its outbox within a second (a stopped one at its next start), and they
+/// leave the store once the outbox holds them.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "resend")]
+struct DeadletterResend {
+    /// the gateway's configuration (default: $OUTPOST_CONFIG, else
+    /// /etc/outpost/outpost.toml), for the store's directory
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// the store's directory (instead of the configuration's)
+    #[argh(option)]
+    dir: Option<PathBuf>,
+    /// every entry
+    #[argh(switch)]
+    all: bool,
+    /// the entry's number (from `outpost deadletter list`)
+    #[argh(positional)]
+    id: Option<u64>,
+}
+
+/// The dead-letter store's directory: `dir`, else the configuration's.
+fn deadletter_dir(config: Option<PathBuf>, dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = dir {
+        return Ok(d);
+    }
+    let path = config_or_default(config);
+    let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state_dir = &cfg.gateway.state_dir;
+    Ok(cfg.uplink.as_ref().map_or_else(
+        || state_dir.join("deadletter"),
+        |u| u.deadletter_dir(state_dir),
+    ))
+}
+
+fn deadletter_command(command: DeadletterCommand) -> anyhow::Result<ExitCode> {
+    use outpost_storage::deadletter;
+    match command {
+        DeadletterCommand::List(DeadletterList { config, dir, json }) => {
+            let dir = deadletter_dir(config, dir)?;
+            let entries = deadletter::list(&dir)
+                .with_context(|| format!("cannot read the dead-letter store {}", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if entries.is_empty() {
+                println!("no dead-letter entries in {}", dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("ENTRY  SET ASIDE (UTC)       GROUP  ID  ATTEMPTS  BYTES  RESEND  REASON");
+            for e in entries {
+                let when = chrono::DateTime::from_timestamp_millis(e.set_aside_ms)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| e.set_aside_ms.to_string());
+                println!(
+                    "{}  {when}  {}  {}  {}  {}  {}  {}",
+                    e.id,
+                    e.stream,
+                    e.record_id,
+                    e.attempts,
+                    e.bytes,
+                    if e.resend { "asked" } else { "-" },
+                    e.reason
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadletterCommand::Resend(DeadletterResend {
+            config,
+            dir,
+            all,
+            id,
+        }) => {
+            let dir = deadletter_dir(config, dir)?;
+            let asked = match (id, all) {
+                (Some(_), true) | (None, false) => {
+                    anyhow::bail!("give an entry number or --all")
+                }
+                (Some(id), false) => {
+                    if deadletter::request_resend(&dir, id)? {
+                        vec![id]
+                    } else {
+                        println!("entry {id}: a resend was asked for already");
+                        Vec::new()
+                    }
+                }
+                (None, true) => deadletter::request_resend_all(&dir)?,
+            };
+            for id in &asked {
+                println!("entry {id}: resend asked for");
+            }
+            println!(
+                "{} entries to send again; the gateway puts them back in its outbox",
+                asked.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => Config::load(p),
@@ -493,6 +628,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Models(Models { command }) => models_command(command),
+        Command::Deadletter(Deadletter { command }) => deadletter_command(command),
         Command::Audit(Audit {
             command: AuditCommand::AuditVerify(AuditVerify { log, config }),
         }) => {

@@ -164,6 +164,24 @@ pub struct Metrics {
     pub uplink_bytes: Counter,
     /// Health messages published to the cloud.
     pub health_sent: Counter,
+    /// Messages that failed: unacknowledged when a connection was lost,
+    /// or refused by the client before they were sent.
+    pub uplink_failed_messages: Counter,
+    /// Records set aside in the dead-letter store after failing alone
+    /// `uplink.max_attempts` times (or larger than the broker takes).
+    pub uplink_deadlettered: Counter,
+    /// Records the dead-letter store could not take (its write failed, or
+    /// the record alone exceeds its bound); the first stay in the outbox.
+    pub deadletter_errors: Counter,
+    /// Dead-letter entries removed, oldest first, to keep the store within
+    /// `uplink.deadletter_max_bytes`.
+    pub deadletter_evicted: Counter,
+    /// Dead-letter entries put back in the outbox (`outpost deadletter resend`).
+    pub deadletter_resent: Counter,
+    /// Entries held in the dead-letter store.
+    pub deadletter_records: Gauge,
+    /// Bytes held in the dead-letter store.
+    pub deadletter_bytes: Gauge,
     /// 1, labelled with the model serving the aggregates.
     pub model_info: Family<ModelLabels, Gauge>,
     model: std::sync::Mutex<ModelStatus>,
@@ -320,6 +338,13 @@ impl Metrics {
             uplink_breaker_probes_failed: Counter::default(),
             uplink_messages: Counter::default(),
             uplink_bytes: Counter::default(),
+            uplink_failed_messages: Counter::default(),
+            uplink_deadlettered: Counter::default(),
+            deadletter_errors: Counter::default(),
+            deadletter_evicted: Counter::default(),
+            deadletter_resent: Counter::default(),
+            deadletter_records: Gauge::default(),
+            deadletter_bytes: Gauge::default(),
             health_sent: Counter::default(),
             model_info: Family::default(),
             model: Default::default(),
@@ -469,6 +494,41 @@ impl Metrics {
             "uplink_sent",
             "Aggregates published to the cloud",
             m.uplink_sent.clone(),
+        );
+        registry.register(
+            "uplink_failed_messages",
+            "Uplink messages unacknowledged when a connection was lost, or refused before sending",
+            m.uplink_failed_messages.clone(),
+        );
+        registry.register(
+            "uplink_deadlettered",
+            "Records set aside in the dead-letter store after failing alone uplink.max_attempts times",
+            m.uplink_deadlettered.clone(),
+        );
+        registry.register(
+            "deadletter_errors",
+            "Records the dead-letter store could not take (write failed, or larger than its bound)",
+            m.deadletter_errors.clone(),
+        );
+        registry.register(
+            "deadletter_evicted",
+            "Dead-letter entries removed, oldest first, to stay within uplink.deadletter_max_bytes",
+            m.deadletter_evicted.clone(),
+        );
+        registry.register(
+            "deadletter_resent",
+            "Dead-letter entries put back in the outbox (outpost deadletter resend)",
+            m.deadletter_resent.clone(),
+        );
+        registry.register(
+            "deadletter_records",
+            "Entries held in the dead-letter store",
+            m.deadletter_records.clone(),
+        );
+        registry.register(
+            "deadletter_bytes",
+            "Bytes held in the dead-letter store",
+            m.deadletter_bytes.clone(),
         );
         registry.register(
             "uplink_acked",

@@ -480,7 +480,7 @@ pub async fn run(
     // Cancelled by the outbox writer once the last aggregate is in: the
     // uplink then exits when the outbox is empty.
     let drain = CancellationToken::new();
-    let uplink_task = UplinkRun::start(&cfg, &outbox, &metrics, &drain, &stop_all)?;
+    let uplink_task = UplinkRun::start(&cfg, &outbox, &metrics, &drain, &stop_all, &audit)?;
 
     // Outbox writer: the end of the core, on a blocking thread (file I/O and
     // fsync). Appends are committed as a group every `fsync_interval_ms`;
@@ -707,6 +707,7 @@ impl UplinkRun {
         metrics: &Arc<Metrics>,
         drain: &CancellationToken,
         stop_all: &CancellationToken,
+        audit: &Option<SharedAudit>,
     ) -> Result<Self, crate::mqtt::MqttSetupError> {
         let stop = Stop {
             drain: drain.child_token(),
@@ -719,6 +720,8 @@ impl UplinkRun {
             outbox.clone(),
             metrics.clone(),
             stop.clone(),
+            &cfg.gateway.state_dir,
+            audit.clone(),
         )?;
         Ok(Self {
             task,
@@ -809,14 +812,22 @@ impl Live {
             let (tx, rx) = (&self.drain, &self.stop_all);
             let old = std::mem::replace(&mut self.uplink, UplinkRun::idle());
             old.stop().await;
-            self.uplink = match UplinkRun::start(&new, &self.outbox, &self.metrics, tx, rx) {
-                Ok(u) => u,
-                Err(e) => {
-                    self.uplink = UplinkRun::start(&self.cfg, &self.outbox, &self.metrics, tx, rx)
+            self.uplink =
+                match UplinkRun::start(&new, &self.outbox, &self.metrics, tx, rx, &self.audit) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        self.uplink = UplinkRun::start(
+                            &self.cfg,
+                            &self.outbox,
+                            &self.metrics,
+                            tx,
+                            rx,
+                            &self.audit,
+                        )
                         .map_err(|e| format!("uplink: {e}"))?;
-                    return Err(format!("uplink: {e}"));
-                }
-            };
+                        return Err(format!("uplink: {e}"));
+                    }
+                };
             self.cfg.uplink = new.uplink.clone();
             applied.push("uplink".to_string());
         }

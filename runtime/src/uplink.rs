@@ -15,15 +15,26 @@
 //!   a broker session, so after any disconnect every unacknowledged record is
 //!   re-sent from the outbox instead (at least once; consumers deduplicate by
 //!   the aggregate's `id`).
+//! - A message the broker refuses does not block the backlog: its records
+//!   go one message at a time, split in halves, and one that still fails
+//!   alone `max_attempts` times is set aside by the [`DeadLetterSink`]
+//!   (`uplink/deadletter.rs`); the decisions are the state's
+//!   ([`Verdict`]). Records handed to the client are held in the outbox
+//!   (no `coarsen` merge or drop touches them) until acknowledged or the
+//!   connection is gone.
 
 mod config;
+mod deadletter;
 mod session;
 mod settings;
 mod state;
 mod task;
 
-pub use config::UplinkConfig;
+pub use config::{BrokerProfile, UplinkConfig};
+pub use deadletter::DeadLetterSink;
 pub use session::{Connector, RumqttConnector, RumqttSession, Session, SessionEvent, UplinkError};
 pub use settings::{Compression, HealthSettings, Stop, UplinkSettings, ZSTD_TOPIC_SUFFIX};
-pub use state::{Backoff, Next, RateLimit, UplinkPolicy, UplinkState};
+pub use state::{
+    Backoff, DEFAULT_MAX_ATTEMPTS, Next, RateLimit, UplinkPolicy, UplinkState, Verdict,
+};
 pub use task::{run, run_log_sink, spawn};

@@ -29,6 +29,7 @@
 //! change to one is a change of format version.
 
 pub mod audit;
+pub mod deadletter;
 pub mod fsutil;
 pub mod outbox;
 

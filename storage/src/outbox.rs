@@ -197,7 +197,20 @@ pub trait Outbox<R: Record>: Send {
     fn stream_bytes(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
+    /// The reader took these records for a delivery: they are in flight
+    /// until acknowledged ([`Outbox::ack`]) or released. No rewrite (the
+    /// `coarsen` merges, the drop policies) touches a record in flight: a
+    /// merged record acknowledged by its old delivery would delete the
+    /// readings merged into it, and one sent again after a merge would
+    /// count them twice. An outbox without rewrites ignores this.
+    fn hold(&mut self, _seqs: &[u64]) {}
+    /// These records are no longer in flight (taken but not sent).
+    fn release(&mut self, _seqs: &[u64]) {}
+    /// No record is in flight any more (the connection is gone: whatever
+    /// is unacknowledged is read again).
+    fn release_all(&mut self) {}
 }
+
 
 /// An in-memory outbox bounded by record count.
 #[derive(Debug)]
@@ -334,6 +347,31 @@ impl<R: Record> SharedOutbox<R> {
     pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
         self.lock().ack(seq)
     }
+
+    /// Read like [`SharedOutbox::read_from`] and hold every record read
+    /// ([`Outbox::hold`]) under the same lock, so that no rewrite comes
+    /// between the read and the hold. Records not sent after all are
+    /// given back with [`SharedOutbox::release`].
+    pub fn read_held(&self, from: u64, max: usize) -> Result<Vec<OutboxRecord<R>>, OutboxError> {
+        let mut o = self.lock();
+        let records = o.read_from(from, max)?;
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        o.hold(&seqs);
+        Ok(records)
+    }
+
+    /// See [`Outbox::release`].
+    pub fn release(&self, seqs: &[u64]) {
+        if !seqs.is_empty() {
+            self.lock().release(seqs);
+        }
+    }
+
+    /// See [`Outbox::release_all`].
+    pub fn release_all(&self) {
+        self.lock().release_all();
+    }
+
 
     /// See [`Outbox::oldest`].
     pub fn oldest(&self) -> Option<u64> {

@@ -592,7 +592,17 @@ impl Subscriber {
             .filter_map(|m| serde_json::from_slice(&m.payload).ok())
             .collect()
     }
+
+    /// The distinct `id`s of the JSON objects received (aggregates; a
+    /// re-sent duplicate counts once).
+    pub fn ids(&self) -> std::collections::BTreeSet<String> {
+        self.json()
+            .iter()
+            .filter_map(|a| a["id"].as_str().map(str::to_string))
+            .collect()
+    }
 }
+
 
 /// A QoS 1 publisher.
 pub struct Publisher {

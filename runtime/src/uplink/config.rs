@@ -1,5 +1,8 @@
 //! `[uplink]`: the cloud broker, topics, QoS 1 delivery, batching,
-//! backoff and the circuit breaker, health messages.
+//! backoff and the circuit breaker, health messages, the broker's message
+//! size limit and the dead-letter store.
+
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -72,6 +75,71 @@ pub struct UplinkConfig {
     /// closes the breaker.
     #[serde(default = "default_breaker_open")]
     pub breaker_open_ms: u64,
+    /// The kind of cloud broker, for its message size limit:
+    /// `generic` (default, 512 KiB), `aws_iot_core` (128 KiB payload),
+    /// `azure_iot_hub` (256 KiB message).
+    #[serde(default)]
+    pub broker_profile: BrokerProfile,
+    /// The largest payload the broker takes, in bytes; default: the
+    /// profile's. A single aggregate larger than this is set aside in the
+    /// dead-letter store at once; `batch_max_bytes` may not exceed it.
+    #[serde(default)]
+    pub max_message_bytes: Option<usize>,
+    /// Failed deliveries of an aggregate sent alone (the broker dropped
+    /// the connection, or the client refused it) before it is set aside in
+    /// the dead-letter store, so that what comes behind it is delivered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Directory of the dead-letter store; default:
+    /// `<gateway.state_dir>/deadletter`.
+    #[serde(default)]
+    pub deadletter_dir: Option<PathBuf>,
+    /// Bytes the dead-letter store holds at most; the oldest entries are
+    /// removed (counted) to make room.
+    #[serde(default = "default_deadletter_max_bytes")]
+    pub deadletter_max_bytes: u64,
+}
+
+/// The kind of cloud broker: what it takes at most in one message.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerProfile {
+    /// Any MQTT broker: 512 KiB (the client itself refuses packets over
+    /// 1 MiB).
+    #[default]
+    Generic,
+    /// AWS IoT Core: 128 KiB payload.
+    AwsIotCore,
+    /// Azure IoT Hub: 256 KiB device-to-cloud message.
+    AzureIotHub,
+}
+
+impl BrokerProfile {
+    /// The largest payload the broker takes, in bytes.
+    pub fn max_message_bytes(self) -> usize {
+        match self {
+            BrokerProfile::Generic => 512 * 1024,
+            BrokerProfile::AwsIotCore => 128 * 1024,
+            BrokerProfile::AzureIotHub => 256 * 1024,
+        }
+    }
+
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerProfile::Generic => "generic",
+            BrokerProfile::AwsIotCore => "aws_iot_core",
+            BrokerProfile::AzureIotHub => "azure_iot_hub",
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    super::state::DEFAULT_MAX_ATTEMPTS
+}
+
+fn default_deadletter_max_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_health_interval() -> u64 {
@@ -147,12 +215,39 @@ impl UplinkConfig {
         if u.breaker_failures == 0 {
             c.push("breaker_failures", "must be at least 1");
         }
-        if u.batch_max_bytes > 512 * 1024 {
+        let limit = u.max_message_bytes();
+        if u.max_message_bytes == Some(0) {
+            c.push("max_message_bytes", "must be at least 1");
+        } else if u.batch_max_bytes > limit {
+            let from = match u.max_message_bytes {
+                Some(_) => "uplink.max_message_bytes".to_string(),
+                None => format!("the {} broker profile's limit", u.broker_profile.name()),
+            };
             c.push(
                 "batch_max_bytes",
-                "must be at most 524288 (brokers limit message size: AWS IoT Core 128 KiB)",
+                format!("must be at most {limit} ({from}): the broker refuses larger messages"),
             );
         }
+        if u.max_attempts == 0 {
+            c.push("max_attempts", "must be at least 1");
+        }
+        if u.deadletter_max_bytes < 1 << 20 {
+            c.push("deadletter_max_bytes", "must be at least 1048576 (1 MiB)");
+        }
+    }
+
+    /// The largest payload the broker takes: `max_message_bytes`, else the
+    /// profile's.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+            .unwrap_or_else(|| self.broker_profile.max_message_bytes())
+    }
+
+    /// The dead-letter store's directory.
+    pub fn deadletter_dir(&self, state_dir: &Path) -> PathBuf {
+        self.deadletter_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("deadletter"))
     }
 }
 

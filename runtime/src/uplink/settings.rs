@@ -21,6 +21,12 @@ pub struct UplinkSettings {
     pub compression: Compression,
     /// Periodic health messages; `None`: none.
     pub health: Option<HealthSettings>,
+    /// The largest payload the broker takes (0: unknown); a single
+    /// aggregate larger than this is set aside at once.
+    pub max_message_bytes: usize,
+    /// Where aggregates the broker keeps refusing are set aside; `None`:
+    /// they are retried for ever (one at a time).
+    pub deadletter: Option<super::DeadLetterSink>,
 }
 
 /// Health messages of the uplink.
@@ -58,6 +64,8 @@ impl UplinkSettings {
             batch_max_bytes: 0,
             compression: Compression::None,
             health: None,
+            max_message_bytes: 0,
+            deadletter: None,
         }
     }
 

@@ -3,6 +3,15 @@
 //! backoff and circuit breaker. No tokio, no MQTT client: time comes in as
 //! milliseconds and events as method calls, so it is tested on its own.
 //!
+//! A message the broker refuses (it drops the connection, or the client
+//! refuses to write it) must not block what comes behind it: when a
+//! connection is lost with messages unacknowledged, their records become
+//! suspects and go one message at a time; a suspect message that fails
+//! again is split in halves, down to single records; a record that fails
+//! alone `max_attempts` times is set aside ([`Verdict::SetAside`]: the
+//! caller moves it to the dead-letter store). While the same records keep
+//! failing, a CONNACK does not reset the backoff; a suspect's PUBACK does.
+//!
 //! The circuit breaker slows a gateway down and never keeps it off a
 //! healthy cloud: after `breaker_failures` failed connections in a row it
 //! opens, and then one probe connection goes every probe interval (at most
@@ -10,7 +19,7 @@
 //! connects is half-open: one message in flight, no bulk backlog, until its
 //! PUBACK closes the breaker.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 /// Capped exponential backoff with jitter (half to full delay).
@@ -159,7 +168,28 @@ pub struct UplinkPolicy {
     /// Time between two probes of the open breaker, capped at the largest
     /// backoff ([`Backoff::probe_delay`]).
     pub breaker_open: Duration,
+    /// Failed deliveries of a record alone before it is set aside.
+    pub max_attempts: u32,
 }
+
+/// What a lost connection or a refused message means for its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to set aside: the records are sent again.
+    Retry,
+    /// This record failed alone `attempts` times: set it aside (the
+    /// caller stores it in the dead-letter store, removes it from the
+    /// outbox and calls [`UplinkState::on_set_aside`]).
+    SetAside {
+        /// The record's sequence.
+        seq: u64,
+        /// Its failed deliveries alone.
+        attempts: u32,
+    },
+}
+
+/// Default of [`UplinkPolicy::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 impl UplinkPolicy {
     /// In order, no caps, breaker after 10 failures (then a probe every
@@ -172,6 +202,7 @@ impl UplinkPolicy {
             max_publish_rate: 0.0,
             breaker_failures: 10,
             breaker_open: Duration::from_secs(300),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 }
@@ -206,6 +237,15 @@ pub struct UplinkState {
     awaiting_pkid: VecDeque<Vec<u64>>,
     /// Messages sent with a packet id, not yet acknowledged.
     inflight: HashMap<u16, Vec<u64>>,
+    /// Records of messages unacknowledged when a connection was lost, not
+    /// yet acknowledged or set aside: while any is left, one message at a
+    /// time (isolation).
+    suspects: BTreeSet<u64>,
+    /// Most records per message while isolating (halved at each failure
+    /// of a message alone).
+    split: usize,
+    /// Failed deliveries alone, per suspect record.
+    attempts: HashMap<u64, u32>,
     connected: bool,
     backoff: Backoff,
     failures: u32,
@@ -224,6 +264,7 @@ impl UplinkState {
     pub fn with_policy(mut policy: UplinkPolicy, backoff: Backoff) -> Self {
         policy.max_inflight = policy.max_inflight.max(1);
         policy.breaker_failures = policy.breaker_failures.max(1);
+        policy.max_attempts = policy.max_attempts.max(1);
         Self {
             publish_limit: RateLimit::new(policy.max_publish_rate),
             backlog_limit: RateLimit::new(policy.backlog_rate),
@@ -233,6 +274,9 @@ impl UplinkState {
             backlog_cursor: 0,
             awaiting_pkid: VecDeque::new(),
             inflight: HashMap::new(),
+            suspects: BTreeSet::new(),
+            split: usize::MAX,
+            attempts: HashMap::new(),
             connected: false,
             backoff,
             failures: 0,
@@ -246,7 +290,11 @@ impl UplinkState {
     pub fn on_connected(&mut self, committed_end: u64) {
         self.connected = true;
         if self.breaker == Breaker::Closed {
-            self.backoff.reset();
+            // While records keep failing, a CONNACK proves nothing about
+            // them: the backoff goes on growing until one is acknowledged.
+            if self.suspects.is_empty() {
+                self.backoff.reset();
+            }
             self.failures = 0;
         } else {
             self.breaker = Breaker::HalfOpen;
@@ -276,6 +324,86 @@ impl UplinkState {
         self.breaker == Breaker::HalfOpen
     }
 
+    /// Whether messages go one at a time because records failed.
+    pub fn isolating(&self) -> bool {
+        !self.suspects.is_empty()
+    }
+
+    /// Most records per message now (`usize::MAX`: no limit beyond the
+    /// batching settings).
+    pub fn records_per_message(&self) -> usize {
+        if self.isolating() {
+            self.split
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// The connection was lost (call before [`UplinkState::on_disconnected`]):
+    /// what it means for the messages unacknowledged. Outside isolation
+    /// their records become suspects, sent one message at a time. A
+    /// message sent alone that failed is split in halves; a record sent
+    /// alone that failed `max_attempts` times is set aside.
+    pub fn on_connection_lost(&mut self) -> Verdict {
+        let unacked: Vec<&Vec<u64>> = self
+            .awaiting_pkid
+            .iter()
+            .chain(self.inflight.values())
+            .collect();
+        if unacked.is_empty() {
+            return Verdict::Retry;
+        }
+        if !self.isolating() {
+            self.suspects = unacked.iter().flat_map(|m| m.iter().copied()).collect();
+            self.split = usize::MAX;
+            return Verdict::Retry;
+        }
+        // Isolating: one message in flight, so it is the one that failed.
+        let failed = unacked[0].clone();
+        self.suspects.extend(failed.iter().copied());
+        if failed.len() > 1 {
+            self.split = failed.len().div_ceil(2);
+            return Verdict::Retry;
+        }
+        let seq = failed[0];
+        let n = self.attempts.entry(seq).or_insert(0);
+        *n += 1;
+        if *n >= self.policy.max_attempts {
+            return Verdict::SetAside { seq, attempts: *n };
+        }
+        Verdict::Retry
+    }
+
+    /// A record was refused before it reached the broker (larger than the
+    /// broker takes): it can never be delivered, so it is set aside at once
+    /// (a message of several records is split instead).
+    pub fn on_refused(&mut self, seqs: &[u64]) -> Verdict {
+        match seqs {
+            [] => Verdict::Retry,
+            [seq] => Verdict::SetAside {
+                seq: *seq,
+                attempts: self.attempts.get(seq).copied().unwrap_or(0),
+            },
+            _ => {
+                self.suspects.extend(seqs.iter().copied());
+                self.split = self.split.min(seqs.len().div_ceil(2));
+                Verdict::Retry
+            }
+        }
+    }
+
+    /// Record `seq` was set aside (in the dead-letter store, out of the
+    /// outbox): it is no longer a suspect, and the next connection does not
+    /// pay for its failures.
+    pub fn on_set_aside(&mut self, seq: u64) {
+        self.suspects.remove(&seq);
+        self.attempts.remove(&seq);
+        self.backoff.reset();
+        if !self.isolating() {
+            self.split = usize::MAX;
+        }
+    }
+
     /// The connection is gone (or never came): everything unacknowledged
     /// will be re-sent from `oldest_unacked`. Returns the delay before
     /// reconnecting: the backoff, or, once too many failed in a row or a
@@ -288,6 +416,14 @@ impl UplinkState {
         self.awaiting_pkid.clear();
         self.inflight.clear();
         let restart = oldest_unacked.unwrap_or(self.live_cursor.max(self.backlog_cursor));
+        // Suspects below the oldest record held are gone (dropped by the
+        // outbox's policy, or delivered).
+        self.suspects = self.suspects.split_off(&restart);
+        self.attempts.retain(|seq, _| *seq >= restart);
+        if oldest_unacked.is_none() {
+            self.suspects.clear();
+            self.attempts.clear();
+        }
         self.backlog_cursor = restart;
         self.live_cursor = restart;
         self.live_from = restart;
@@ -307,6 +443,7 @@ impl UplinkState {
             return 0;
         }
         let window = match self.breaker {
+            _ if self.isolating() => 1,
             Breaker::HalfOpen => 1,
             Breaker::Closed | Breaker::Open => self.policy.max_inflight,
         };
@@ -384,6 +521,18 @@ impl UplinkState {
             self.failures = 0;
             self.backoff.reset();
         }
+        let mut cleared = false;
+        for seq in &seqs {
+            cleared |= self.suspects.remove(seq);
+            self.attempts.remove(seq);
+        }
+        if cleared {
+            // Delivery of what failed works again.
+            self.backoff.reset();
+            if !self.isolating() {
+                self.split = usize::MAX;
+            }
+        }
         Some(seqs)
     }
 
@@ -445,6 +594,7 @@ mod tests {
             max_publish_rate,
             breaker_failures: 3,
             breaker_open: Duration::from_secs(60),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 
@@ -575,5 +725,131 @@ mod tests {
         assert!(s.half_open());
         let _ = s.on_puback(1);
         assert!(s.half_open(), "a PUBACK of no message of ours is no proof");
+    }
+
+    /// Send one message of `seqs` on a fresh connection and lose it before
+    /// its PUBACK: the verdict, and the delay before the next connection.
+    fn fail_alone(s: &mut UplinkState, seqs: Vec<u64>) -> (Verdict, Duration) {
+        s.on_connected(100);
+        assert_eq!(s.room(), 1, "one message at a time while isolating");
+        s.on_sent_batch(seqs);
+        s.on_outgoing(1);
+        let v = s.on_connection_lost();
+        (v, s.on_disconnected(Some(1)))
+    }
+
+    /// Issue 18 (5): a message the broker refuses (it drops the
+    /// connection) was sent again after every reconnect and blocked all
+    /// behind it. Its records go one message at a time, the message is
+    /// split in halves down to single records, and a record that fails
+    /// alone `max_attempts` times is set aside; the rest is delivered.
+    #[test]
+    fn a_refused_message_is_isolated_split_and_its_record_set_aside() {
+        let mut p = policy(false, 0.0, 0.0);
+        p.max_attempts = 3;
+        let mut s = UplinkState::with_policy(p, backoff());
+        s.on_connected(100);
+        // A batch of 8 records and a message of 2 in flight; the broker
+        // drops the connection (record 7 is the one it refuses).
+        s.on_sent_batch((1..=8).collect());
+        s.on_sent_batch(vec![9, 10]);
+        s.on_outgoing(1);
+        s.on_outgoing(2);
+        assert_eq!(
+            s.on_connection_lost(),
+            Verdict::Retry,
+            "no attempt counted yet: a network fault looks the same"
+        );
+        let _ = s.on_disconnected(Some(1));
+        assert!(s.isolating());
+        assert_eq!(s.records_per_message(), usize::MAX);
+        // Alone, the batch of 8 fails: halves from now on.
+        assert_eq!(fail_alone(&mut s, (1..=8).collect()).0, Verdict::Retry);
+        assert_eq!(s.records_per_message(), 4);
+        // The first half goes through; the second fails: quarters.
+        s.on_connected(100);
+        s.on_sent_batch(vec![1, 2, 3, 4]);
+        s.on_outgoing(1);
+        assert_eq!(s.on_puback(1), Some(vec![1, 2, 3, 4]));
+        assert!(s.isolating());
+        s.on_sent_batch(vec![5, 6, 7, 8]);
+        s.on_outgoing(2);
+        assert_eq!(s.on_connection_lost(), Verdict::Retry);
+        let _ = s.on_disconnected(Some(5));
+        assert_eq!(s.records_per_message(), 2);
+        assert_eq!(fail_alone(&mut s, vec![7, 8]).0, Verdict::Retry);
+        assert_eq!(s.records_per_message(), 1);
+        // Record 7 alone: three attempts, then it is set aside.
+        assert_eq!(fail_alone(&mut s, vec![7]).0, Verdict::Retry);
+        assert_eq!(fail_alone(&mut s, vec![7]).0, Verdict::Retry);
+        assert_eq!(
+            fail_alone(&mut s, vec![7]).0,
+            Verdict::SetAside {
+                seq: 7,
+                attempts: 3
+            }
+        );
+        s.on_set_aside(7);
+        // What was behind it goes, one at a time until the last suspect is
+        // acknowledged; then the full window again.
+        s.on_connected(100);
+        for (pkid, seq) in [(1, 5), (2, 6), (3, 8), (4, 9)] {
+            assert_eq!(s.room(), 1);
+            s.on_sent(seq);
+            s.on_outgoing(pkid);
+            assert_eq!(s.on_puback(pkid), Some(vec![seq]));
+        }
+        assert!(s.isolating());
+        s.on_sent(10);
+        s.on_outgoing(5);
+        s.on_puback(5);
+        assert!(!s.isolating());
+        assert_eq!(s.room(), 8);
+        assert_eq!(s.records_per_message(), usize::MAX);
+    }
+
+    /// Issue 18 (5): every CONNACK reset the backoff, so a record the
+    /// broker refuses was sent again at the shortest delay for ever. While
+    /// the same record keeps failing the delay grows; a suspect's PUBACK
+    /// resets it.
+    #[test]
+    fn the_backoff_grows_while_the_same_record_keeps_failing() {
+        let mut p = policy(false, 0.0, 0.0);
+        p.max_attempts = 100;
+        let mut s = UplinkState::with_policy(
+            p,
+            Backoff::new(Duration::from_millis(10), Duration::from_secs(10), 7),
+        );
+        s.on_connected(100);
+        s.on_sent(1);
+        s.on_outgoing(1);
+        let _ = s.on_connection_lost();
+        let _ = s.on_disconnected(Some(1));
+        let delays: Vec<Duration> = (0..7).map(|_| fail_alone(&mut s, vec![1]).1).collect();
+        // Half to all of 10 ms << attempt: the 7th is at least 320 ms.
+        assert!(delays[6] >= Duration::from_millis(320), "{delays:?}");
+        s.on_connected(100);
+        s.on_sent(1);
+        s.on_outgoing(9);
+        assert_eq!(s.on_puback(9), Some(vec![1]));
+        assert!(!s.isolating());
+        assert!(s.on_disconnected(Some(2)) <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_record_larger_than_the_broker_takes_is_set_aside_at_once() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 0.0), backoff());
+        s.on_connected(100);
+        assert_eq!(s.on_refused(&[4, 5, 6]), Verdict::Retry);
+        assert_eq!(s.records_per_message(), 2, "a message of several is split");
+        assert_eq!(
+            s.on_refused(&[5]),
+            Verdict::SetAside {
+                seq: 5,
+                attempts: 0
+            }
+        );
+        s.on_set_aside(5);
+        assert!(s.isolating(), "4 and 6 still to be delivered one at a time");
     }
 }

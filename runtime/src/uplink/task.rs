@@ -10,9 +10,10 @@ use crate::mqtt::render_topic;
 use crate::outbox::SharedOutbox;
 
 use super::config::UplinkConfig;
+use super::deadletter::DeadLetterSink;
 use super::session::{Connector, RumqttConnector, Session, SessionEvent};
 use super::settings::{Compression, HealthSettings, Stop, UplinkSettings, ZSTD_TOPIC_SUFFIX};
-use super::state::{Backoff, Next, UplinkPolicy, UplinkState};
+use super::state::{Backoff, Next, UplinkPolicy, UplinkState, Verdict};
 
 /// Publish the outbox until stopped. Returns the records still undelivered.
 pub async fn run<C: Connector>(
@@ -32,6 +33,14 @@ pub async fn run<C: Connector>(
         });
     let mut health_tick = tokio::time::interval(health_every);
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Resend requests of the dead-letter store (`outpost deadletter resend`).
+    let mut resend_tick = tokio::time::interval(Duration::from_secs(1));
+    resend_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if let Some(d) = &settings.deadletter {
+        d.observe(&metrics);
+    }
+    // Nothing is in flight before the first connection.
+    outbox.release_all();
     loop {
         if stop.drain.is_cancelled() && outbox.oldest().is_none() {
             return 0;
@@ -90,8 +99,14 @@ pub async fn run<C: Connector>(
                         send_health(&mut session, &settings, &metrics);
                     }
                 }
+                _ = resend_tick.tick(), if settings.deadletter.is_some() && !stop.drain.is_cancelled() => {
+                    if let Some(d) = &settings.deadletter {
+                        d.resend(&outbox, &metrics);
+                    }
+                }
                 _ = stop.drain.cancelled(), if !stop.drain.is_cancelled() => {}
                 _ = stop.now.cancelled() => {
+                    outbox.release_all();
                     return outbox.stats().depth;
                 }
             }
@@ -99,6 +114,20 @@ pub async fn run<C: Connector>(
         drop(session);
         metrics.uplink_connected.set(0);
         metrics.uplink_inflight.set(0);
+        metrics
+            .uplink_failed_messages
+            .inc_by(state.unacked() as u64);
+        if let Verdict::SetAside { seq, attempts } = state.on_connection_lost() {
+            let reason = format!(
+                "refused: sent alone {attempts} times, each time the connection was lost before its PUBACK (last: {err})"
+            );
+            set_aside(
+                &mut state, &outbox, &settings, &metrics, seq, attempts, &reason,
+            );
+        }
+        // Whatever was in flight is read again: the outbox may rewrite it
+        // until it is taken again.
+        outbox.release_all();
         let probing = state.breaker_open();
         let delay = state.on_disconnected(outbox.oldest());
         metrics.uplink_breaker_open.set(state.breaker_open().into());
@@ -115,6 +144,50 @@ pub async fn run<C: Connector>(
             _ = stop.now.cancelled() => return outbox.stats().depth,
         }
     }
+}
+
+/// Set record `seq` aside in the dead-letter store and take it out of the
+/// outbox, as the state decided ([`Verdict::SetAside`]). Without a store,
+/// or when the store cannot take it, the record stays (tried again).
+fn set_aside(
+    state: &mut UplinkState,
+    outbox: &SharedOutbox,
+    settings: &UplinkSettings,
+    metrics: &Metrics,
+    seq: u64,
+    attempts: u32,
+    reason: &str,
+) -> bool {
+    let Some(sink) = &settings.deadletter else {
+        tracing::error!(
+            seq,
+            attempts,
+            reason,
+            "uplink: an aggregate keeps failing and there is no dead-letter store; tried again"
+        );
+        return false;
+    };
+    let record = match outbox.read_from(seq, 1) {
+        Ok(r) => r.into_iter().next().filter(|r| r.seq == seq),
+        Err(e) => {
+            tracing::error!(error = %e, seq, "outbox read failed");
+            return false;
+        }
+    };
+    // Gone meanwhile (dropped by the outbox's policy): nothing to set aside.
+    let stored = match &record {
+        Some(r) => sink.set_aside(r, attempts, reason, metrics),
+        None => true,
+    };
+    if !stored {
+        return false;
+    }
+    if let Err(e) = outbox.ack(seq) {
+        tracing::error!(error = %e, seq, "outbox ack failed");
+    }
+    state.on_set_aside(seq);
+    metrics.outbox_depth.set(outbox.stats().depth as i64);
+    true
 }
 
 /// Publish a health message (QoS 0: lost with the connection, never
@@ -159,7 +232,7 @@ fn send_ready<S: Session>(
                     // Live read came back empty and there is no backlog left.
                     return None;
                 }
-                match outbox.read_from(from, settings.records_for(max)) {
+                match outbox.read_held(from, settings.records_for(max)) {
                     Ok(r) if r.is_empty() => {
                         live_empty = true;
                         continue;
@@ -172,10 +245,11 @@ fn send_ready<S: Session>(
                 }
             }
             Next::Backlog { from, end, max } => {
-                match outbox.read_from(from, settings.records_for(max)) {
+                match outbox.read_held(from, settings.records_for(max)) {
                     Ok(r) => {
                         budget = max;
-                        let r: Vec<_> = r.into_iter().filter(|r| r.seq < end).collect();
+                        let (r, live): (Vec<_>, Vec<_>) = r.into_iter().partition(|r| r.seq < end);
+                        outbox.release(&live.iter().map(|r| r.seq).collect::<Vec<_>>());
                         if r.is_empty() {
                             state.backlog_done();
                             continue;
@@ -190,7 +264,23 @@ fn send_ready<S: Session>(
             }
         };
         debug_assert!(records.iter().all(|r| r.seq < end));
-        for batch in settings.batches(&records).into_iter().take(budget) {
+        // Records taken but not handed to the client are given back to the
+        // outbox's policies when this pass ends.
+        let mut unsent: std::collections::BTreeSet<u64> = records.iter().map(|r| r.seq).collect();
+        let give_back = |unsent: &std::collections::BTreeSet<u64>| {
+            outbox.release(&unsent.iter().copied().collect::<Vec<_>>());
+        };
+        let per_message = state.records_per_message();
+        let mut sent = 0;
+        let mut reread = false;
+        for batch in settings
+            .batches(&records)
+            .into_iter()
+            .flat_map(|b| b.chunks(per_message))
+        {
+            if sent == budget {
+                break;
+            }
             let first = &batch[0];
             let mut topic = render_topic(
                 &settings.topic,
@@ -206,22 +296,58 @@ fn send_ready<S: Session>(
             if settings.compression == Compression::Zstd {
                 topic.push_str(ZSTD_TOPIC_SUFFIX);
             }
+            let seqs: Vec<u64> = batch.iter().map(|r| r.seq).collect();
+            if settings.max_message_bytes > 0 && payload.len() > settings.max_message_bytes {
+                // The broker would refuse it: never sent.
+                metrics.uplink_failed_messages.inc();
+                match state.on_refused(&seqs) {
+                    Verdict::SetAside { seq, attempts } => {
+                        let reason = format!(
+                            "too large: a {} byte message, the broker takes {} (uplink.max_message_bytes)",
+                            payload.len(),
+                            settings.max_message_bytes
+                        );
+                        if set_aside(state, outbox, settings, metrics, seq, attempts, &reason) {
+                            unsent.remove(&seq);
+                            continue;
+                        }
+                        give_back(&unsent);
+                        return None;
+                    }
+                    // Split: read again, in smaller messages.
+                    Verdict::Retry => {
+                        reread = true;
+                        break;
+                    }
+                }
+            }
             let size = (topic.len() + payload.len()) as u64;
             match session.try_publish(topic, payload) {
                 Ok(true) => {
-                    state.on_sent_batch(batch.iter().map(|r| r.seq).collect());
+                    for seq in &seqs {
+                        unsent.remove(seq);
+                    }
+                    sent += 1;
+                    state.on_sent_batch(seqs);
                     metrics.uplink_sent.inc_by(batch.len() as u64);
                     metrics.uplink_messages.inc();
                     metrics.uplink_bytes.inc_by(size);
                 }
-                Ok(false) => return None,
+                Ok(false) => {
+                    give_back(&unsent);
+                    return None;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "publish refused");
+                    give_back(&unsent);
                     return None;
                 }
             }
         }
-        live_empty = false;
+        give_back(&unsent);
+        if !reread {
+            live_empty = false;
+        }
     }
 }
 
@@ -259,7 +385,11 @@ pub async fn run_log_sink(outbox: SharedOutbox, metrics: Arc<Metrics>, stop: Sto
 /// sink): it publishes the outbox's committed records to the cloud broker
 /// and acknowledges them there; health messages (`withhold_counts`: without
 /// data counts, under differential privacy) and the last will go with it.
-/// The task returns the records left undelivered.
+/// The task returns the records left undelivered. Aggregates the broker
+/// keeps refusing are set aside in the dead-letter store under `state_dir`
+/// (audited in `audit`); when the store cannot be opened they are retried
+/// for ever instead (logged).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     cfg: Option<&UplinkConfig>,
     gateway: &str,
@@ -267,6 +397,8 @@ pub fn spawn(
     outbox: SharedOutbox,
     metrics: Arc<Metrics>,
     stop: Stop,
+    state_dir: &std::path::Path,
+    audit: Option<crate::governance::SharedAudit>,
 ) -> Result<tokio::task::JoinHandle<u64>, crate::mqtt::MqttSetupError> {
     metrics
         .uplink_configured
@@ -296,6 +428,7 @@ pub fn spawn(
             max_publish_rate: u.max_publish_rate,
             breaker_failures: u.breaker_failures,
             breaker_open: Duration::from_millis(u.breaker_open_ms),
+            max_attempts: u.max_attempts,
         },
         Backoff::new(
             Duration::from_millis(u.backoff_initial_ms),
@@ -314,6 +447,19 @@ pub fn spawn(
             retain: u.health_retain,
             withhold_counts,
         }),
+        max_message_bytes: u.max_message_bytes(),
+        deadletter: match DeadLetterSink::open(
+            &u.deadletter_dir(state_dir),
+            u.deadletter_max_bytes,
+            audit,
+        ) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                metrics.deadletter_errors.inc();
+                tracing::error!(error = %e, "cannot open the dead-letter store: aggregates the broker refuses are retried for ever");
+                None
+            }
+        },
     };
     let connector = RumqttConnector::new(options, u.max_inflight);
     Ok(tokio::spawn(async move {

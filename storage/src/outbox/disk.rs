@@ -76,8 +76,13 @@
 //!   stream's oldest records (dropping when nothing is left to merge).
 //!   Other streams' pending records are never touched by a stream's cap; a
 //!   rewrite also leaves out records already acknowledged.
+//! - Records in flight ([`Outbox::hold`]: the reader took them for a
+//!   delivery) are never merged, dropped or rewritten until acknowledged or
+//!   released: a rewrite keeps them as they are and merges no window across
+//!   them; `drop_oldest` rewrites a segment holding some without its other
+//!   records, and refuses the new record when nothing else is left.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::marker::PhantomData;
@@ -121,8 +126,9 @@ pub struct DiskSettings {
     pub max_bytes: u64,
     /// Policy when full.
     pub policy: FullPolicy,
-    /// `coarsen` leaves this many of the oldest pending records alone (the
-    /// uplink's in-flight window).
+    /// `coarsen` leaves this many of the oldest pending records alone, on
+    /// top of the records in flight ([`Outbox::hold`], which no rewrite
+    /// touches).
     pub protect_oldest: usize,
     /// Bytes on disk at most per stream (record group).
     pub stream_caps: StreamCaps,
@@ -157,6 +163,9 @@ enum Rewrite<'a> {
     Merge(Option<&'a str>),
     /// Leave this stream's records out (counted as dropped).
     Drop(&'a str),
+    /// Leave every pending record out (counted as dropped): `drop_oldest`
+    /// on a segment holding records in flight, which stay.
+    DropAll,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -210,6 +219,10 @@ pub struct DiskOutbox<R, F = File> {
     stream_bytes: Summary,
     /// (segment, stream) pairs where `coarsen` found nothing to merge.
     stream_coarse: HashSet<(u64, String)>,
+    /// Sequences the reader took for a delivery and that are not yet
+    /// acknowledged or released ([`Outbox::hold`]): no rewrite or drop
+    /// touches them.
+    inflight: BTreeSet<u64>,
     /// The type of the records (payloads are serialized `R`s).
     record: PhantomData<fn() -> R>,
 }
@@ -506,6 +519,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             summaries: BTreeMap::new(),
             stream_bytes: Summary::new(),
             stream_coarse: HashSet::new(),
+            inflight: BTreeSet::new(),
             record: PhantomData,
         };
         me.recover_tail()?;
@@ -895,10 +909,30 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         Ok(())
     }
 
-    /// Delete the oldest segment, counting its undelivered records as dropped.
+    /// Delete the oldest segment, counting its undelivered records as
+    /// dropped. Records in flight stay: a segment holding some is rewritten
+    /// without its other pending records instead (the oldest such segment
+    /// that shrinks); when nothing but records in flight is left in the
+    /// sealed segments, the new record is refused (counted as rejected).
     fn drop_oldest_segment(&mut self) -> Result<(), OutboxError> {
         self.ensure_sealed()?;
         let gone_to = self.segments[1].first;
+        if self
+            .inflight
+            .range(self.segments[0].first..gone_to)
+            .next()
+            .is_some()
+        {
+            // Rewritten rather than marked done: a segment after the
+            // oldest is only deleted once the watermark passes it.
+            for idx in 0..self.segments.len() - 1 {
+                if self.rewrite_segment(idx, 0, Rewrite::DropAll)?.0 {
+                    return Ok(());
+                }
+            }
+            self.stats.rejected += 1;
+            return Err(OutboxError::Full);
+        }
         let lost = self.pending_in(self.segments[0].first, gone_to);
         self.stats.dropped += lost;
         tracing::warn!(
@@ -914,9 +948,9 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     /// Policy `coarsen`: rewrite the oldest sealed segment that still has
     /// something to merge, with each two successive records of a group in
     /// it merged into one coarser window (exact counts, see
-    /// [`Record::merge`]). The oldest `protect_oldest` pending records are
-    /// left alone: they may be in flight, and merging them could count them
-    /// twice. Returns whether a segment shrank.
+    /// [`Record::merge`]). The oldest `protect_oldest` pending records and
+    /// every record in flight are left alone: merging one in flight would
+    /// lose or double count readings. Returns whether a segment shrank.
     fn coarsen_oldest(&mut self) -> Result<bool, OutboxError> {
         self.ensure_sealed()?;
         let mut protect_left = self.settings.protect_oldest;
@@ -974,6 +1008,13 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         let mut merged = Vec::new();
         let mut dropped = Vec::new();
         for b in rest {
+            if self.inflight.contains(&b.seq) {
+                // In flight: kept as it was sent, and no merge across it
+                // (a merge is of successive windows of a group).
+                open.remove(&b.group);
+                out.push((b.seq, b.group, b.payload, None));
+                continue;
+            }
             let keep = match action {
                 Rewrite::Drop(g) => {
                     if b.group == g {
@@ -984,6 +1025,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
                 }
                 Rewrite::Merge(Some(g)) => b.group != g,
                 Rewrite::Merge(None) => false,
+                Rewrite::DropAll => {
+                    dropped.push(b.seq);
+                    continue;
+                }
             };
             let agg = if keep {
                 None
@@ -1043,7 +1088,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         }
         let stream = match action {
             Rewrite::Drop(g) | Rewrite::Merge(Some(g)) => Some(g.to_string()),
-            Rewrite::Merge(None) => None,
+            Rewrite::Merge(None) | Rewrite::DropAll => None,
         };
         let stream_before = stream
             .as_ref()
@@ -1123,7 +1168,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         }
         let protect_all = match action {
             Rewrite::Merge(_) => self.settings.protect_oldest,
-            Rewrite::Drop(_) => 0,
+            Rewrite::Drop(_) | Rewrite::DropAll => 0,
         };
         let mut protect_left = protect_all;
         for idx in 0..self.segments.len().saturating_sub(1) {
@@ -1494,6 +1539,7 @@ impl<R: Record, F: SegmentFile> Outbox<R> for DiskOutbox<R, F> {
     }
 
     fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
+        self.inflight.remove(&seq);
         if seq == 0 || seq >= self.next_seq || self.is_done(seq) {
             return Ok(());
         }
@@ -1524,6 +1570,24 @@ impl<R: Record, F: SegmentFile> Outbox<R> for DiskOutbox<R, F> {
             .collect();
         v.sort();
         v
+    }
+
+    fn hold(&mut self, seqs: &[u64]) {
+        for &seq in seqs {
+            if seq != 0 && seq < self.next_seq && !self.is_done(seq) {
+                self.inflight.insert(seq);
+            }
+        }
+    }
+
+    fn release(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            self.inflight.remove(seq);
+        }
+    }
+
+    fn release_all(&mut self) {
+        self.inflight.clear();
     }
 }
 
@@ -1927,6 +1991,89 @@ mod tests {
         let mut o = open(dir.path());
         assert_eq!(o.read_from(0, usize::MAX).unwrap().len(), held.len());
         assert_eq!(o.stats().lost, 0);
+    }
+
+    /// Issue 18 (4): the uplink protected `protect_oldest` records counted
+    /// as messages, while a batch carries up to 64 records and, live first,
+    /// the records in flight are the newest. Merging one in flight and then
+    /// acknowledging it deleted the readings merged into it. Whatever the
+    /// uplink holds ([`Outbox::hold`]) is never merged nor dropped, under
+    /// every policy and every cap, until it is acknowledged or released.
+    #[test]
+    fn records_in_flight_are_never_merged_nor_dropped() {
+        for (policy, stream_cap) in [
+            (FullPolicy::Coarsen, 0),
+            (FullPolicy::DropOldest, 0),
+            (FullPolicy::Coarsen, 32768),
+            (FullPolicy::DropOldest, 32768),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let max_bytes = if stream_cap == 0 { 32768 } else { 65536 };
+            let mut s = settings(dir.path(), 4096, max_bytes, policy);
+            s.protect_oldest = 2;
+            s.stream_caps.default = stream_cap;
+            let mut o = DiskOutbox::open(s).unwrap();
+            for i in 0..100 {
+                o.append(&agg_in("x", i)).unwrap();
+            }
+            o.commit().unwrap();
+            // A backlog batch of 64 records from the oldest on, and, live
+            // first, the newest 10: all in flight.
+            let all = o.read_from(0, usize::MAX).unwrap();
+            assert!(all.len() > 74, "{}", all.len());
+            let mut held = all[..64].to_vec();
+            held.extend_from_slice(&all[all.len() - 10..]);
+            let newest = held[64].seq;
+            let seqs: Vec<u64> = held.iter().map(|r| r.seq).collect();
+            o.hold(&seqs);
+            let mut refused = 0u64;
+            for i in 100..400 {
+                match o.append(&agg_in("x", i)) {
+                    Ok(_) => {}
+                    Err(OutboxError::Full | OutboxError::StreamFull(_)) => refused += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            o.commit().unwrap();
+            let st = o.stats();
+            assert!(
+                st.coarsened + st.dropped > 0,
+                "{policy:?} {stream_cap}: the outbox was full: {st:?}"
+            );
+            for r in &held {
+                let now = o.read_from(r.seq, 1).unwrap();
+                assert_eq!(
+                    now.first(),
+                    Some(r),
+                    "{policy:?} {stream_cap}: record {} in flight was changed or dropped",
+                    r.seq
+                );
+            }
+            if policy == FullPolicy::Coarsen && st.dropped == 0 {
+                // Counts stay exact around the records in flight.
+                let readings: u64 = o
+                    .read_from(0, usize::MAX)
+                    .unwrap()
+                    .iter()
+                    .map(|r| serde_json::from_slice::<Agg>(r.payload()).unwrap().readings)
+                    .sum();
+                assert_eq!(readings + 3 * refused, 3 * 400, "{st:?}");
+            }
+            // Acknowledged or released, they are fair game again.
+            for r in &held[..64] {
+                o.ack(r.seq).unwrap();
+            }
+            o.release_all();
+            for i in 400..600 {
+                let _ = o.append(&agg_in("x", i));
+            }
+            o.commit().unwrap();
+            let now = o.read_from(newest, 10).unwrap();
+            assert!(
+                now.iter().zip(&held[64..]).any(|(a, b)| a != b) || now.len() < 10,
+                "{policy:?} {stream_cap}: released records are merged or dropped again"
+            );
+        }
     }
 
     /// Record `i` of a stream, 3 readings of class A.
