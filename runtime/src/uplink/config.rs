@@ -254,3 +254,50 @@ impl UplinkConfig {
 fn default_true() -> bool {
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(extra: &str) -> Vec<(String, String)> {
+        let u: UplinkConfig = toml::from_str(&format!(
+            "broker = {{ host = \"h\", port = 1 }}\nallow_plaintext = true\n{extra}"
+        ))
+        .expect("an [uplink] table");
+        let mut c = Collector::new();
+        u.check(&mut c);
+        c.into_problems()
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect()
+    }
+
+    /// Issue 18 (5): `outpost check` refuses a batch the broker would refuse.
+    #[test]
+    fn batch_max_bytes_must_fit_the_broker_profile() {
+        assert!(problems("batch_max_bytes = 131072").is_empty());
+        let p = problems("broker_profile = \"aws_iot_core\"\nbatch_max_bytes = 131073");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "batch_max_bytes");
+        assert!(p[0].1.contains("131072"), "{p:?}");
+        assert!(p[0].1.contains("aws_iot_core"), "{p:?}");
+        assert!(
+            problems("broker_profile = \"azure_iot_hub\"\nbatch_max_bytes = 262144").is_empty()
+        );
+        assert_eq!(
+            problems("broker_profile = \"azure_iot_hub\"\nbatch_max_bytes = 262145")[0].0,
+            "batch_max_bytes"
+        );
+        // The explicit limit wins over the profile, both ways.
+        assert!(problems("broker_profile = \"aws_iot_core\"\nmax_message_bytes = 262144\nbatch_max_bytes = 200000").is_empty());
+        let p = problems("max_message_bytes = 8192\nbatch_max_bytes = 65536");
+        assert!(p[0].1.contains("uplink.max_message_bytes"), "{p:?}");
+        assert_eq!(
+            problems("max_attempts = 0\nmax_message_bytes = 0")
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>(),
+            vec!["max_message_bytes", "max_attempts"]
+        );
+    }
+}

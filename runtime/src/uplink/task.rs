@@ -485,6 +485,8 @@ mod tests {
         health: Health,
         fail_on: Vec<usize>,
         sessions: usize,
+        /// The broker drops the connection on a payload over this size.
+        refuse_over: usize,
     }
 
     struct FakeSession {
@@ -494,6 +496,7 @@ mod tests {
         fail_at: Option<usize>,
         pkid: u16,
         count: usize,
+        refuse_over: usize,
     }
 
     impl Connector for FakeConnector {
@@ -508,6 +511,7 @@ mod tests {
                 fail_at,
                 pkid: 0,
                 count: 0,
+                refuse_over: self.refuse_over,
             }
         }
     }
@@ -516,6 +520,10 @@ mod tests {
         fn try_publish(&mut self, _topic: String, payload: Vec<u8>) -> Result<bool, UplinkError> {
             self.count += 1;
             self.pkid += 1;
+            if payload.len() > self.refuse_over && self.fail_at.is_none() {
+                // Refused: no PUBACK, the connection drops.
+                self.fail_at = Some(self.count);
+            }
             self.published.lock().unwrap().push(payload);
             self.queue.push_back(SessionEvent::Published(self.pkid));
             if Some(self.count) != self.fail_at {
@@ -559,10 +567,22 @@ mod tests {
     /// session whose connections fail at the publishes in `fail_on`; runs
     /// until the outbox is empty (draining) and checks nothing is left.
     async fn drain_fake(records: i64, fail_on: Vec<usize>, settings: UplinkSettings) -> Drained {
+        let aggs = (0..records).map(crate::outbox::tests::agg).collect();
+        drain_aggs(aggs, fail_on, usize::MAX, settings).await
+    }
+
+    /// Like [`drain_fake`] with these aggregates, through a broker that
+    /// drops the connection on a payload over `refuse_over` bytes.
+    async fn drain_aggs(
+        aggs: Vec<crate::aggregate::Aggregate>,
+        fail_on: Vec<usize>,
+        refuse_over: usize,
+        settings: UplinkSettings,
+    ) -> Drained {
         use crate::outbox::MemoryOutbox;
         let outbox = SharedOutbox::new(Box::new(MemoryOutbox::new(100)));
-        for i in 0..records {
-            outbox.append(&crate::outbox::tests::agg(i)).unwrap();
+        for a in &aggs {
+            outbox.append(a).unwrap();
         }
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         let health = Health::default();
@@ -571,6 +591,7 @@ mod tests {
             health: health.clone(),
             fail_on,
             sessions: 0,
+            refuse_over,
         };
         let state = UplinkState::new(
             4,
@@ -654,5 +675,65 @@ mod tests {
             .sum();
         assert_eq!(d.metrics.uplink_bytes.get(), sent);
         assert_eq!(d.metrics.uplink_acked.get(), 3);
+    }
+
+    /// Aggregates 0..8 with number 3 large (200 classes).
+    fn with_a_large_one() -> (Vec<crate::aggregate::Aggregate>, String) {
+        let mut aggs: Vec<_> = (0..8).map(crate::outbox::tests::agg).collect();
+        aggs[3].classes = Some((0..200).map(|c| (format!("class-{c:04}"), 1)).collect());
+        aggs[3].id = aggs[3].compute_id();
+        let big = aggs[3].id.clone();
+        (aggs, big)
+    }
+
+    fn ids_published(d: &Drained) -> std::collections::BTreeSet<String> {
+        d.published
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| serde_json::from_slice::<crate::aggregate::Aggregate>(p).ok())
+            .map(|a| a.id)
+            .collect()
+    }
+
+    /// Issue 18 (5), the task over the state: a broker that drops the
+    /// connection on one aggregate no longer holds back the others; the
+    /// aggregate is in the dead-letter store after its attempts alone.
+    #[tokio::test]
+    async fn an_aggregate_the_broker_refuses_goes_to_the_dead_letter_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (aggs, big) = with_a_large_one();
+        let mut settings = UplinkSettings::new("t/{group}", "g");
+        settings.deadletter = Some(DeadLetterSink::open(dir.path(), 1 << 20, None).unwrap());
+        let d = drain_aggs(aggs, Vec::new(), 2000, settings).await;
+        let ids = ids_published(&d);
+        assert_eq!(ids.len(), 8, "all sent at least once");
+        assert_eq!(
+            d.metrics.uplink_acked.get(),
+            7,
+            "all but the refused one delivered"
+        );
+        assert_eq!(d.metrics.uplink_deadlettered.get(), 1);
+        let held = outpost_storage::deadletter::list(dir.path()).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].record_id, big);
+        assert_eq!(held[0].attempts, super::super::DEFAULT_MAX_ATTEMPTS);
+    }
+
+    /// An aggregate larger than the broker takes is never sent.
+    #[tokio::test]
+    async fn an_aggregate_over_the_broker_limit_is_set_aside_unsent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (aggs, big) = with_a_large_one();
+        let mut settings = UplinkSettings::new("t/{group}", "g");
+        settings.max_message_bytes = 2000;
+        settings.deadletter = Some(DeadLetterSink::open(dir.path(), 1 << 20, None).unwrap());
+        let d = drain_aggs(aggs, Vec::new(), usize::MAX, settings).await;
+        assert!(!ids_published(&d).contains(&big));
+        assert_eq!(d.metrics.uplink_acked.get(), 7);
+        let held = outpost_storage::deadletter::list(dir.path()).unwrap();
+        assert_eq!(held.len(), 1);
+        assert!(held[0].reason.contains("too large"), "{}", held[0].reason);
+        assert_eq!(d.metrics.uplink_failed_messages.get(), 1);
     }
 }
