@@ -736,4 +736,142 @@ mod tests {
         assert!(held[0].reason.contains("too large"), "{}", held[0].reason);
         assert_eq!(d.metrics.uplink_failed_messages.get(), 1);
     }
+
+    /// A broker that acknowledges nothing until `release` is set.
+    struct SlowAcks {
+        release: Arc<std::sync::atomic::AtomicBool>,
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    }
+
+    struct SlowAckSession {
+        release: Arc<std::sync::atomic::AtomicBool>,
+        published: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+        queue: VecDeque<SessionEvent>,
+        unacked: VecDeque<u16>,
+        pkid: u16,
+    }
+
+    impl Connector for SlowAcks {
+        type Session = SlowAckSession;
+        fn connect(&mut self) -> SlowAckSession {
+            SlowAckSession {
+                release: self.release.clone(),
+                published: self.published.clone(),
+                queue: VecDeque::from([SessionEvent::Connected]),
+                unacked: VecDeque::new(),
+                pkid: 0,
+            }
+        }
+    }
+
+    impl Session for SlowAckSession {
+        fn try_publish(&mut self, _topic: String, payload: Vec<u8>) -> Result<bool, UplinkError> {
+            self.pkid += 1;
+            self.published.lock().unwrap().push(payload);
+            self.queue.push_back(SessionEvent::Published(self.pkid));
+            self.unacked.push_back(self.pkid);
+            Ok(true)
+        }
+        fn try_publish_health(
+            &mut self,
+            _: String,
+            _: Vec<u8>,
+            _: bool,
+        ) -> Result<bool, UplinkError> {
+            Ok(true)
+        }
+        async fn next_event(&mut self) -> Result<SessionEvent, UplinkError> {
+            loop {
+                if let Some(e) = self.queue.pop_front() {
+                    return Ok(e);
+                }
+                if self.release.load(std::sync::atomic::Ordering::SeqCst)
+                    && let Some(pkid) = self.unacked.pop_front()
+                {
+                    return Ok(SessionEvent::Acked(pkid));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        async fn disconnect(&mut self) {}
+    }
+
+    /// Issue 18 (4), the task over a disk outbox: `coarsen` merged a record
+    /// in flight with one behind it; its PUBACK then deleted the readings
+    /// merged into it. The uplink holds what it sends, so every reading
+    /// arrives exactly once (after dedupe by id).
+    #[tokio::test]
+    async fn coarsen_under_records_in_flight_loses_no_reading() {
+        use crate::outbox::{DiskOutbox, DiskSettings, FullPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskOutbox::open(DiskSettings {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 4096,
+            max_bytes: 32768,
+            policy: FullPolicy::Coarsen,
+            protect_oldest: 0,
+            stream_caps: Default::default(),
+        })
+        .unwrap();
+        let outbox = SharedOutbox::new(Box::new(disk));
+        let append = |range: std::ops::Range<i64>| {
+            for i in range {
+                outbox.append(&crate::outbox::tests::agg(i)).unwrap();
+            }
+            outbox.commit().unwrap();
+        };
+        append(0..100);
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connector = SlowAcks {
+            release: release.clone(),
+            published: published.clone(),
+        };
+        let stop = Stop {
+            drain: CancellationToken::new(),
+            now: CancellationToken::new(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        // Three messages in flight: the merges pair the third with the
+        // fourth, which is not.
+        let state = UplinkState::new(
+            3,
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(2), 3),
+        );
+        let task = tokio::spawn(run(
+            connector,
+            state,
+            outbox.clone(),
+            UplinkSettings::new("t/{group}", "g"),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.uplink_sent.get() < 3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("three records in flight");
+        // The outbox fills up under them: coarsen merges.
+        append(100..400);
+        assert!(outbox.stats().coarsened > 0);
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop.drain.cancel();
+        outbox.wake();
+        let left = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the uplink drains")
+            .unwrap();
+        assert_eq!(left, 0);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut readings = 0;
+        for p in published.lock().unwrap().iter() {
+            let a: crate::aggregate::Aggregate = serde_json::from_slice(p).unwrap();
+            if seen.insert(a.id.clone()) {
+                readings += a.readings;
+            }
+        }
+        assert_eq!(readings, 400, "every reading delivered exactly once");
+    }
 }
