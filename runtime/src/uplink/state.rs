@@ -392,6 +392,32 @@ impl UplinkState {
         }
     }
 
+    /// A read from `from` returned these records (in sequence order):
+    /// suspects in that range that it skipped are gone from the outbox
+    /// (merged or dropped by its policy, or delivered), so no PUBACK will
+    /// ever clear them.
+    pub fn on_read(&mut self, from: u64, seqs: &[u64]) {
+        let Some(&last) = seqs.last() else {
+            return;
+        };
+        if !self.isolating() || last < from {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .suspects
+            .range(from..=last)
+            .filter(|s| seqs.binary_search(s).is_err())
+            .copied()
+            .collect();
+        for seq in gone {
+            self.suspects.remove(&seq);
+            self.attempts.remove(&seq);
+        }
+        if !self.isolating() {
+            self.split = usize::MAX;
+        }
+    }
+
     /// Record `seq` was set aside (in the dead-letter store, out of the
     /// outbox): it is no longer a suspect, and the next connection does not
     /// pay for its failures.
@@ -851,5 +877,27 @@ mod tests {
         );
         s.on_set_aside(5);
         assert!(s.isolating(), "4 and 6 still to be delivered one at a time");
+    }
+
+    /// Suspects the outbox no longer holds (merged or dropped by its
+    /// policy) would keep the window at one message for ever.
+    #[test]
+    fn suspects_the_outbox_dropped_end_the_isolation() {
+        let mut s = UplinkState::with_policy(policy(false, 0.0, 0.0), backoff());
+        s.on_connected(100);
+        s.on_sent_batch(vec![3, 5, 7]);
+        s.on_outgoing(1);
+        let _ = s.on_connection_lost();
+        let _ = s.on_disconnected(Some(3));
+        s.on_connected(100);
+        assert!(s.isolating());
+        // Read from 3: 5 and 7 were merged away, 4 and 6 are not suspects.
+        s.on_read(3, &[3, 4, 6, 8]);
+        assert!(s.isolating(), "3 is still to be delivered");
+        s.on_sent(3);
+        s.on_outgoing(2);
+        assert_eq!(s.on_puback(2), Some(vec![3]));
+        assert!(!s.isolating());
+        assert_eq!(s.room(), 8);
     }
 }

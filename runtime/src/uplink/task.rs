@@ -237,7 +237,10 @@ fn send_ready<S: Session>(
                         live_empty = true;
                         continue;
                     }
-                    Ok(r) => (r, u64::MAX),
+                    Ok(r) => {
+                        state.on_read(from, &r.iter().map(|r| r.seq).collect::<Vec<_>>());
+                        (r, u64::MAX)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "outbox read failed");
                         return None;
@@ -248,6 +251,7 @@ fn send_ready<S: Session>(
                 match outbox.read_held(from, settings.records_for(max)) {
                     Ok(r) => {
                         budget = max;
+                        state.on_read(from, &r.iter().map(|r| r.seq).collect::<Vec<_>>());
                         let (r, live): (Vec<_>, Vec<_>) = r.into_iter().partition(|r| r.seq < end);
                         outbox.release(&live.iter().map(|r| r.seq).collect::<Vec<_>>());
                         if r.is_empty() {
