@@ -80,14 +80,14 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+use crate::fs::{Fs, FsFile, OpenMode, RealFs};
 
 /// The `prev` of the first entry: 64 zeros.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -302,8 +302,8 @@ fn dir_of(path: &Path) -> &Path {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), AuditError> {
-    crate::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
+fn sync_dir(fs: &impl Fs, dir: &Path) -> Result<(), AuditError> {
+    fs.sync_dir(dir).map_err(|e| io(dir, e))
 }
 
 fn now_ms() -> i64 {
@@ -320,8 +320,8 @@ enum HeadRead {
 }
 
 /// The head file: `None` when there is none.
-fn read_head(head_path: &Path) -> Result<Option<(u64, String)>, HeadRead> {
-    let text = match std::fs::read(head_path) {
+fn read_head(fs: &impl Fs, head_path: &Path) -> Result<Option<(u64, String)>, HeadRead> {
+    let text = match fs.read(head_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(HeadRead::Io(e)),
@@ -335,13 +335,13 @@ fn read_head(head_path: &Path) -> Result<Option<(u64, String)>, HeadRead> {
 }
 
 /// Replace the head file whole or not at all.
-fn write_head(head_path: &Path, seq: u64, hash: &str) -> Result<(), AuditError> {
+fn write_head(fs: &impl Fs, head_path: &Path, seq: u64, hash: &str) -> Result<(), AuditError> {
     let mut bytes = serde_json::to_vec(&Head {
         seq,
         hash: hash.to_string(),
     })?;
     bytes.push(b'\n');
-    crate::fsutil::write_atomic(head_path, &bytes).map_err(|e| io(head_path, e))
+    crate::fsutil::write_atomic_in(fs, head_path, &bytes).map_err(|e| io(head_path, e))
 }
 
 /// A complete line in the tail window.
@@ -356,10 +356,12 @@ struct TailLine {
 
 /// What opening keeps of the log.
 enum Tail {
-    /// Keep `..end`; the last entry kept.
+    /// Keep `..end`; the last entry kept. The entries from `uncommitted`
+    /// on are not known to be on disk (none is named by the head file).
     Keep {
         end: u64,
         last: Option<(u64, String)>,
+        uncommitted: u64,
     },
     /// Refuse to open.
     Corrupt(String),
@@ -383,14 +385,18 @@ fn tail_lines(buf: &[u8], from: u64) -> Vec<TailLine> {
 }
 
 /// Find where the valid log ends, reading only its tail.
-fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::Result<Tail> {
+fn scan_tail(file: &impl FsFile, size: u64, head: Option<&(u64, String)>) -> std::io::Result<Tail> {
     let committed = head.filter(|(seq, _)| *seq > 0);
     if size == 0 {
         return Ok(match committed {
             Some((seq, _)) => Tail::Corrupt(format!(
                 "the log is empty but its head file says seq {seq} was committed"
             )),
-            None => Tail::Keep { end: 0, last: None },
+            None => Tail::Keep {
+                end: 0,
+                last: None,
+                uncommitted: 0,
+            },
         });
     }
     let mut window = TAIL_WINDOW.min(size);
@@ -414,6 +420,9 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
         }
         window = (window * 2).min(size).min(MAX_TAIL);
     };
+    // Where the lines read start: entries from there on are after the
+    // head's when it is not among them.
+    let window_start = lines.first().map_or(size, |l| l.start);
     let last_valid = lines
         .iter()
         .rev()
@@ -429,6 +438,7 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
             .find(|&i| lines[i].entry.as_ref().is_some_and(|e| e.hash == *hhash));
         match (anchor, same_seq.last()) {
             (Some(mut i), _) => {
+                let uncommitted = lines[i].end;
                 // Keep what chains from the committed entry; the rest was
                 // never committed and did not reach the disk whole.
                 while let (Some(cur), Some(next)) = (
@@ -444,6 +454,7 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
                 return Ok(Tail::Keep {
                     end: lines[i].end,
                     last,
+                    uncommitted,
                 });
             }
             (None, Some(&i)) => {
@@ -470,6 +481,7 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
             Some((end, seq, hash)) => Tail::Keep {
                 end,
                 last: Some((seq, hash)),
+                uncommitted: window_start,
             },
         });
     }
@@ -477,8 +489,13 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
         Some((end, seq, hash)) => Tail::Keep {
             end,
             last: Some((seq, hash)),
+            uncommitted: window_start,
         },
-        None if size <= TAIL_WINDOW => Tail::Keep { end: 0, last: None },
+        None if size <= TAIL_WINDOW => Tail::Keep {
+            end: 0,
+            last: None,
+            uncommitted: 0,
+        },
         None => Tail::Corrupt(format!(
             "no valid entry in the last {window} bytes of {size}; not starting a new chain \
              over it (run `outpost audit verify`, then move the file aside)"
@@ -488,11 +505,12 @@ fn scan_tail(file: &File, size: u64, head: Option<&(u64, String)>) -> std::io::R
 
 /// An open audit log, the only writer of its file.
 #[derive(Debug)]
-pub struct AuditLog {
+pub struct AuditLog<F: Fs = RealFs> {
+    fs: F,
     path: PathBuf,
     head_path: PathBuf,
     /// Opened for appending, and locked.
-    file: File,
+    file: F::File,
     /// Length of the complete entries written.
     len: u64,
     /// Last entry written.
@@ -511,29 +529,29 @@ impl AuditLog {
     /// from a torn tail as the module documentation describes. Reads only
     /// the tail of the file.
     pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+        Self::open_in(RealFs, path)
+    }
+}
+
+impl<F: Fs> AuditLog<F> {
+    /// [`AuditLog::open`] on the file system `fs`.
+    pub fn open_in(fs: F, path: &Path) -> Result<Self, AuditError> {
         let dir = dir_of(path);
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
+        crate::fsutil::create_dir_all_in(&fs, dir).map_err(|e| io(dir, e))?;
+        let existed = fs.exists(path);
+        let file = fs
+            .open(path, OpenMode::AppendCreate)
             .map_err(|e| io(path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(AuditError::Locked {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(io(path, e)),
+        if !file.try_lock().map_err(|e| io(path, e))? {
+            return Err(AuditError::Locked {
+                path: path.to_path_buf(),
+            });
         }
         if !existed {
-            sync_dir(dir)?;
+            sync_dir(&fs, dir)?;
         }
         let head_path = head_path_of(path);
-        let head = match read_head(&head_path) {
+        let head = match read_head(&fs, &head_path) {
             Ok(h) => h,
             Err(HeadRead::Io(e)) => return Err(io(&head_path, e)),
             Err(HeadRead::Bad(detail)) => {
@@ -543,18 +561,24 @@ impl AuditLog {
                 });
             }
         };
-        let size = file.metadata().map_err(|e| io(path, e))?.len();
-        let (end, last) = match scan_tail(&file, size, head.as_ref()).map_err(|e| io(path, e))? {
-            Tail::Keep { end, last } => (end, last),
-            Tail::Corrupt(detail) => {
-                return Err(AuditError::Corrupt {
-                    path: path.to_path_buf(),
-                    detail,
-                });
-            }
-        };
+        let size = file.len().map_err(|e| io(path, e))?;
+        let (end, last, uncommitted) =
+            match scan_tail(&file, size, head.as_ref()).map_err(|e| io(path, e))? {
+                Tail::Keep {
+                    end,
+                    last,
+                    uncommitted,
+                } => (end, last, uncommitted),
+                Tail::Corrupt(detail) => {
+                    return Err(AuditError::Corrupt {
+                        path: path.to_path_buf(),
+                        detail,
+                    });
+                }
+            };
         let (seq, hash) = last.unwrap_or_else(|| (0, GENESIS.to_string()));
         let mut log = AuditLog {
+            fs,
             path: path.to_path_buf(),
             head_path,
             file,
@@ -575,13 +599,34 @@ impl AuditLog {
                 quarantined = %name,
                 "audit log: torn tail cut off and quarantined"
             );
+            log.write_again(uncommitted.min(end), end)?;
             log.append(
                 kinds::RECOVERED,
                 json!({"quarantined_bytes": size - end, "file": name, "offset": end}),
             )?;
             log.commit()?;
+        } else {
+            log.write_again(uncommitted.min(end), end)?;
         }
         Ok(log)
+    }
+
+    /// Write `from..to` of the log again (cut, and appended from what was
+    /// read): entries no head file names may sit in pages a failed fsync
+    /// (in this process or one before it) left readable but clean, which no
+    /// later fsync would write. Written again, the next commit syncs them.
+    fn write_again(&mut self, from: u64, to: u64) -> Result<(), AuditError> {
+        if from >= to {
+            return Ok(());
+        }
+        let mut bytes = vec![0u8; (to - from) as usize];
+        self.file
+            .read_exact_at(&mut bytes, from)
+            .map_err(|e| io(&self.path, e))?;
+        self.file.set_len(from).map_err(|e| io(&self.path, e))?;
+        self.file.write_all(&bytes).map_err(|e| io(&self.path, e))?;
+        self.dirty = true;
+        Ok(())
     }
 
     /// Copy `from..to` to `<path>.torn-<unix_ms>`, then cut the log at
@@ -599,7 +644,7 @@ impl AuditLog {
             } else {
                 with_suffix(&base, &format!("-{n}"))
             };
-            match OpenOptions::new().write(true).create_new(true).open(&dest) {
+            match self.fs.open(&dest, OpenMode::CreateNew) {
                 Ok(f) => break (dest, f),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
                 Err(e) => return Err(io(&dest, e)),
@@ -607,7 +652,7 @@ impl AuditLog {
         };
         out.write_all(&bytes).map_err(|e| io(&dest, e))?;
         out.sync_all().map_err(|e| io(&dest, e))?;
-        sync_dir(dir_of(&dest))?;
+        sync_dir(&self.fs, dir_of(&dest))?;
         self.file.set_len(from).map_err(|e| io(&self.path, e))?;
         self.file.sync_all().map_err(|e| io(&self.path, e))?;
         self.len = from;
@@ -663,7 +708,7 @@ impl AuditLog {
             self.dirty = false;
         }
         if self.committed.0 != self.seq || self.committed.1 != self.hash {
-            write_head(&self.head_path, self.seq, &self.hash)?;
+            write_head(&self.fs, &self.head_path, self.seq, &self.hash)?;
             self.committed = (self.seq, self.hash.clone());
         }
         Ok(())
@@ -1209,6 +1254,27 @@ impl Verifier {
 /// opened or read. Safe to run while a writer appends (the head file is read
 /// first and the log always holds at least what it says).
 pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    verify_in(&RealFs, path)
+}
+
+/// Reads a file from its start through [`FsFile::read_exact_at`].
+struct FsReader<T> {
+    file: T,
+    pos: u64,
+    len: u64,
+}
+
+impl<T: FsFile> Read for FsReader<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.len - self.pos).min(buf.len() as u64) as usize;
+        self.file.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// [`verify`] on the file system `fs`.
+pub fn verify_in(fs: &impl Fs, path: &Path) -> Result<VerifyReport, AuditError> {
     let head_path = head_path_of(path);
     let mut v = Verifier {
         problems: Vec::new(),
@@ -1219,7 +1285,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         at_head: None,
         head_seq: None,
     };
-    let committed = match read_head(&head_path) {
+    let committed = match read_head(fs, &head_path) {
         Ok(h) => h,
         Err(HeadRead::Io(e)) => return Err(io(&head_path, e)),
         Err(HeadRead::Bad(detail)) => {
@@ -1233,7 +1299,9 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         }
     };
     v.head_seq = committed.as_ref().map(|(s, _)| *s).filter(|&s| s > 0);
-    let file = File::open(path).map_err(|e| io(path, e))?;
+    let file = fs.open(path, OpenMode::Read).map_err(|e| io(path, e))?;
+    let len = file.len().map_err(|e| io(path, e))?;
+    let file = FsReader { file, pos: 0, len };
     let mut lines = Lines {
         reader: BufReader::with_capacity(64 * 1024, file),
         line: 0,
@@ -1304,6 +1372,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::fs::OpenOptions;
 
     const TS: i64 = 1_700_000_000_000;
 
@@ -1459,12 +1528,12 @@ mod tests {
         assert_eq!(seq, 2);
         assert_eq!(log.committed(), (2, hash.clone()));
         assert_eq!(
-            read_head(&head_path_of(&path)).ok().flatten(),
+            read_head(&RealFs, &head_path_of(&path)).ok().flatten(),
             Some((2, hash.clone()))
         );
         log.append_at("c", json!(3), TS).unwrap();
         assert_eq!(
-            read_head(&head_path_of(&path)).ok().flatten(),
+            read_head(&RealFs, &head_path_of(&path)).ok().flatten(),
             Some((2, hash))
         );
         assert!(!with_suffix(&head_path_of(&path), ".tmp").exists());
@@ -1539,7 +1608,7 @@ mod tests {
         );
         // Committed: the head file has the recovery.
         assert_eq!(
-            read_head(&head_path_of(&path)).ok().flatten(),
+            read_head(&RealFs, &head_path_of(&path)).ok().flatten(),
             Some(log.head())
         );
         log.append_at("after", json!({}), TS).unwrap();
@@ -1605,7 +1674,14 @@ mod tests {
         let head = log.head();
         // A crash: no commit.
         drop(log);
-        assert_eq!(read_head(&head_path_of(&path)).ok().flatten().unwrap().0, 3);
+        assert_eq!(
+            read_head(&RealFs, &head_path_of(&path))
+                .ok()
+                .flatten()
+                .unwrap()
+                .0,
+            3
+        );
         let report = verify(&path).unwrap();
         assert!(report.ok(), "{report}");
         let mut log = AuditLog::open(&path).unwrap();

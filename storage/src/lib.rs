@@ -29,8 +29,13 @@
 //! change to one is a change of format version.
 
 pub mod audit;
+#[cfg(test)]
+mod crash_runs;
 pub mod deadletter;
+pub mod fs;
 pub mod fsutil;
 pub mod outbox;
+#[cfg(any(test, feature = "simdisk"))]
+pub mod simdisk;
 
 pub use outbox::Record;

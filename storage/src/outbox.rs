@@ -20,9 +20,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 mod disk;
+#[cfg(test)]
 mod segment_file;
 pub use disk::{DiskOutbox, DiskSettings, FullPolicy, MAX_RECORD, StreamCaps};
-pub use segment_file::SegmentFile;
 
 /// What an outbox holds: a summary of one stream (a sensor, a site, a line
 /// ...) over a time window, stored as JSON. The outbox needs its stream (for
@@ -211,7 +211,6 @@ pub trait Outbox<R: Record>: Send {
     fn release_all(&mut self) {}
 }
 
-
 /// An in-memory outbox bounded by record count.
 #[derive(Debug)]
 pub struct MemoryOutbox<R> {
@@ -371,7 +370,6 @@ impl<R: Record> SharedOutbox<R> {
     pub fn release_all(&self) {
         self.lock().release_all();
     }
-
 
     /// See [`Outbox::oldest`].
     pub fn oldest(&self) -> Option<u64> {

@@ -83,14 +83,11 @@
 //!   records, and refuses the new record when nothing else is left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::marker::PhantomData;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::segment_file::SegmentFile;
 use super::{Outbox, OutboxError, OutboxRecord, OutboxStats, Record};
+use crate::fs::{Fs, FsFile, OpenMode, RealFs};
 
 const SEG_MAGIC: &[u8; 8] = b"OPOBSEG1";
 const ACK_MAGIC: &[u8; 8] = b"OPOBACK1";
@@ -186,13 +183,15 @@ struct ReadPos {
 }
 
 /// The segment log outbox of records of type `R`, appending through `F`
-/// (the real [`File`]; tests put a double there to inject faults). See the
+/// (the real [`RealFs`]; tests put a simulated disk or a double injecting
+/// faults there, see [`crate::fs`]). See the
 /// module documentation.
 #[derive(Debug)]
-pub struct DiskOutbox<R, F = File> {
+pub struct DiskOutbox<R, F: Fs = RealFs> {
+    fs: F,
     settings: DiskSettings,
     segments: Vec<Segment>,
-    active: F,
+    active: F::File,
     /// Bytes of the active segment known to be on disk (at its last good
     /// fsync): what a reader may read of it.
     synced_size: u64,
@@ -211,7 +210,7 @@ pub struct DiskOutbox<R, F = File> {
     acks_dirty: bool,
     pos: Option<ReadPos>,
     /// Open handle of the segment being read.
-    reader: Option<(u64, File)>,
+    reader: Option<(u64, F::File)>,
     stats: OutboxStats,
     /// Bytes per stream in each segment, by the segment's first sequence.
     summaries: BTreeMap<u64, Summary>,
@@ -286,7 +285,7 @@ fn decode_summary(b: &[u8], size: u64) -> Option<Summary> {
 
 /// Bytes per stream of the valid records of a segment (corrupt spans are
 /// skipped here; the reader quarantines them).
-fn summarize(file: &File, size: u64) -> Summary {
+fn summarize(file: &impl FsFile, size: u64) -> Summary {
     let mut sum = Summary::new();
     let mut off = HEADER as u64;
     loop {
@@ -307,28 +306,25 @@ fn summarize(file: &File, size: u64) -> Summary {
     sum
 }
 
-fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    crate::fsutil::sync_dir(dir).map_err(|e| io(dir, e))
+fn sync_dir(fs: &impl Fs, dir: &Path) -> Result<(), OutboxError> {
+    fs.sync_dir(dir).map_err(|e| io(dir, e))
 }
 
 /// Create segment `first` in `dir`: its magic, synced, and the directory
 /// synced.
-fn new_segment_file(dir: &Path, first: u64) -> Result<(), OutboxError> {
+fn new_segment_file(fs: &impl Fs, dir: &Path, first: u64) -> Result<(), OutboxError> {
     let path = dir.join(seg_name(first));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
+    let mut f = fs
+        .open(&path, OpenMode::Truncate)
         .map_err(|e| io(&path, e))?;
-    Write::write_all(&mut f, SEG_MAGIC).map_err(|e| io(&path, e))?;
+    f.write_all(SEG_MAGIC).map_err(|e| io(&path, e))?;
     f.sync_all().map_err(|e| io(&path, e))?;
-    sync_dir(dir)
+    sync_dir(fs, dir)
 }
 
 /// Write `path` whole or not at all.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
-    crate::fsutil::write_atomic(path, bytes).map_err(|e| io(path, e))
+fn write_atomic(fs: &impl Fs, path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
+    crate::fsutil::write_atomic_in(fs, path, bytes).map_err(|e| io(path, e))
 }
 
 /// Encode one record.
@@ -393,7 +389,7 @@ enum Slot {
     Bad,
 }
 
-fn read_slot(file: &File, offset: u64, size: u64) -> Slot {
+fn read_slot(file: &impl FsFile, offset: u64, size: u64) -> Slot {
     if offset >= size {
         return Slot::End;
     }
@@ -426,7 +422,7 @@ fn read_slot(file: &File, offset: u64, size: u64) -> Slot {
 }
 
 /// The next offset after `from` where a valid record starts, if any.
-fn resync(file: &File, from: u64, size: u64) -> Option<u64> {
+fn resync(file: &impl FsFile, from: u64, size: u64) -> Option<u64> {
     let mut off = from + 1;
     while off + (HEADER + MIN_BODY) as u64 <= size {
         if let Slot::Record(b, _) = read_slot(file, off, size)
@@ -439,20 +435,26 @@ fn resync(file: &File, from: u64, size: u64) -> Option<u64> {
     None
 }
 
-impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
+impl<R: Record, F: Fs> DiskOutbox<R, F> {
     /// Open (or create) the log in `settings.dir`. Corruption is repaired and
     /// reported in [`OutboxStats::quarantined`], never returned as an error;
     /// errors are only for a directory that cannot be used at all.
-    pub fn open(settings: DiskSettings) -> Result<Self, OutboxError> {
+    pub fn open(settings: DiskSettings) -> Result<Self, OutboxError>
+    where
+        F: Default,
+    {
+        Self::open_in(F::default(), settings)
+    }
+
+    /// [`DiskOutbox::open`] on the file system `fs`.
+    pub fn open_in(fs: F, settings: DiskSettings) -> Result<Self, OutboxError> {
         let dir = settings.dir.clone();
-        std::fs::create_dir_all(dir.join("quarantine")).map_err(|e| io(&dir, e))?;
+        crate::fsutil::create_dir_all_in(&fs, &dir.join("quarantine")).map_err(|e| io(&dir, e))?;
         let mut stats = OutboxStats::default();
         let mut segments = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
-            let entry = entry.map_err(|e| io(&dir, e))?;
-            let name = entry.file_name().to_string_lossy().to_string();
+        for (name, size) in fs.list(&dir).map_err(|e| io(&dir, e))? {
             if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = fs.remove_file(&dir.join(&name));
                 continue;
             }
             let Some(first) = name
@@ -461,10 +463,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             else {
                 continue;
             };
-            let path = entry.path();
-            let size = entry.metadata().map_err(|e| io(&path, e))?.len();
+            let path = dir.join(&name);
             let mut magic = [0u8; 8];
-            let ok = File::open(&path)
+            let ok = fs
+                .open(&path, OpenMode::Read)
                 .and_then(|f| f.read_exact_at(&mut magic, 0))
                 .is_ok()
                 && &magic == SEG_MAGIC;
@@ -472,7 +474,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
                 // A segment without its header (torn at creation or overwritten):
                 // keep its bytes for inspection and go on without it.
                 let dest = dir.join("quarantine").join(format!("{name}.whole"));
-                std::fs::rename(&path, &dest).map_err(|e| io(&path, e))?;
+                fs.rename(&path, &dest).map_err(|e| io(&path, e))?;
                 tracing::warn!(segment = %name, quarantined = %dest.display(), "outbox segment without a valid header quarantined");
                 stats.quarantined += 1;
                 continue;
@@ -484,10 +486,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             });
         }
         segments.sort_by_key(|s| s.first);
-        let (watermark, acked) = read_acks(&dir, &mut stats);
+        let (watermark, acked) = read_acks(&fs, &dir, &mut stats);
         if segments.is_empty() {
             let first = watermark.max(1);
-            new_segment_file(&dir, first)?;
+            new_segment_file(&fs, &dir, first)?;
             segments.push(Segment {
                 first,
                 size: HEADER as u64,
@@ -501,7 +503,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         let active_path = dir.join(seg_name(active_first));
 
         let mut me = Self {
-            active: F::open_append(&active_path).map_err(|e| io(&active_path, e))?,
+            active: fs
+                .open(&active_path, OpenMode::Append)
+                .map_err(|e| io(&active_path, e))?,
+            fs: fs.clone(),
             synced_size: active_size,
             pending: Vec::new(),
             in_doubt: false,
@@ -545,10 +550,9 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             return Ok(());
         };
         let path = self.settings.dir.join(seg_name(last.first));
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let mut file = self
+            .fs
+            .open(&path, OpenMode::ReadWrite)
             .map_err(|e| io(&path, e))?;
         let mut size = last.size;
         let mut off = HEADER as u64;
@@ -579,6 +583,13 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
                 },
             }
         }
+        // A failed fsync (in this process or one before it) leaves the
+        // pages it lost readable but clean: no later fsync writes them.
+        // Written again, the sync below covers everything read.
+        let mut bytes = vec![0u8; size as usize];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| io(&path, e))?;
+        file.write_all_at(&bytes, 0).map_err(|e| io(&path, e))?;
         file.sync_all().map_err(|e| io(&path, e))?;
         if let Some(s) = self.segments.last_mut() {
             s.size = size;
@@ -590,9 +601,12 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     }
 
     fn create_segment(&mut self, first: u64) -> Result<(), OutboxError> {
-        new_segment_file(&self.settings.dir, first)?;
+        new_segment_file(&self.fs, &self.settings.dir, first)?;
         let path = self.settings.dir.join(seg_name(first));
-        self.active = F::open_append(&path).map_err(|e| io(&path, e))?;
+        self.active = self
+            .fs
+            .open(&path, OpenMode::Append)
+            .map_err(|e| io(&path, e))?;
         self.synced_size = HEADER as u64;
         self.pending.clear();
         self.in_doubt = false;
@@ -614,29 +628,33 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         let sealed = self.segments.len().saturating_sub(1);
         for seg in self.segments[..sealed].iter().copied() {
             let sum_path = dir.join(sum_name(seg.first));
-            let loaded = std::fs::read(&sum_path)
+            let loaded = self
+                .fs
+                .read(&sum_path)
                 .ok()
                 .and_then(|b| decode_summary(&b, seg.size));
             let sum = match loaded {
                 Some(sum) => sum,
                 None => {
                     let path = dir.join(seg_name(seg.first));
-                    let file = File::open(&path).map_err(|e| io(&path, e))?;
+                    let file = self
+                        .fs
+                        .open(&path, OpenMode::Read)
+                        .map_err(|e| io(&path, e))?;
                     let sum = summarize(&file, seg.size);
-                    write_atomic(&sum_path, &encode_summary(seg.size, &sum))?;
+                    write_atomic(&self.fs, &sum_path, &encode_summary(seg.size, &sum))?;
                     sum
                 }
             };
             self.summaries.insert(seg.first, sum);
         }
-        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))?.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
+        for (name, _) in self.fs.list(&dir).map_err(|e| io(&dir, e))? {
             if let Some(first) = name
                 .strip_suffix(".sum")
                 .and_then(|s| s.parse::<u64>().ok())
                 && !self.summaries.contains_key(&first)
             {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = self.fs.remove_file(&dir.join(&name));
             }
         }
         self.stream_bytes = Summary::new();
@@ -654,7 +672,11 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         let sealed = self.segments.last().is_some_and(|s| s.first != first);
         if sealed && let Some(seg) = self.segments.iter().find(|s| s.first == first) {
             let dir = self.settings.dir.clone();
-            write_atomic(&dir.join(sum_name(first)), &encode_summary(seg.size, &sum))?;
+            write_atomic(
+                &self.fs,
+                &dir.join(sum_name(first)),
+                &encode_summary(seg.size, &sum),
+            )?;
         }
         self.forget_summary(first);
         for (g, n) in &sum {
@@ -685,14 +707,17 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             return Ok(());
         };
         let path = self.settings.dir.join(seg_name(first));
-        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let file = self
+            .fs
+            .open(&path, OpenMode::Read)
+            .map_err(|e| io(&path, e))?;
         let sum = summarize(&file, seg.size);
         self.set_summary(first, sum)
     }
 
     fn quarantine_bytes(
         &mut self,
-        file: &File,
+        file: &F::File,
         segment: u64,
         from: u64,
         to: u64,
@@ -705,7 +730,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
                 .dir
                 .join("quarantine")
                 .join(format!("{}-{from}.bad", seg_name(segment)));
-            std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+            self.fs.write(&dest, &bytes).map_err(|e| io(&dest, e))?;
         }
         self.stats.quarantined += 1;
         self.stats.quarantined_bytes += to - from;
@@ -720,7 +745,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     /// reading goes on.
     fn repair(
         &mut self,
-        file: &mut File,
+        file: &mut F::File,
         segment: u64,
         from: u64,
         to: u64,
@@ -760,7 +785,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     /// new file.
     fn cut_span(
         &mut self,
-        file: &mut File,
+        file: &mut F::File,
         segment: u64,
         span: std::ops::Range<u64>,
         size: &mut u64,
@@ -775,11 +800,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         if active {
             bytes.extend_from_slice(&self.pending);
         }
-        write_atomic(&path, &bytes)?;
-        *file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        write_atomic(&self.fs, &path, &bytes)?;
+        *file = self
+            .fs
+            .open(&path, OpenMode::ReadWrite)
             .map_err(|e| io(&path, e))?;
         let cut = to - from;
         *size -= cut;
@@ -788,7 +812,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         }
         if active {
             // The new file is synced whole, the records not synced before included.
-            self.active = F::open_append(&path).map_err(|e| io(&path, e))?;
+            self.active = self
+                .fs
+                .open(&path, OpenMode::Append)
+                .map_err(|e| io(&path, e))?;
             self.synced_size = bytes.len() as u64;
             self.pending.clear();
             self.in_doubt = false;
@@ -861,10 +888,12 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         while self.segments.len() > 1 && self.segments[1].first <= self.watermark {
             let s = self.segments.remove(0);
             let path = self.settings.dir.join(seg_name(s.first));
-            if let Err(e) = std::fs::remove_file(&path) {
+            if let Err(e) = self.fs.remove_file(&path) {
                 tracing::warn!(error = %e, path = %path.display(), "cannot delete acknowledged outbox segment");
             }
-            let _ = std::fs::remove_file(self.settings.dir.join(sum_name(s.first)));
+            let _ = self
+                .fs
+                .remove_file(&self.settings.dir.join(sum_name(s.first)));
             self.forget_summary(s.first);
             self.stream_coarse.retain(|(f, _)| *f != s.first);
             if self.pos.is_some_and(|p| p.segment_first == s.first) {
@@ -982,7 +1011,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     ) -> Result<(bool, usize), OutboxError> {
         let seg = self.segments[idx];
         let path = self.settings.dir.join(seg_name(seg.first));
-        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let file = self
+            .fs
+            .open(&path, OpenMode::Read)
+            .map_err(|e| io(&path, e))?;
         let mut pending = Vec::new();
         let mut off = HEADER as u64;
         loop {
@@ -1073,10 +1105,10 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         // Old summary out first: a crash before the new one is written
         // leaves none, and the segment is scanned at the next start.
         let sum_path = self.settings.dir.join(sum_name(seg.first));
-        let _ = std::fs::remove_file(&sum_path);
+        let _ = self.fs.remove_file(&sum_path);
         // A crash leaves the old or the new segment, never half of one
         // (`*.tmp` files are removed at open).
-        write_atomic(&path, &bytes)?;
+        write_atomic(&self.fs, &path, &bytes)?;
         let new_size = bytes.len() as u64;
         self.segments[idx].size = new_size;
         if self.pos.is_some_and(|p| p.segment_first == seg.first) {
@@ -1208,6 +1240,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
             let sum = self.summaries.get(&seg.first).cloned().unwrap_or_default();
             let dir = self.settings.dir.clone();
             write_atomic(
+                &self.fs,
                 &dir.join(sum_name(seg.first)),
                 &encode_summary(seg.size, &sum),
             )?;
@@ -1283,7 +1316,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
         }
         let c = crc32fast::hash(&b);
         b.extend_from_slice(&c.to_le_bytes());
-        write_atomic(&self.settings.dir.join("acked"), &b)?;
+        write_atomic(&self.fs, &self.settings.dir.join("acked"), &b)?;
         self.acks_dirty = false;
         Ok(())
     }
@@ -1318,10 +1351,8 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
                 Some((first, f)) if first == seg.first => f,
                 _ => {
                     let path = self.settings.dir.join(seg_name(seg.first));
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&path)
+                    self.fs
+                        .open(&path, OpenMode::ReadWrite)
                         .map_err(|e| io(&path, e))?
                 }
             };
@@ -1403,7 +1434,7 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
 
     /// Keep the read handle of segment `first` for the next read, unless
     /// the segment is gone meanwhile.
-    fn keep_reader(&mut self, first: u64, file: File) {
+    fn keep_reader(&mut self, first: u64, file: F::File) {
         if self.segments.iter().any(|s| s.first == first) {
             self.reader = Some((first, file));
         }
@@ -1433,9 +1464,9 @@ impl<R: Record, F: SegmentFile> DiskOutbox<R, F> {
     }
 }
 
-fn read_acks(dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
+fn read_acks(fs: &impl Fs, dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
     let path = dir.join("acked");
-    let Ok(b) = std::fs::read(&path) else {
+    let Ok(b) = fs.read(&path) else {
         return (0, BTreeMap::new());
     };
     let parse = || -> Option<(u64, BTreeMap<u64, u64>)> {
@@ -1466,7 +1497,7 @@ fn read_acks(dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
             // Unreadable acknowledgements: everything held is sent again
             // (at least once; consumers deduplicate by id).
             let dest = dir.join("quarantine").join("acked.bad");
-            let _ = std::fs::rename(&path, &dest);
+            let _ = fs.rename(&path, &dest);
             tracing::warn!(path = %path.display(), "outbox acknowledgements unreadable; quarantined, undelivered records will be re-sent");
             stats.quarantined += 1;
             (0, BTreeMap::new())
@@ -1474,7 +1505,7 @@ fn read_acks(dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMap<u64, u64>) {
     }
 }
 
-impl<R: Record, F: SegmentFile> Outbox<R> for DiskOutbox<R, F> {
+impl<R: Record, F: Fs> Outbox<R> for DiskOutbox<R, F> {
     fn append(&mut self, record: &R) -> Result<u64, OutboxError> {
         let payload = serde_json::to_vec(record)?;
         let seq = self.next_seq;
@@ -1597,6 +1628,7 @@ mod tests {
     use crate::outbox::segment_file::faulty::{EFBIG, EIO, ENOSPC, Faulty};
     use crate::outbox::tests::{Agg, agg};
     use proptest::prelude::*;
+    use std::fs::OpenOptions;
 
     type DiskOutbox = super::DiskOutbox<Agg>;
 
@@ -1773,7 +1805,7 @@ mod tests {
 
     /// The committed records, as (seq, id), and the outbox's lost and
     /// quarantined counts.
-    fn held<F: SegmentFile>(o: &mut super::DiskOutbox<Agg, F>) -> (Vec<(u64, String)>, u64, u64) {
+    fn held<F: Fs>(o: &mut super::DiskOutbox<Agg, F>) -> (Vec<(u64, String)>, u64, u64) {
         let recs = o.read_from(0, usize::MAX).unwrap();
         for r in &recs {
             let a: Agg = serde_json::from_slice(r.payload()).unwrap();

@@ -1,53 +1,15 @@
-//! The file operations the segment log performs on the segment it appends
-//! to, behind a trait: the seam where tests inject faults (a write that
-//! fails part-way, an fsync that fails). [`File`] is the real one; the
-//! outbox is generic over it with [`File`] as the default, so the real path
-//! costs nothing more than the calls themselves.
-
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
-
-/// A segment opened for appending.
-pub trait SegmentFile: std::fmt::Debug + Send + Sized {
-    /// Open the existing file `path` for appending.
-    fn open_append(path: &Path) -> std::io::Result<Self>;
-    /// Append all of `buf`. On an error, part of it may have been written.
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()>;
-    /// Make the data written so far durable (`fdatasync`).
-    fn sync_data(&mut self) -> std::io::Result<()>;
-    /// Cut the file to `len` bytes.
-    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
-}
-
-impl SegmentFile for File {
-    #[inline]
-    fn open_append(path: &Path) -> std::io::Result<Self> {
-        OpenOptions::new().append(true).open(path)
-    }
-
-    #[inline]
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        Write::write_all(self, buf)
-    }
-
-    #[inline]
-    fn sync_data(&mut self) -> std::io::Result<()> {
-        File::sync_data(self)
-    }
-
-    #[inline]
-    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
-        File::set_len(self, len)
-    }
-}
+//! The test double of the segment log's file system: the real one, with
+//! faults planned by the test (a write that fails part-way, a cut or an
+//! fsync that fails). The seam itself is [`crate::fs::Fs`].
 
 /// A test double: the real file, with faults planned by the test.
 #[cfg(test)]
 pub(crate) mod faulty {
-    use super::*;
+    use crate::fs::{Fs, FsFile, OpenMode, RealFs};
+    use std::fs::{File, OpenOptions};
+    use std::io::Write;
     use std::os::unix::fs::FileExt;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     /// `ENOSPC`, `EIO` and `EFBIG` on Linux.
     pub(crate) const ENOSPC: i32 = 28;
@@ -68,9 +30,14 @@ pub(crate) mod faulty {
         pub(crate) failing_syncs: usize,
     }
 
-    /// A segment whose writes and fsyncs fail as its [`Plan`] says.
+    /// The real file system, whose files' writes and fsyncs fail as their
+    /// [`Plan`] says (empty when opened).
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(crate) struct Faulty;
+
+    /// A file whose writes and fsyncs fail as its [`Plan`] says.
     #[derive(Debug)]
-    pub(crate) struct Faulty {
+    pub(crate) struct FaultyFile {
         file: File,
         path: PathBuf,
         /// The file's length at the last good fsync.
@@ -78,16 +45,64 @@ pub(crate) mod faulty {
         pub(crate) plan: Plan,
     }
 
-    impl SegmentFile for Faulty {
-        fn open_append(path: &Path) -> std::io::Result<Self> {
-            let file = File::open_append(path)?;
+    impl Fs for Faulty {
+        type File = FaultyFile;
+
+        fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<FaultyFile> {
+            let file = RealFs.open(path, mode)?;
             let synced = file.metadata()?.len();
-            Ok(Self {
+            Ok(FaultyFile {
                 file,
                 path: path.to_path_buf(),
                 synced,
                 plan: Plan::default(),
             })
+        }
+
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            RealFs.create_dir_all(dir)
+        }
+
+        fn exists(&self, path: &Path) -> bool {
+            RealFs.exists(path)
+        }
+
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+            RealFs.list(dir)
+        }
+
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            RealFs.rename(from, to)
+        }
+
+        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.remove_file(path)
+        }
+
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            RealFs.sync_dir(dir)
+        }
+    }
+
+    impl FsFile for FaultyFile {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            FileExt::read_exact_at(&self.file, buf, offset)
+        }
+
+        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            FileExt::write_all_at(&self.file, buf, offset)
+        }
+
+        fn len(&self) -> std::io::Result<u64> {
+            FsFile::len(&self.file)
+        }
+
+        fn try_lock(&self) -> std::io::Result<bool> {
+            FsFile::try_lock(&self.file)
+        }
+
+        fn sync_all(&mut self) -> std::io::Result<()> {
+            self.sync_data()
         }
 
         fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
@@ -115,7 +130,7 @@ pub(crate) mod faulty {
                 }
                 return Err(std::io::Error::from_raw_os_error(EIO));
             }
-            self.file.sync_data()?;
+            File::sync_all(&self.file)?;
             self.synced = len;
             Ok(())
         }
@@ -125,7 +140,7 @@ pub(crate) mod faulty {
                 self.plan.failing_set_len -= 1;
                 return Err(std::io::Error::from_raw_os_error(EIO));
             }
-            self.file.set_len(len)?;
+            File::set_len(&self.file, len)?;
             self.synced = self.synced.min(len);
             Ok(())
         }
