@@ -40,6 +40,10 @@
 //! at least what the head file says (group commit: append several entries,
 //! commit once). Only committed entries count as written; complete entries
 //! written after the last commit survive a process crash and are kept.
+//! Opening writes the entries after the head file's again (a failed fsync,
+//! in this process or one that died, leaves what it lost readable in clean
+//! pages that no later fsync writes), so the next commit makes them
+//! durable. A failed fsync fails the log closed until it is opened again.
 //!
 //! Opening reads only the tail of the log (64 KiB, more when one entry is
 //! longer), never the whole file: it finds the last valid entry (it parses and

@@ -48,8 +48,10 @@
 //!   once and drops the pages; the next fsync would succeed without them):
 //!   the records written since the last good fsync, kept in memory until
 //!   one covers them, are cut off, written again and synced again, and
-//!   only then is a commit reported. Opening syncs the newest segment,
-//!   whose records count as committed from then on.
+//!   only then is a commit reported. Opening writes the newest segment
+//!   again and syncs it (pages a failed fsync of an earlier process lost
+//!   are readable but clean: no fsync would write them); its records count
+//!   as committed from then on.
 //! - A segment is synced before the next one is created, so only the newest
 //!   segment can have a torn tail after a power loss: opening scans it (and
 //!   only it: start-up cost does not depend on the backlog), truncates a torn
