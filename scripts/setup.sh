@@ -39,6 +39,7 @@ PACKAGES=(
     binutils                 # deploy/package.sh: readelf (architecture, glibc version)
     mesa-vulkan-drivers      # lavapipe, a software Vulkan device: the GPU (wgpu) tests run on it
     libvulkan1               # the Vulkan loader wgpu opens at run time
+    faketime                 # tests/tests/clock.rs: the gateway's wall clock jumped and set to 1970 (libfaketime)
 )
 
 # ---------------------------------------------------------------------------

@@ -355,8 +355,10 @@ fn send_ready<S: Session>(
     }
 }
 
+/// The rate limits' clock: monotonic, so a wall-clock step neither stalls
+/// nor floods the uplink.
 fn now_ms() -> u64 {
-    crate::clock::now_ms().max(0) as u64
+    crate::clock::mono_ms().max(0) as u64
 }
 
 /// No cloud configured: log each aggregate and acknowledge it.
