@@ -27,7 +27,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PACKAGES=(
     mosquitto         # MQTT broker started by the integration tests
     mosquitto-clients # mosquitto_pub / mosquitto_sub
-    python3           # scripts/fetch-datasets.sh
+    python3           # scripts/fetch-datasets.sh; deploy/tests (preset rules with tomllib, the SAS token, the notify socket)
     python3-pip       # scripts/fetch-datasets.sh (aeon wheel download fallback)
     openssl           # the TLS end-to-end test makes its own CA and certificates
     gcc-aarch64-linux-gnu    # cross/: linker and C compiler (ring, zstd) for aarch64
@@ -36,6 +36,7 @@ PACKAGES=(
     libc6-dev-armhf-cross    # cross/: glibc headers for armv7
     qemu-user-static         # cross/: runs the ARM binaries in the tests
     strace                   # deploy/tests/test-sandbox.sh: the gateway's system calls against the unit's filter
+    systemd                  # deploy/tests/test-systemd.sh, test-sandbox.sh: systemd-analyze and the target units verified against
     binutils                 # deploy/package.sh: readelf (architecture, glibc version)
     mesa-vulkan-drivers      # lavapipe, a software Vulkan device: the GPU (wgpu) tests run on it
     libvulkan1               # the Vulkan loader wgpu opens at run time

@@ -2,10 +2,18 @@
 #
 # Each test script takes the outpost binary as its first argument, prints one
 # line per check ("ok" or "FAIL"), exits 1 at the first failure and 77 when
-# a tool it needs is missing (run.sh reports that as a skip). Temporary files
-# live under one directory, removed on exit unless OUTPOST_TEST_KEEP=1.
+# a tool it needs is missing (run.sh reports that as a skip). Part of a test
+# that cannot run for want of a tool prints a SKIP line and goes on (run.sh
+# lists it). In CI (CI=true or CI=1, as CI services set it) every skip, whole
+# or partial, is a failure instead: scripts/setup.sh installs every tool these
+# tests use, so a skip there means a test that silently stopped testing.
+# Temporary files live under one directory, removed on exit unless
+# OUTPOST_TEST_KEEP=1.
 
 set -euo pipefail
+
+# Mosquitto lives in /usr/sbin, not on every user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO=$(cd "$DEPLOY/.." && pwd)
@@ -20,9 +28,24 @@ fail() {
     echo "  FAIL  $*" >&2
     exit 1
 }
+# Whether this is a CI run, where a skip is a failure.
+in_ci() { [[ "${CI:-}" == true || "${CI:-}" == 1 ]]; }
+# skip REASON: the whole test cannot run here.
 skip() {
+    if in_ci; then
+        echo "  FAIL  skipped, and CI (CI=$CI) allows no skip: $*" >&2
+        exit 1
+    fi
     echo "  SKIP  $*"
     exit 77
+}
+# without REASON: part of the test cannot run here; the rest goes on.
+without() {
+    if in_ci; then
+        fail "skipped, and CI (CI=$CI) allows no skip: $*"
+    fi
+    echo "  SKIP  $*"
+    [[ -z "${OUTPOST_TEST_SKIPS:-}" ]] || echo "$TEST_NAME: $*" >>"$OUTPOST_TEST_SKIPS"
 }
 note() { echo "  ..    $*"; }
 

@@ -42,7 +42,7 @@ topic = \"outpost/{gateway}/agg/{group}\"
 host = \"127.0.0.1\"
 port = $bport"
 else
-    note "mosquitto not installed: no uplink in the traced run"
+    without "mosquitto not installed: no uplink in the traced run"
 fi
 cat >"$TMP/outpost.toml" <<EOF
 [gateway]
@@ -87,6 +87,8 @@ with open(sys.argv[2], "w", buffering=1) as log:
 EOF
     notify_pid=$!
     for _ in $(seq 50); do [[ -S "$TMP/notify" ]] && break; sleep 0.1; done
+else
+    without "python3 not found: no notification socket (READY=1 and WATCHDOG=1 not checked)"
 fi
 
 cleanup_procs() {
