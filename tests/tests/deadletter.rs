@@ -152,6 +152,33 @@ fn a_message_the_broker_refuses_is_set_aside_and_the_rest_is_delivered() {
         audited(&state, &big),
         "an audit entry for the aggregate set aside"
     );
+    // Sent again while the gateway runs, to the same broker: refused
+    // again, so set aside again after its attempts, under a new number.
+    let asked = deadletter(&state, &o.config_path, &["resend", "1"]);
+    assert!(asked.contains("entry 1: resend asked for"), "{asked}");
+    o.wait_metric(
+        "outpost_deadletter_resent_total",
+        &[],
+        1.0,
+        Duration::from_secs(10),
+    );
+    o.wait_metric(
+        "outpost_uplink_deadlettered_total",
+        &[],
+        2.0,
+        Duration::from_secs(30),
+    );
+    wait_until(
+        "entry 1 replaced by entry 2",
+        Duration::from_secs(10),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&deadletter(&state, &o.config_path, &["list", "--json"]))
+                    .expect("JSON");
+            v.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["id"] == 2)
+        },
+    );
     drop(o);
 
     // The broker's limit raised (another broker here): sent again on request.
