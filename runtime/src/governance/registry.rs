@@ -229,7 +229,8 @@ struct RegistryLock {
 impl Registry {
     /// The registry in `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, GovernanceError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // Synced into its parent: a new directory is durable only then.
+        outpost_storage::fsutil::create_dir_all(dir).map_err(io(dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -362,6 +363,9 @@ impl Registry {
             let bytes = std::fs::read(src.join(f)).map_err(io(&src.join(f)))?;
             write_synced(&tmp.join(f), &bytes)?;
         }
+        // The files' names in it, durable before the directory is renamed
+        // into place (synced files whose names are not are gone at a power cut).
+        sync_dir(&tmp)?;
         std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
         sync_dir(&self.dir)?;
         self.update(|s| Ok(s.record("install", Some(&id), None, "", "cli")))?;

@@ -68,7 +68,8 @@ impl Accountant {
             path: path.clone(),
             error,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // Synced into its parent: a new directory is durable only then.
+        outpost_storage::fsutil::create_dir_all(dir).map_err(io)?;
         let file = match std::fs::read(&path) {
             Ok(bytes) => parse(&bytes).map_err(|reason| PrivacyError::BudgetCorrupt {
                 path: path.clone(),
