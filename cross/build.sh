@@ -44,23 +44,33 @@ esac
 tgt="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$tgt"
 : >"$tgt/cross-sizes.txt"
-for t in "${targets[@]}"; do
-    start=$(date +%s)
-    case "$t" in
-        *-musl*)
-            command -v cargo-zigbuild >/dev/null || {
-                echo "cross/build.sh: cargo-zigbuild not found; run cross/setup-musl.sh" >&2
-                exit 1
-            }
-            cargo zigbuild --locked --release -p outpost-runtime --bin outpost --target "$t" ${features[@]+"${features[@]}"}
-            ;;
-        *)
-            cargo build --locked --release -p outpost-runtime --bin outpost --target "$t" ${features[@]+"${features[@]}"}
-            ;;
-    esac
-    bin="$tgt/$t/release/outpost"
+report() { # target, seconds
+    local bin="$tgt/$1/release/outpost" size line
     size=$(stat -c %s "$bin")
-    line="$t $size bytes ($(awk "BEGIN{printf \"%.1f\", $size/1048576}") MiB), built in $(($(date +%s) - start)) s"
+    line="$1 $size bytes ($(awk "BEGIN{printf \"%.1f\", $size/1048576}") MiB), built in $2 s"
     echo "cross/build.sh: $line"
     echo "$line" >>"$tgt/cross-sizes.txt"
+}
+# The glibc targets in one cargo invocation: the release profile's fat LTO
+# ends each target's build with a long single-threaded step, and one
+# invocation runs the two targets' steps side by side on two cores (about a
+# third less wall time than one target after the other).
+gnu=() musl=()
+for t in "${targets[@]}"; do
+    case "$t" in *-musl*) musl+=("$t") ;; *) gnu+=("$t") ;; esac
+done
+if [[ ${#gnu[@]} -gt 0 ]]; then
+    start=$(date +%s)
+    cargo build --locked --release -p outpost-runtime --bin outpost \
+        $(printf -- '--target %s ' "${gnu[@]}") ${features[@]+"${features[@]}"}
+    for t in "${gnu[@]}"; do report "$t" "$(($(date +%s) - start))"; done
+fi
+for t in ${musl[@]+"${musl[@]}"}; do
+    start=$(date +%s)
+    command -v cargo-zigbuild >/dev/null || {
+        echo "cross/build.sh: cargo-zigbuild not found; run cross/setup-musl.sh" >&2
+        exit 1
+    }
+    cargo zigbuild --locked --release -p outpost-runtime --bin outpost --target "$t" ${features[@]+"${features[@]}"}
+    report "$t" "$(($(date +%s) - start))"
 done

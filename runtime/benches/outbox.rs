@@ -55,6 +55,8 @@ fn aggregate(i: u64) -> Aggregate {
         models: None,
         shadow: None,
         drift: None,
+        gap: false,
+        covers: Vec::new(),
     };
     a.id = a.compute_id();
     a

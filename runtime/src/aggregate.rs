@@ -4,13 +4,22 @@
 //! Output: [`Aggregate`], the only type that can reach the cloud uplink.
 //!
 //! A bucket `[start, start + window_ms)` closes when the group's watermark
-//! (latest event time seen minus the allowed lateness) passes its end, or, in
-//! live runs, when the wall clock passes its end plus lateness plus
-//! `idle_close_ms`. A reading for a closed bucket is late: counted in the next
-//! aggregate of its group (`late_readings`) and in metrics, never dropped silently.
+//! minus the allowed lateness passes its end. The watermark is one that a
+//! single sensor cannot move ([`watermark`]: per-sensor watermarks, the
+//! group's the smallest over the sensors that hold it). In live runs, a
+//! sensor silent for `idle_close_ms` of monotonic time stops holding its
+//! group, and a group whose sensors are all silent has its buckets closed and
+//! its state forgotten, so memory follows the sensors that are active. A
+//! reading for a closed bucket is late: counted in the next aggregate of its
+//! group (`late_readings`) and in metrics, never dropped silently. A reading
+//! refused for clock skew is counted in `outpost_rejected_total`.
 
 mod config;
+pub mod tombstone;
+pub mod watermark;
 pub use config::{AggregationConfig, GroupBy};
+use tombstone::Tombstones;
+use watermark::{ClockSettings, GroupClock};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -142,6 +151,15 @@ pub struct Aggregate {
     /// Drift against the model's training reference, when it carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftStats>,
+    /// The first aggregate of its group after an unclean start of a gateway
+    /// that cannot replay what it had accepted (memory outbox, journal off):
+    /// readings accepted before the crash may be missing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gap: bool,
+    /// Journal sequence numbers of the readings this aggregate counts (never
+    /// serialized: they go to the ingest journal, not to the cloud).
+    #[serde(skip)]
+    pub covers: Vec<u64>,
 }
 
 impl Aggregate {
@@ -164,6 +182,8 @@ impl Aggregate {
         self.window_start = self.window_start.min(later.window_start);
         self.window_end = self.window_end.max(later.window_end);
         self.partial |= later.partial;
+        self.gap |= later.gap;
+        self.covers.extend_from_slice(&later.covers);
         self.readings += later.readings;
         self.late_readings += later.late_readings;
         self.sensors = self.sensors.max(later.sensors);
@@ -299,6 +319,8 @@ struct Bucket {
     /// Drift input summaries, one per inference.
     summaries: Vec<Vec<f32>>,
     shadow: Option<ShadowBucket>,
+    /// Journal sequence numbers of the readings counted here.
+    covers: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -330,15 +352,14 @@ impl Default for DriftSettings {
 
 #[derive(Debug)]
 struct GroupState {
-    max_ts: i64,
+    /// Its watermark.
+    clock: GroupClock,
     /// Every bucket starting before this is closed.
     closed_before: i64,
     open: BTreeMap<i64, Bucket>,
     late_pending: u64,
-    /// `max_ts` at the previous [`Aggregator::tick`].
-    tick_max_ts: i64,
-    /// Wall-clock time since which the group has made no progress.
-    idle_since: Option<i64>,
+    /// Journal sequence numbers of the late readings in `late_pending`.
+    late_covers: Vec<u64>,
 }
 
 /// Counters the aggregator reports for metrics.
@@ -348,6 +369,13 @@ pub struct AggregatorStats {
     pub late_readings: u64,
     /// Inferences whose window had already closed.
     pub late_inferences: u64,
+    /// Readings refused for clock skew ([`watermark`]).
+    pub clock_skew: u64,
+    /// Inferences at a time refused for clock skew (their readings are
+    /// counted there).
+    pub skewed_inferences: u64,
+    /// Groups forgotten after idling.
+    pub groups_evicted: u64,
 }
 
 /// The aggregation state machine.
@@ -356,6 +384,13 @@ pub struct Aggregator {
     window_ms: i64,
     lateness_ms: i64,
     idle_close_ms: i64,
+    max_skew_ms: i64,
+    /// Live runs: readings too far ahead of their group may be refused.
+    live: bool,
+    /// Whether the gateway's wall clock is set (at the latest tick).
+    wall_clock_set: bool,
+    /// Monotonic time of the latest [`Aggregator::tick`].
+    now_ms: i64,
     gateway: String,
     model: ModelRef,
     task: Task,
@@ -363,6 +398,11 @@ pub struct Aggregator {
     groups: BTreeMap<Arc<str>, GroupState>,
     stats: AggregatorStats,
     drift: DriftSettings,
+    /// After an unclean start without a journal: the groups whose first
+    /// aggregate has been marked `gap` ([`Aggregator::with_gap`]).
+    gap: Option<BTreeSet<Arc<str>>>,
+    /// Groups forgotten after idling, by where they had closed.
+    tombstones: Tombstones,
 }
 
 fn round6(x: f64) -> f64 {
@@ -415,6 +455,10 @@ impl Aggregator {
             window_ms: cfg.window_ms.max(1),
             lateness_ms: cfg.allowed_lateness_ms.max(0),
             idle_close_ms: cfg.idle_close_ms.max(0),
+            max_skew_ms: cfg.max_skew_ms.max(1),
+            live: false,
+            wall_clock_set: true,
+            now_ms: 0,
             gateway: gateway.to_string(),
             model: ModelRef {
                 name: model.name.clone(),
@@ -425,6 +469,8 @@ impl Aggregator {
             groups: BTreeMap::new(),
             stats: AggregatorStats::default(),
             drift: DriftSettings::default(),
+            gap: None,
+            tombstones: Tombstones::default(),
         }
     }
 
@@ -436,6 +482,21 @@ impl Aggregator {
     pub fn reconfigure(&mut self, cfg: &AggregationConfig) {
         self.lateness_ms = cfg.allowed_lateness_ms.max(0);
         self.idle_close_ms = cfg.idle_close_ms.max(0);
+        self.max_skew_ms = cfg.max_skew_ms.max(1);
+    }
+
+    /// How the groups' watermarks treat their sensors now.
+    fn clock_settings(&self) -> ClockSettings {
+        ClockSettings {
+            max_skew_ms: self.max_skew_ms,
+            idle_ms: self.idle_close_ms,
+            refuse_skew: self.live && !self.wall_clock_set,
+        }
+    }
+
+    /// Groups tracked.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
     }
 
     /// With these drift settings.
@@ -454,6 +515,28 @@ impl Aggregator {
         self.groups.values().map(|g| g.open.len()).sum()
     }
 
+    /// Mark the first aggregate of each group `gap`: the gateway did not
+    /// stop cleanly and cannot replay the readings it had accepted.
+    pub fn with_gap(mut self) -> Self {
+        self.gap = Some(BTreeSet::new());
+        self
+    }
+
+    /// Set `gap` on the first aggregate of each group in `out` (see
+    /// [`Aggregator::with_gap`]).
+    pub fn mark_gaps(&mut self, out: &mut [Aggregate]) {
+        let Some(marked) = self.gap.as_mut() else {
+            return;
+        };
+        for a in out {
+            if !marked.contains(a.group.as_str()) {
+                marked.insert(Arc::from(a.group.as_str()));
+                a.gap = true;
+                a.id = a.compute_id();
+            }
+        }
+    }
+
     fn align(&self, ts: i64) -> i64 {
         ts - ts.rem_euclid(self.window_ms)
     }
@@ -463,29 +546,54 @@ impl Aggregator {
         let window_ms = self.window_ms;
         let start_of = |ts: i64| ts - ts.rem_euclid(window_ms);
         let classes = self.labels.len();
-        let gs = self.groups.entry(ev.group.clone()).or_insert(GroupState {
-            max_ts: i64::MIN,
-            closed_before: i64::MIN,
-            open: BTreeMap::new(),
-            late_pending: 0,
-            tick_max_ts: i64::MIN,
-            idle_since: None,
-        });
-        for &ts in &ev.readings {
+        let settings = self.clock_settings();
+        let now = self.now_ms;
+        let tombstones = &mut self.tombstones;
+        let gs = self
+            .groups
+            .entry(ev.group.clone())
+            .or_insert_with(|| GroupState {
+                clock: GroupClock::new(),
+                // A group evicted a while ago goes on where it had closed.
+                closed_before: tombstones.raise(&ev.group).unwrap_or(i64::MIN),
+                open: BTreeMap::new(),
+                late_pending: 0,
+                late_covers: Vec::new(),
+            });
+        let inference_skewed = gs.clock.is_skewed(&ev.sensor, ev.ts_ms, &settings);
+        for (i, &ts) in ev.readings.iter().enumerate() {
             let start = start_of(ts);
+            // 0: not journaled.
+            let seq = ev.seqs.get(i).copied().unwrap_or(0);
+            if !gs.clock.observe(&ev.sensor, ts, now, &settings) {
+                // Refused (counted in metrics); its journal sequence goes
+                // with the group's next aggregate, which accounts for it.
+                self.stats.clock_skew += 1;
+                if seq != 0 {
+                    gs.late_covers.push(seq);
+                }
+                continue;
+            }
             if start < gs.closed_before {
                 gs.late_pending += 1;
+                if seq != 0 {
+                    gs.late_covers.push(seq);
+                }
                 self.stats.late_readings += 1;
                 continue;
             }
             let b = gs.open.entry(start).or_default();
+            if seq != 0 {
+                b.covers.push(seq);
+            }
             b.readings += 1;
             b.sensors.insert(ev.sensor.clone());
-            gs.max_ts = gs.max_ts.max(ts);
         }
         if let Some(p) = &ev.prediction {
             let start = start_of(ev.ts_ms);
-            if start < gs.closed_before {
+            if inference_skewed {
+                self.stats.skewed_inferences += 1;
+            } else if start < gs.closed_before {
                 self.stats.late_inferences += 1;
             } else {
                 let b = gs.open.entry(start).or_default();
@@ -531,10 +639,11 @@ impl Aggregator {
                 }
             }
         }
-        gs.max_ts = gs.max_ts.max(ev.ts_ms);
-        let watermark = gs.max_ts.saturating_sub(self.lateness_ms);
+        let watermark = gs.clock.advance(&settings);
         let group = ev.group;
-        self.close_group(&group, watermark, false, out);
+        if let Some(w) = watermark {
+            self.close_group(&group, w.saturating_sub(self.lateness_ms), false, out);
+        }
     }
 
     /// Close every bucket of `group` that ends at or before `until`.
@@ -559,9 +668,12 @@ impl Aggregator {
         let still_open = gs.open.split_off(&gs.closed_before);
         let closing = std::mem::replace(&mut gs.open, still_open);
         let late = if closing.is_empty() {
-            0
+            (0, Vec::new())
         } else {
-            std::mem::take(&mut gs.late_pending)
+            (
+                std::mem::take(&mut gs.late_pending),
+                std::mem::take(&mut gs.late_covers),
+            )
         };
         self.emit(group, closing, late, |_, _| partial, out);
     }
@@ -571,7 +683,7 @@ impl Aggregator {
         &self,
         group: &str,
         buckets: BTreeMap<i64, Bucket>,
-        mut late: u64,
+        mut late: (u64, Vec<u64>),
         partial: impl Fn(i64, i64) -> bool,
         out: &mut Vec<Aggregate>,
     ) {
@@ -621,7 +733,15 @@ impl Aggregator {
         })
     }
 
-    fn finish(&self, group: &str, start: i64, b: Bucket, late: u64, partial: bool) -> Aggregate {
+    fn finish(
+        &self,
+        group: &str,
+        start: i64,
+        mut b: Bucket,
+        (late, late_covers): (u64, Vec<u64>),
+        partial: bool,
+    ) -> Aggregate {
+        b.covers.extend(late_covers);
         let drift = self.drift_of(&b);
         let score = score_stats(&b.scores);
         let model = match &b.last_model {
@@ -688,40 +808,85 @@ impl Aggregator {
             models,
             shadow,
             drift,
+            gap: false,
+            covers: b.covers,
         };
         agg.id = agg.compute_id();
         agg
     }
 
-    /// Live runs, called periodically with the wall clock: a group whose
-    /// event time has not advanced for `idle_close_ms` of wall-clock time
-    /// (its sensors went quiet) has its open buckets closed, so its last
-    /// window is not held back until the next reading. Event times are never
-    /// compared with the wall clock, so backfilled or replayed data with old
-    /// timestamps aggregates exactly like live data.
+    /// The monotonic time (ms) readings pushed from now on arrive at: a
+    /// sensor is seen when its readings arrive ([`Aggregator::tick`]).
+    pub fn set_now(&mut self, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// Live runs: whether the gateway's wall clock is set
+    /// ([`crate::clock::is_set`]). While it is not, ingest cannot refuse
+    /// readings from the future, and a reading far ahead of the rest of its
+    /// group is refused here instead (`clock_skew`, [`watermark`]).
+    pub fn set_wall_clock(&mut self, set: bool) {
+        self.wall_clock_set = set;
+    }
+
+    /// Live runs, called periodically with the monotonic clock (ms): a
+    /// sensor silent for `idle_close_ms` stops holding its group's watermark
+    /// (which may close buckets); a group whose sensors are all silent has
+    /// its open buckets closed (not partial: its sensors went quiet) and its
+    /// state forgotten, so a gateway's memory follows its active sensors. A
+    /// group seen again later starts afresh. Event times are never compared
+    /// with a clock here, so backfilled or replayed data with old timestamps
+    /// aggregates exactly like live data.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Aggregate>) {
-        let idle_close_ms = self.idle_close_ms;
-        let mut idle = Vec::new();
+        self.now_ms = self.now_ms.max(now_ms);
+        let (now, idle_ms, lateness) = (self.now_ms, self.idle_close_ms, self.lateness_ms);
+        let settings = self.clock_settings();
+        let mut closes = Vec::new();
+        let mut gone = Vec::new();
         for (k, g) in &mut self.groups {
-            if g.max_ts != g.tick_max_ts {
-                g.tick_max_ts = g.max_ts;
-                g.idle_since = Some(now_ms);
-                continue;
-            }
-            let since = *g.idle_since.get_or_insert(now_ms);
-            if !g.open.is_empty() && now_ms.saturating_sub(since) >= idle_close_ms {
-                idle.push(k.clone());
+            g.clock.evict_idle(now, idle_ms);
+            if g.clock.sensors() == 0 {
+                gone.push(k.clone());
+            } else if let Some(w) = g.clock.advance(&settings) {
+                closes.push((k.clone(), w.saturating_sub(lateness)));
             }
         }
-        for g in idle {
-            let until = self
-                .groups
-                .get(&g)
-                .and_then(|gs| gs.open.keys().next_back())
-                .map(|s| s + self.window_ms)
-                .unwrap_or(i64::MIN);
+        for (g, until) in closes {
             self.close_group(&g, until, false, out);
         }
+        for g in gone {
+            self.evict_group(&g, |_, _| false, out);
+            self.stats.groups_evicted += 1;
+        }
+        self.tombstones.expire(self.now_ms);
+    }
+
+    /// Emit every open bucket of `group` (its late readings with the first,
+    /// or in an aggregate of their own when none is open, so they are still
+    /// counted) and forget the group.
+    fn evict_group(
+        &mut self,
+        group: &Arc<str>,
+        partial: impl Fn(i64, i64) -> bool,
+        out: &mut Vec<Aggregate>,
+    ) {
+        let Some(gs) = self.groups.remove(group) else {
+            return;
+        };
+        let late = (gs.late_pending, gs.late_covers);
+        let mut closed_before = gs.closed_before;
+        if let Some(last) = gs.open.keys().next_back() {
+            closed_before = closed_before.max(last + self.window_ms);
+            self.emit(group, gs.open, late, partial, out);
+        } else if late.0 > 0 {
+            // In an aggregate of their own, for the next window (each window
+            // of a group is delivered once, so ids stay distinct), which is
+            // closed from now on.
+            out.push(self.finish(group, closed_before, Bucket::default(), late, false));
+            closed_before = closed_before.saturating_add(self.window_ms);
+        }
+        self.tombstones
+            .bury(group.clone(), closed_before, self.now_ms);
     }
 
     /// At shutdown or end of input: emit every open bucket. Buckets whose end
@@ -729,25 +894,24 @@ impl Aggregator {
     pub fn flush(&mut self, out: &mut Vec<Aggregate>) {
         let groups: Vec<Arc<str>> = self.groups.keys().cloned().collect();
         for g in groups {
-            let Some(gs) = self.groups.get_mut(&g) else {
+            let Some(gs) = self.groups.get(&g) else {
                 continue;
             };
-            let watermark = gs.max_ts.saturating_sub(self.lateness_ms);
-            let open = std::mem::take(&mut gs.open);
-            let late = if open.is_empty() {
-                0
-            } else {
-                std::mem::take(&mut gs.late_pending)
-            };
-            self.emit(&g, open, late, |_, end| end > watermark, out);
+            let watermark = gs
+                .clock
+                .watermark()
+                .map_or(i64::MIN, |w| w.saturating_sub(self.lateness_ms));
+            self.evict_group(&g, |_, end| end > watermark, out);
         }
     }
 }
 
 /// Run the aggregation stage: each inferred window is offered to the local
 /// decisions (dropped and counted when their queue is full) and added to
-/// its group's bucket; closed aggregates go to `aggregates`. `live`: buckets
-/// also close on the wall clock (every 500 ms), for groups that went quiet.
+/// its group's bucket; closed aggregates go to `aggregates`. `live`: every
+/// 500 ms of the monotonic clock, silent sensors stop holding their groups
+/// and silent groups are closed and forgotten, and a reading far ahead of
+/// its group is refused while the gateway's clock is not set.
 /// When `inferred` closes, every bucket is flushed and `aggregates` closes.
 pub fn spawn(
     mut aggregator: Aggregator,
@@ -762,9 +926,32 @@ pub fn spawn(
     live: bool,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        aggregator.live = live;
         let mut out = Vec::new();
         let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
-        let mut late_seen = 0;
+        let mut seen = AggregatorStats::default();
+        // The aggregator's counters into metrics (they only grow).
+        let report = |a: &Aggregator, seen: &mut AggregatorStats| {
+            let s = a.stats();
+            metrics
+                .late_readings
+                .inc_by(s.late_readings - seen.late_readings);
+            if s.clock_skew > seen.clock_skew {
+                metrics
+                    .rejected
+                    .get_or_create(&crate::metrics::RejectLabels {
+                        source: "aggregation".into(),
+                        reason: crate::ingest::reading::RejectReason::ClockSkew
+                            .as_str()
+                            .into(),
+                    })
+                    .inc_by(s.clock_skew - seen.clock_skew);
+            }
+            metrics
+                .groups_evicted
+                .inc_by(s.groups_evicted - seen.groups_evicted);
+            *seen = s;
+        };
         let send = |out: &mut Vec<Aggregate>| {
             let batch: Vec<Aggregate> = std::mem::take(out);
             let tx = aggregates.clone();
@@ -785,7 +972,10 @@ pub fn spawn(
                 tokio::select! {
                     r = inferred.recv_async() => r.ok(),
                     _ = ticker.tick() => {
-                        aggregator.tick(crate::clock::now_ms(), &mut out);
+                        aggregator.set_wall_clock(crate::clock::is_set(crate::clock::now_ms()));
+                        aggregator.tick(crate::clock::mono_ms(), &mut out);
+                        report(&aggregator, &mut seen);
+                        aggregator.mark_gaps(&mut out);
                         if !send(&mut out).await { return; }
                         continue;
                     }
@@ -800,15 +990,18 @@ pub fn spawn(
             {
                 metrics.decisions_dropped.inc();
             }
+            if live {
+                aggregator.set_now(crate::clock::mono_ms());
+            }
             aggregator.push(inf, &mut out);
-            let late = aggregator.stats().late_readings;
-            metrics.late_readings.inc_by(late - late_seen);
-            late_seen = late;
+            report(&aggregator, &mut seen);
+            aggregator.mark_gaps(&mut out);
             if !send(&mut out).await {
                 return;
             }
         }
         aggregator.flush(&mut out);
+        aggregator.mark_gaps(&mut out);
         send(&mut out).await;
     })
 }
@@ -883,8 +1076,12 @@ mod tests {
         let mut out = Vec::new();
         a.push(ev("g", "s", 500, 1, 0, 0.5), &mut out);
         a.push(ev("g", "s", 1050, 1, 1, 0.7), &mut out);
-        assert!(out.is_empty(), "watermark 950 has not passed 1000");
+        assert!(out.is_empty(), "watermark 500 - 100 has not passed 1000");
+        // The sensor's watermark is the older of its two latest readings:
+        // 1050 - 100 has not passed 1000 either.
         a.push(ev("g", "s", 1150, 1, 1, 0.9), &mut out);
+        assert!(out.is_empty());
+        a.push(ev("g", "s", 1160, 1, 1, 0.8), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(
             (out[0].window_start, out[0].readings, out[0].inferences),
@@ -897,7 +1094,7 @@ mod tests {
         a.flush(&mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].late_readings, 1);
-        assert_eq!(out[1].readings, 2);
+        assert_eq!(out[1].readings, 3);
         assert!(out[1].partial);
         assert_eq!(out[1].score.as_ref().unwrap().max, round6(0.9f32 as f64));
         assert_ne!(out[0].id, out[1].id);
@@ -916,6 +1113,8 @@ mod tests {
                 .unwrap_or_default()
                 .into_iter()
                 .collect(),
+            seq: 0,
+            ack: None,
         };
         let mut cfg = AggregationConfig {
             group_by: GroupBy::Attr("line".into()),
@@ -1001,6 +1200,7 @@ mod tests {
                         model: Some(runner.clone()),
                         summary: Some(features.iter().map(|f| (f[k] + shift) as f32).collect()),
                         shadow: None,
+                        seqs: Vec::new(),
                     },
                     &mut out,
                 );
@@ -1065,19 +1265,86 @@ mod tests {
             &m,
         );
         let mut out = Vec::new();
-        // Event times an hour before the wall clock: only idleness counts.
-        a.push(ev("g", "s", 100, 1, 0, 0.5), &mut out);
+        // Ticks on the monotonic clock; event times are never compared with it.
         a.tick(3_600_000, &mut out);
-        assert!(out.is_empty(), "progress since the last tick");
+        a.push(ev("g", "s", 100, 1, 0, 0.5), &mut out);
         a.tick(3_600_400, &mut out);
         assert!(out.is_empty(), "idle for 400 ms only");
         a.push(ev("g", "s", 200, 1, 0, 0.5), &mut out);
         a.tick(3_600_800, &mut out);
         assert!(out.is_empty(), "a new reading restarts the idle time");
-        a.tick(3_601_300, &mut out);
+        a.tick(3_600_900, &mut out);
         assert_eq!(out.len(), 1);
         assert!(!out[0].partial);
         assert_eq!(out[0].readings, 2);
+        // The silent group is forgotten; a reading for its delivered window
+        // that comes after is late, as if the group had stayed, and goes in
+        // an aggregate of the next window (never the same window twice).
+        assert_eq!((a.groups(), a.stats().groups_evicted), (0, 1));
+        a.push(ev("g", "s", 300, 1, 0, 0.5), &mut out);
+        assert_eq!(a.stats().late_readings, 1);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[1].window_start, out[1].readings, out[1].late_readings),
+            (1000, 0, 1)
+        );
+        // Seen again, it goes on after that window.
+        a.push(ev("g", "s", 2_500, 1, 0, 0.5), &mut out);
+        a.flush(&mut out);
+        assert_eq!((out[2].window_start, out[2].readings), (2000, 1));
+        assert_eq!(a.stats().late_readings, 1);
+    }
+
+    /// One sensor whose clock is four minutes ahead does not close its
+    /// group's windows early: no reading of the others is late (issue 18,
+    /// item 7). Its own readings wait in their windows.
+    #[test]
+    fn a_sensor_ahead_does_not_close_its_groups_windows() {
+        let m = manifest();
+        let mut a = Aggregator::new(&cfg(1000, 100), "gw", &m);
+        a.live = true;
+        let mut out = Vec::new();
+        for t in (0..5_000).step_by(100) {
+            a.push(ev("g", "good-1", t, 1, 0, 0.5), &mut out);
+            a.push(ev("g", "good-2", t + 7, 1, 0, 0.5), &mut out);
+            if t == 1_200 {
+                // A single reading far ahead, then a sensor that stays ahead.
+                a.push(ev("g", "good-1", t + 240_000, 1, 0, 0.5), &mut out);
+            }
+            a.push(ev("g", "ahead", t + 240_000, 1, 0, 0.5), &mut out);
+        }
+        assert_eq!(a.stats().late_readings, 0);
+        assert_eq!(a.stats().clock_skew, 0, "the gateway's clock is set");
+        // Closed so far: the windows the good sensors completed, nothing ahead.
+        assert!(out.iter().all(|x| x.window_end <= 5_000), "{out:?}");
+        assert_eq!(out.iter().map(|x| x.readings).sum::<u64>(), 2 * 40);
+        a.flush(&mut out);
+        assert_eq!(out.iter().map(|x| x.readings).sum::<u64>(), 3 * 50 + 1);
+    }
+
+    /// While the gateway's clock is not set, a sensor far ahead of the rest
+    /// of its group is refused and counted (`clock_skew`); replay never refuses.
+    #[test]
+    fn far_ahead_of_its_group_is_refused_while_the_clock_is_unset() {
+        let m = manifest();
+        // The first skewed reading, with nothing to compare it with yet, is taken.
+        for (live, set, refused) in [(true, false, 9), (true, true, 0), (false, false, 0)] {
+            let mut a = Aggregator::new(&cfg(1000, 100), "gw", &m);
+            a.live = live;
+            a.set_wall_clock(set);
+            let mut out = Vec::new();
+            for t in (0..1_000).step_by(100) {
+                a.push(ev("g", "good", t, 1, 0, 0.5), &mut out);
+                a.push(ev("g", "skewed", t + 3_600_000, 1, 0, 0.5), &mut out);
+            }
+            a.flush(&mut out);
+            let s = a.stats();
+            assert_eq!(s.clock_skew, refused, "{live} {set}");
+            // Every reading counted once: in a window, late, or refused.
+            let counted: u64 = out.iter().map(|x| x.readings + x.late_readings).sum();
+            assert_eq!(counted + s.clock_skew, 20);
+        }
     }
 
     /// Key of an aggregate for comparison, without id and partial flag.

@@ -25,7 +25,7 @@ use crate::inference::InferenceConfig;
 use crate::ingest::simulated::SimulatedSourceConfig;
 use crate::ingest::{IngestConfig, SourceConfig};
 use crate::metrics::MetricsConfig;
-use crate::outbox::OutboxConfig;
+use crate::outbox::{OutboxConfig, OutboxKind};
 use crate::privacy::PrivacyConfig;
 use crate::uplink::UplinkConfig;
 use crate::window::WindowingConfig;
@@ -79,6 +79,8 @@ pub struct Config {
     pub aggregation: AggregationConfig,
     /// The outbox between aggregation and uplink.
     pub outbox: OutboxConfig,
+    /// The ingest journal: accepted readings on disk until counted.
+    pub journal: crate::journal::JournalConfig,
     /// The cloud uplink; `None`: aggregates are logged.
     pub uplink: Option<UplinkConfig>,
     /// Local per-window decisions to the site broker.
@@ -95,7 +97,7 @@ pub struct Config {
 pub struct GatewayConfig {
     /// Gateway id, carried in every aggregate and in topic templates.
     pub id: String,
-    /// Directory for state (outbox, registry, audit log); default
+    /// Directory for state (outbox, journal, registry, audit log); default
     /// `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`) or `/var/lib/outpost`.
     pub state_dir: PathBuf,
     /// Longest time a graceful shutdown may take before the process exits anyway.
@@ -165,6 +167,7 @@ impl Default for Config {
                 ..AggregationConfig::default()
             },
             outbox: OutboxConfig::default(),
+            journal: Default::default(),
             uplink: None,
             decisions: None,
             metrics: MetricsConfig::default(),
@@ -217,6 +220,7 @@ impl Config {
                 "inference" => cfg.inference = c.section(&key, value).unwrap_or_default(),
                 "aggregation" => cfg.aggregation = c.section(&key, value).unwrap_or_default(),
                 "outbox" => cfg.outbox = c.section(&key, value).unwrap_or_default(),
+                "journal" => cfg.journal = c.section(&key, value).unwrap_or_default(),
                 "uplink" => cfg.uplink = c.section(&key, value),
                 "decisions" => cfg.decisions = c.section(&key, value),
                 "metrics" => cfg.metrics = c.section(&key, value).unwrap_or_default(),
@@ -274,6 +278,13 @@ impl Config {
         c.within("windowing", |c| self.windowing.check(c));
         c.within("inference", |c| self.inference.check(c));
         c.within("outbox", |c| self.outbox.check(c));
+        c.within("journal", |c| self.journal.check(c));
+        if self.journal.enabled == Some(true) && self.outbox.kind == OutboxKind::Memory {
+            c.push(
+                "journal.enabled",
+                "the journal needs outbox.kind = \"disk\": a memory outbox loses what the journal forgets",
+            );
+        }
         c.within("aggregation", |c| self.aggregation.check(c));
         if let Some(u) = &self.uplink {
             c.within("uplink", |c| u.check(c));

@@ -37,6 +37,8 @@ pub struct Inferred {
     pub ts_ms: i64,
     /// Timestamps of the readings counted with this window.
     pub readings: Vec<i64>,
+    /// Their ingest journal sequence numbers, in the same order (0: not journaled).
+    pub seqs: Vec<u64>,
     /// The prediction (`None` for a tail without inference).
     pub prediction: Option<Prediction>,
     /// The model that made the prediction.
@@ -510,6 +512,7 @@ fn infer_batch_padded(
                 group: w.group.clone(),
                 ts_ms: w.end_ms,
                 readings: w.readings.clone(),
+                seqs: w.seqs.clone(),
                 prediction: if data { preds.next() } else { None },
                 model: data.then(|| set.active.clone()),
                 summary: if data { summaries.next() } else { None },
@@ -534,6 +537,7 @@ fn without_predictions(batch: Vec<Window>) -> Vec<Inferred> {
             group: w.group,
             ts_ms: w.end_ms,
             readings: w.readings,
+            seqs: w.seqs,
             prediction: None,
             model: None,
             summary: None,
@@ -670,6 +674,7 @@ mod tests {
             start_ms: i as i64,
             end_ms: i as i64 * 10,
             readings: vec![i as i64],
+            seqs: vec![0],
             data: data.then(|| {
                 (0..600)
                     .map(|k| ((k * (i + 1)) % 17) as f32 / 17.0)

@@ -9,6 +9,7 @@
 //! Refused readings are counted per source and reason and logged at most once
 //! per reason every ten seconds per source.
 
+pub mod ack;
 mod config;
 pub mod file;
 pub mod i2c;
@@ -64,6 +65,9 @@ pub struct IngestCtx {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     limiter: Arc<std::sync::Mutex<LogLimiter>>,
+    /// Messages whose readings the journal holds ([`ack::RecentKeys`]);
+    /// `None` without a journal.
+    pub recent: Option<Arc<ack::RecentKeys>>,
 }
 
 /// At most one log line per reason per interval, with the count suppressed.
@@ -119,7 +123,14 @@ impl IngestCtx {
             limiter: Arc::new(std::sync::Mutex::new(LogLimiter::new(Duration::from_secs(
                 10,
             )))),
+            recent: None,
         }
+    }
+
+    /// See [`IngestCtx::recent`].
+    pub fn with_recent(mut self, recent: Option<Arc<ack::RecentKeys>>) -> Self {
+        self.recent = recent;
+        self
     }
 
     /// Count and (rate-limited) log a refused reading.
@@ -137,9 +148,22 @@ impl IngestCtx {
 
     /// Forward decoded readings; `false` when the pipeline is gone.
     pub async fn deliver(&self, results: Vec<Result<Reading, Rejection>>) -> bool {
+        self.deliver_acked(results, None).await
+    }
+
+    /// [`IngestCtx::deliver`], with the acknowledgement owed for the
+    /// message the readings came in: it goes out once every reading of it is
+    /// journaled (or taken by the windows, without a journal), or at once
+    /// when none was accepted.
+    pub async fn deliver_acked(
+        &self,
+        results: Vec<Result<Reading, Rejection>>,
+        ack: Option<ack::Ack>,
+    ) -> bool {
         for r in results {
             match r {
-                Ok(reading) => {
+                Ok(mut reading) => {
+                    reading.ack = ack.clone();
                     if self.tx.send_async(reading).await.is_err() {
                         return false;
                     }

@@ -16,6 +16,7 @@ pub mod governance;
 pub mod http;
 pub mod inference;
 pub mod ingest;
+pub mod journal;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;

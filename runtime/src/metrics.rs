@@ -118,6 +118,11 @@ pub struct Metrics {
     pub aggregates: Counter,
     /// Readings that arrived after their window closed.
     pub late_readings: Counter,
+    /// Sensors forgotten by windowing after idling (their readings not yet
+    /// in a window flushed as tails, still counted).
+    pub sensors_evicted: Counter,
+    /// Aggregation groups forgotten after idling (their windows closed first).
+    pub groups_evicted: Counter,
     /// Records in the outbox.
     pub outbox_depth: Gauge,
     /// Records dropped from a full outbox.
@@ -142,6 +147,8 @@ pub struct Metrics {
     pub outbox_commits: Counter,
     /// Failed outbox appends (each an aggregate refused or lost) and commits.
     pub outbox_append_failures: Counter,
+    /// The ingest journal ([`JournalMetrics`]).
+    pub journal: JournalMetrics,
     /// Aggregates published to the cloud (sent, not yet acknowledged).
     pub uplink_sent: Counter,
     /// Aggregates acknowledged by the cloud broker.
@@ -270,6 +277,84 @@ pub struct OutboxCounts {
     pub coarsened: u64,
 }
 
+/// The ingest journal's figures.
+#[derive(Debug, Default)]
+pub struct JournalMetrics {
+    /// Readings replayed from the journal at start.
+    pub replayed: Counter,
+    /// Aggregates appended to the outbox again at start (a crash came
+    /// between the journal's commit and the outbox's).
+    pub reappended: Counter,
+    /// Torn or corrupt journal records found at start, and replayed
+    /// readings that could not be decoded.
+    pub corrupt: Counter,
+    /// Journal commits that failed (retried; the sources wait).
+    pub commit_failures: Counter,
+    /// Messages a site broker sent again whose readings the journal
+    /// already held (acknowledged, not counted again).
+    pub duplicates: Counter,
+    /// Times the journal was full and the sources waited.
+    pub full_waits: Counter,
+    /// Bytes in the journal.
+    pub bytes: Gauge,
+    /// Readings in the journal not yet counted in a committed aggregate.
+    pub outstanding: Gauge,
+}
+
+impl JournalMetrics {
+    fn register(&self, r: &mut Registry) {
+        let c = |r: &mut Registry, name: &str, help: &str, m: &Counter| {
+            r.register(name, help, m.clone())
+        };
+        c(
+            r,
+            "journal_replayed",
+            "Readings replayed from the ingest journal at start",
+            &self.replayed,
+        );
+        c(
+            r,
+            "journal_reappended",
+            "Aggregates appended to the outbox again from the journal at start",
+            &self.reappended,
+        );
+        c(
+            r,
+            "journal_corrupt",
+            "Torn or corrupt ingest journal records found at start",
+            &self.corrupt,
+        );
+        c(
+            r,
+            "journal_commit_failures",
+            "Failed ingest journal commits (retried)",
+            &self.commit_failures,
+        );
+        c(
+            r,
+            "journal_duplicates",
+            "Messages sent again by a site broker whose readings the journal held",
+            &self.duplicates,
+        );
+        c(
+            r,
+            "journal_full_waits",
+            "Times the ingest journal was full and sources waited",
+            &self.full_waits,
+        );
+        r.register(
+            "journal_bytes",
+            "Bytes in the ingest journal",
+            self.bytes.clone(),
+        );
+        r.register(
+            "journal_outstanding",
+            "Journaled readings not yet counted in a committed aggregate",
+            self.outstanding.clone(),
+        );
+    }
+}
+
 /// A `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -317,6 +402,8 @@ impl Metrics {
             inference_ready_seconds: Gauge::default(),
             aggregates: Counter::default(),
             late_readings: Counter::default(),
+            sensors_evicted: Counter::default(),
+            groups_evicted: Counter::default(),
             outbox_depth: Gauge::default(),
             outbox_dropped: Counter::default(),
             outbox_bytes: Gauge::default(),
@@ -329,6 +416,7 @@ impl Metrics {
             outbox_coarsened: Counter::default(),
             outbox_commits: Counter::default(),
             outbox_append_failures: Counter::default(),
+            journal: JournalMetrics::default(),
             uplink_sent: Counter::default(),
             uplink_acked: Counter::default(),
             uplink_reconnects: Counter::default(),
@@ -426,6 +514,16 @@ impl Metrics {
             m.late_readings.clone(),
         );
         registry.register(
+            "sensors_evicted",
+            "Sensors forgotten by windowing after idling (uncovered readings flushed as tails)",
+            m.sensors_evicted.clone(),
+        );
+        registry.register(
+            "groups_evicted",
+            "Aggregation groups forgotten after idling (their windows closed first)",
+            m.groups_evicted.clone(),
+        );
+        registry.register(
             "outbox_depth",
             "Records in the outbox",
             m.outbox_depth.clone(),
@@ -490,6 +588,7 @@ impl Metrics {
             "Failed outbox appends (each an aggregate refused or lost) and commits",
             m.outbox_append_failures.clone(),
         );
+        m.journal.register(&mut registry);
         registry.register(
             "uplink_sent",
             "Aggregates published to the cloud",
@@ -893,22 +992,35 @@ impl Metrics {
     }
 
     /// Per-stream outbox bytes (writer thread only, like `observe_outbox`).
-    /// A stream that is gone reads 0 (cleared series would vanish between
-    /// two scrapes of a live one).
+    /// A stream that is gone reads 0 once, so a scrape can see it drained,
+    /// and is then forgotten.
     pub fn observe_streams(&self, streams: &[(String, u64)]) {
         let mut seen = self
             .streams_seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for stream in seen.iter() {
-            if !streams.iter().any(|(s, _)| s == stream) {
-                self.outbox_stream_bytes
-                    .get_or_create(&StreamLabels {
-                        stream: stream.clone(),
-                    })
-                    .set(0);
+        let held: std::collections::BTreeSet<&str> =
+            streams.iter().map(|(s, _)| s.as_str()).collect();
+        // A stream gone reads 0 for one observation, then its series goes:
+        // with sensor ids that keep changing (a stream per group), gone
+        // streams would otherwise pile up in memory and in every scrape.
+        seen.retain(|stream| {
+            if held.contains(stream.as_str()) {
+                return true;
             }
-        }
+            let labels = StreamLabels {
+                stream: stream.clone(),
+            };
+            let gauge = self.outbox_stream_bytes.get_or_create(&labels);
+            if gauge.get() == 0 {
+                drop(gauge);
+                self.outbox_stream_bytes.remove(&labels);
+                false
+            } else {
+                gauge.set(0);
+                true
+            }
+        });
         for (stream, bytes) in streams {
             self.outbox_stream_bytes
                 .get_or_create(&StreamLabels {
@@ -1022,4 +1134,38 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18 (8): a stream per group, and groups that keep changing; a
+    /// gone stream reads 0 once, then its series goes.
+    #[test]
+    fn gone_streams_read_zero_once_then_go() {
+        let m = Metrics::new();
+        let series = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with("outpost_outbox_stream_bytes{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        m.observe_streams(&[("a".into(), 5), ("b".into(), 3)]);
+        assert_eq!(series(&m).len(), 2);
+        m.observe_streams(&[("a".into(), 5)]);
+        assert!(series(&m).contains(&"outpost_outbox_stream_bytes{stream=\"b\"} 0".to_string()));
+        m.observe_streams(&[("a".into(), 5)]);
+        assert_eq!(
+            series(&m),
+            vec!["outpost_outbox_stream_bytes{stream=\"a\"} 5".to_string()]
+        );
+        for k in 0..1000 {
+            m.observe_streams(&[(format!("s{k}"), 1)]);
+        }
+        m.observe_streams(&[]);
+        m.observe_streams(&[]);
+        assert!(series(&m).is_empty());
+    }
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregate;
 use crate::governance::SharedAudit;
+use crate::journal::Journaled;
 use crate::metrics::Metrics;
 
 pub use outpost_storage::outbox::{
@@ -155,15 +156,74 @@ pub fn counts(s: &OutboxStats) -> crate::metrics::OutboxCounts {
 /// `interval`; returns when the aggregation stage has ended, after a final
 /// commit. Each aggregate gets an audit entry (id, model, policy), committed
 /// before the outbox commit that lets the uplink see the aggregate: every
-/// aggregate that can leave has its entry.
+/// aggregate that can leave has its entry. With the ingest journal, each
+/// aggregate's readings are recorded as done in the journal ([`Journaled::done`]),
+/// synced before the outbox commit, and confirmed after it, so the journal
+/// forgets them only once the aggregate is on disk.
 pub fn write(
     aggregates: &flume::Receiver<Aggregate>,
     outbox: &SharedOutbox,
     audit: &Option<SharedAudit>,
+    journal: &Option<Journaled>,
     metrics: &Metrics,
     interval: Duration,
 ) {
-    let commit = |outbox: &SharedOutbox| {
+    // Append one aggregate, with its audit entry; a failure is counted.
+    let append = |a: &Aggregate| match outbox.append(a) {
+        Ok(_) => {
+            if let Some(log) = audit {
+                let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
+                    crate::audit::kinds::AGGREGATE,
+                    serde_json::json!({
+                        "id": &a.id,
+                        "group": &a.group,
+                        "window_start": a.window_start,
+                        "model": format!("{}@{}", a.model.name, a.model.version),
+                        "policy": &a.policy,
+                    }),
+                );
+                match r {
+                    Ok(_) => {
+                        metrics.audit_entries.inc();
+                    }
+                    Err(e) => {
+                        metrics.audit_errors.inc();
+                        tracing::error!(error = %e, id = %a.id, "audit append failed");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            // The aggregate is refused or lost: counted, whatever the cause.
+            metrics.outbox_append_failures.inc();
+            match e {
+                OutboxError::Full | OutboxError::StreamFull(_) => {
+                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
+                }
+                e => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
+            }
+        }
+    };
+    // With the journal, aggregates wait here until their done records are
+    // synced: an outbox append reaches the file at once, and a record found
+    // in the file after a crash is delivered, so it must never be there
+    // before the journal knows its readings are counted.
+    let mut waiting: Vec<Aggregate> = Vec::new();
+    let commit = |outbox: &SharedOutbox, waiting: &mut Vec<Aggregate>| {
+        // The journal's done records first: a crash after the outbox commit
+        // must not replay readings the outbox already counts.
+        let mark = match journal.as_ref().map(Journaled::commit) {
+            None => None,
+            Some(Ok(mark)) => Some(mark),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "journal commit failed: the outbox commit waits");
+                metrics.observe_outbox(&counts(&outbox.stats()));
+                return;
+            }
+        };
+        for a in waiting.drain(..) {
+            append(&a);
+        }
         // An aggregate leaves only with its audit entry on disk: when the
         // audit log cannot commit, the outbox does not either (its records
         // wait, invisible to the uplink, for the next commit).
@@ -189,6 +249,9 @@ pub fn write(
                 // Only a commit that succeeded feeds the watchdog.
                 Ok(()) => {
                     metrics.outbox_commits.inc();
+                    if let (Some(j), Some(mark)) = (journal, mark) {
+                        j.confirm(mark);
+                    }
                 }
                 Err(e) => {
                     metrics.outbox_append_failures.inc();
@@ -203,50 +266,30 @@ pub fn write(
     loop {
         let wait = interval.saturating_sub(last_commit.elapsed());
         match aggregates.recv_timeout(wait.max(Duration::from_millis(1))) {
-            Ok(a) => match outbox.append(&a) {
-                Ok(_) => {
-                    if let Some(log) = audit {
-                        let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
-                            crate::audit::kinds::AGGREGATE,
-                            serde_json::json!({
-                                "id": &a.id,
-                                "group": &a.group,
-                                "window_start": a.window_start,
-                                "model": format!("{}@{}", a.model.name, a.model.version),
-                                "policy": &a.policy,
-                            }),
-                        );
-                        match r {
-                            Ok(_) => {
-                                metrics.audit_entries.inc();
-                            }
-                            Err(e) => {
-                                metrics.audit_errors.inc();
-                                tracing::error!(error = %e, id = %a.id, "audit append failed");
-                            }
-                        }
-                    }
+            Ok(a) => match journal {
+                Some(j) => {
+                    // Plain data: serialization cannot fail.
+                    let bytes = serde_json::to_vec(&a).unwrap_or_default();
+                    j.done(&a.covers, Some(&bytes));
+                    waiting.push(a);
                 }
-                Err(e) => {
-                    // The aggregate is refused or lost: counted, whatever the cause.
-                    metrics.outbox_append_failures.inc();
-                    match e {
-                        OutboxError::Full | OutboxError::StreamFull(_) => {
-                            tracing::warn!(id = %a.id, group = %a.group, "{e}");
-                        }
-                        e => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
-                    }
-                }
+                None => append(&a),
             },
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => break,
         }
         if interval.is_zero() || last_commit.elapsed() >= interval {
-            commit(outbox);
+            commit(outbox, &mut waiting);
             last_commit = std::time::Instant::now();
         }
     }
-    commit(outbox);
+    commit(outbox, &mut waiting);
+    // The last confirmation on disk too: the next start has nothing to append again.
+    if let Some(j) = journal
+        && let Err(e) = j.commit()
+    {
+        tracing::error!(error = %e, "journal commit at exit failed");
+    }
 }
 
 /// Keep `outpost_outbox_oldest_age_seconds` current: once a second, the
@@ -309,6 +352,8 @@ pub(crate) mod tests {
             models: None,
             shadow: None,
             drift: None,
+            gap: false,
+            covers: Vec::new(),
         };
         a.id = a.compute_id();
         a
@@ -453,7 +498,14 @@ pub(crate) mod tests {
         }
         drop(tx);
         let outbox = SharedOutbox::new(Box::new(FullDisk(0)));
-        write(&rx, &outbox, &None, &metrics, Duration::from_secs(3600));
+        write(
+            &rx,
+            &outbox,
+            &None,
+            &None,
+            &metrics,
+            Duration::from_secs(3600),
+        );
         assert_eq!(
             metrics.outbox_append_failures.get(),
             4,

@@ -35,10 +35,12 @@ use crate::inference::{
     self, Batching, InferenceError, Inferred, ModelSet, ModelSlot, ModelSource, Runner,
 };
 use crate::ingest::SourceConfig;
+use crate::ingest::ack::RecentKeys;
 use crate::ingest::file::FileFormat;
 use crate::ingest::file::FileSourceConfig;
 use crate::ingest::reading::{Reading, Validator};
 use crate::ingest::{self, IngestCtx, SourceSet};
+use crate::journal::Journaled;
 use crate::metrics::DEFAULT_METRICS_LISTEN;
 use crate::metrics::{Metrics, ModelStatus};
 use crate::outbox::OutboxKind;
@@ -77,6 +79,9 @@ pub enum PipelineError {
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
+    /// The ingest journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalStageError),
     /// A model was refused, or the registry is unusable.
     #[error(transparent)]
     Governance(#[from] governance::GovernanceError),
@@ -187,8 +192,19 @@ struct Core {
     inference: std::thread::JoinHandle<Result<(), InferenceError>>,
 }
 
+/// How the core runs.
+struct CoreMode {
+    /// Close idle windows on the wall clock and batch on time.
+    live: bool,
+    /// Where the readings of aggregates that never reach the outbox
+    /// (suppressed) are recorded as counted.
+    journal: Option<Journaled>,
+    /// Mark the first aggregate of each group `gap` (an unclean start
+    /// without a journal).
+    gap: bool,
+}
+
 /// Start windowing, inference and aggregation reading from `readings`.
-/// `live`: close idle windows on the wall clock and batch on time.
 fn start_core(
     p: &Prepared,
     readings: flume::Receiver<Reading>,
@@ -196,8 +212,9 @@ fn start_core(
     observations: Option<flume::Sender<Observation>>,
     audit: Option<SharedAudit>,
     privacy_state: &std::path::Path,
-    live: bool,
+    mode: CoreMode,
 ) -> Result<Core, PipelineError> {
+    let CoreMode { live, journal, gap } = mode;
     let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
     let (inf_tx, inf_rx) = flume::bounded::<Inferred>(p.cfg.inference.channel_capacity);
     let (closed_tx, closed_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
@@ -217,7 +234,10 @@ fn start_core(
         audit,
     );
     tasks.push(crate::window::spawn(
-        Windower::new(p.spec.clone())?,
+        Windower::new(p.spec.clone())?.with_limits(
+            live.then_some(p.cfg.windowing.idle_evict_ms),
+            p.cfg.ingest.max_sensors,
+        ),
         readings,
         move |r| {
             // A live reconfiguration applies from the next reading on.
@@ -241,11 +261,14 @@ fn start_core(
         inference::spawn_with_ready(p.slot.clone(), win_rx, inf_tx, batching, p.metrics.clone())?;
 
     // Aggregation (and local decisions).
-    let aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
+    let mut aggregator = Aggregator::new(&p.cfg.aggregation, &p.cfg.gateway.id, p.model.manifest())
         .with_drift(DriftSettings {
             alert_psi: p.cfg.governance.drift_alert_psi,
             min_inferences: p.cfg.governance.drift_min_inferences,
         });
+    if gap {
+        aggregator = aggregator.with_gap();
+    }
     tasks.push(crate::aggregate::spawn(
         aggregator,
         inf_rx,
@@ -264,6 +287,12 @@ fn start_core(
         observations,
         agg_tx,
         p.metrics.clone(),
+        // Readings of suppressed aggregates are counted: never replayed.
+        move |settled| {
+            if let Some(j) = &journal {
+                j.done(&settled, None);
+            }
+        },
     ));
 
     Ok(Core {
@@ -430,16 +459,58 @@ pub async fn run(
     };
     let observations = governance_task.is_some().then_some(obs_tx);
 
-    // Core stages.
+    // The ingest journal, between the sources and the core; or, without
+    // one, a gap marker after an unclean start.
+    let unclean = mark_running(&cfg.gateway.state_dir);
+    let journal_on = cfg
+        .journal
+        .enabled
+        .unwrap_or(cfg.outbox.kind == OutboxKind::Disk);
+    let recent = Arc::new(RecentKeys::new(RECENT_KEYS));
     let (read_tx, read_rx) = flume::bounded(cfg.ingest.channel_capacity);
+    let (journal, core_rx, reappend, journal_thread) = if journal_on {
+        let (j, mut recovered) =
+            Journaled::open(&cfg.journal, &cfg.gateway.state_dir, metrics.clone())?;
+        if !recovered.readings.is_empty() || !recovered.reappend.is_empty() {
+            tracing::info!(
+                readings = recovered.readings.len(),
+                aggregates = recovered.reappend.len(),
+                corrupt = recovered.corrupt,
+                "journal: replaying what a crash left"
+            );
+        }
+        let (tx, rx) = flume::bounded(cfg.ingest.channel_capacity);
+        let reappend = std::mem::take(&mut recovered.reappend);
+        let thread = crate::journal::spawn(
+            j.clone(),
+            recovered,
+            recent.clone(),
+            read_rx,
+            tx,
+            cfg.journal.max_batch,
+        )
+        .map_err(PipelineError::Output)?;
+        (Some(j), rx, reappend, Some(thread))
+    } else {
+        if unclean {
+            tracing::warn!(
+                "the last run did not stop cleanly and there is no journal: the first aggregate of each group is marked gap"
+            );
+        }
+        (None, read_rx, Vec::new(), None)
+    };
     let mut core = start_core(
         &p,
-        read_rx,
+        core_rx,
         decisions,
         observations,
         audit.clone(),
         &cfg.gateway.state_dir,
-        true,
+        CoreMode {
+            live: true,
+            journal: journal.clone(),
+            gap: unclean && !journal_on,
+        },
     )?;
     // The models are on their device (a GPU's kernels compiled) before any
     // source starts and before readiness is reported. An error means the
@@ -476,6 +547,9 @@ pub async fn run(
         }
     };
     let outbox = SharedOutbox::new(outbox);
+    if let Some(j) = &journal {
+        reappend_from_journal(j, &reappend, &outbox, &metrics);
+    }
     metrics.observe_outbox(&crate::outbox::counts(&outbox.stats()));
     // Cancelled by the outbox writer once the last aggregate is in: the
     // uplink then exits when the outbox is empty.
@@ -490,8 +564,9 @@ pub async fn run(
         let aggregates = core.aggregates.clone();
         let interval = Duration::from_millis(cfg.outbox.fsync_interval_ms);
         let audit = audit.clone();
+        let journal = journal.clone();
         tokio::task::spawn_blocking(move || {
-            crate::outbox::write(&aggregates, &outbox, &audit, &metrics, interval);
+            crate::outbox::write(&aggregates, &outbox, &audit, &journal, &metrics, interval);
             drain.cancel();
             outbox.wake();
         })
@@ -499,7 +574,8 @@ pub async fn run(
     drop(core.aggregates);
 
     // Sources.
-    let mut sources = SourceSet::new(p.validator(), read_tx, metrics.clone(), &cfg.gateway.id);
+    let mut sources = SourceSet::new(p.validator(), read_tx, metrics.clone(), &cfg.gateway.id)
+        .with_recent(journal.as_ref().map(|_| recent.clone()));
     for s in cfg.sources.clone() {
         sources.start(s);
     }
@@ -568,6 +644,11 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!("pipeline did not drain within gateway.shutdown_timeout_ms");
     }
+    if let Some(t) = journal_thread
+        && drained.is_ok()
+    {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     let undelivered = match tokio::time::timeout(deadline, uplink_task.task).await {
         Ok(Ok(n)) => n,
         _ => {
@@ -589,6 +670,9 @@ pub async fn run(
         w.abort();
     }
     let inference_result = core.inference.join();
+    if drained.is_ok() {
+        clear_running(&cfg.gateway.state_dir);
+    }
     if undelivered > 0 {
         tracing::warn!(undelivered, "aggregates left undelivered in the outbox");
     }
@@ -602,6 +686,72 @@ pub async fn run(
         Ok(Ok(())) => Ok(RunReport { undelivered }),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(InferenceError::Panicked.into()),
+    }
+}
+
+/// Keys of recent site messages remembered against redelivery ([`RecentKeys`]).
+const RECENT_KEYS: usize = 65_536;
+
+/// The marker of a running gateway in its state directory.
+fn running_marker(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("running")
+}
+
+/// Mark the gateway as running; whether the last run left its marker (it
+/// did not stop cleanly).
+fn mark_running(state_dir: &std::path::Path) -> bool {
+    let path = running_marker(state_dir);
+    let unclean = path.exists();
+    let _ = std::fs::create_dir_all(state_dir);
+    if let Err(e) =
+        outpost_storage::fsutil::write_atomic(&path, std::process::id().to_string().as_bytes())
+    {
+        tracing::warn!(error = %e, path = %path.display(), "cannot write the running marker");
+    }
+    unclean
+}
+
+/// A clean stop: everything accepted was counted and committed.
+fn clear_running(state_dir: &std::path::Path) {
+    let _ = std::fs::remove_file(running_marker(state_dir));
+    let _ = outpost_storage::fsutil::sync_dir(state_dir);
+}
+
+/// Append again the aggregates whose outbox commit a crash cut off (the
+/// journal had their done records); a consumer deduplicates them by id.
+fn reappend_from_journal(
+    journal: &Journaled,
+    reappend: &[Vec<u8>],
+    outbox: &SharedOutbox,
+    metrics: &Metrics,
+) {
+    if reappend.is_empty() {
+        return;
+    }
+    for bytes in reappend {
+        match serde_json::from_slice::<Aggregate>(bytes) {
+            Ok(a) => match outbox.append(&a) {
+                Ok(_) => {
+                    metrics.journal.reappended.inc();
+                }
+                Err(e) => {
+                    metrics.outbox_append_failures.inc();
+                    tracing::error!(error = %e, id = %a.id, "journal: aggregate not appended again");
+                }
+            },
+            Err(e) => {
+                metrics.journal.corrupt.inc();
+                tracing::error!(error = %e, "journal: an aggregate record does not decode");
+            }
+        }
+    }
+    match outbox.commit() {
+        Ok(()) => {
+            if let Err(e) = journal.confirm_recovered() {
+                tracing::error!(error = %e, "journal: cannot record the aggregates appended again");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "outbox commit of the journal's aggregates failed"),
     }
 }
 
@@ -905,7 +1055,12 @@ pub async fn replay(
         std::process::id(),
         crate::clock::now_ms()
     ));
-    let core = start_core(&p, read_rx, None, None, None, &scratch, false);
+    let mode = CoreMode {
+        live: false,
+        journal: None,
+        gap: false,
+    };
+    let core = start_core(&p, read_rx, None, None, None, &scratch, mode);
     let result = match core {
         Ok(core) => replay_core(&p, core, read_tx, input, format, out).await,
         Err(e) => Err(e),

@@ -512,6 +512,8 @@ mod tests {
                 .unwrap_or_default()
                 .into_iter()
                 .collect(),
+            seq: 0,
+            ack: None,
         }
     }
 

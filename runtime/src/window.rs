@@ -67,6 +67,8 @@ pub struct Window {
     pub end_ms: i64,
     /// Timestamps of the readings this window covers for the first time.
     pub readings: Vec<i64>,
+    /// Their ingest journal sequence numbers, in the same order (0: not journaled).
+    pub seqs: Vec<u64>,
     /// Model input before normalization (samples `[channels][size]` or features); `None`
     /// for a tail that only carries reading counts.
     pub data: Option<Vec<f32>>,
@@ -146,7 +148,11 @@ struct SensorBuf {
     since_last: usize,
     emitted_any: bool,
     pending: Vec<i64>,
+    /// Journal sequence numbers of `pending`, in the same order.
+    pending_seqs: Vec<u64>,
     group: Option<Arc<str>>,
+    /// Monotonic time of its latest reading ([`Windower::evict_idle`]).
+    seen: i64,
 }
 
 /// Per-sensor sliding windows. Sensors are kept in a sorted map so that the
@@ -156,6 +162,15 @@ pub struct Windower {
     spec: WindowSpec,
     sensors: BTreeMap<Arc<str>, SensorBuf>,
     extractor: Option<Extractor>,
+    /// Forget a sensor idle for this long (monotonic ms); `None`: never
+    /// (replay, which must not depend on how fast it runs).
+    evict_after_ms: Option<i64>,
+    /// Most sensors tracked at once.
+    max_sensors: usize,
+    /// Monotonic time of the latest [`Windower::evict_idle`].
+    now_ms: i64,
+    /// Sensors evicted so far.
+    evicted: u64,
 }
 
 impl Windower {
@@ -171,7 +186,59 @@ impl Windower {
             spec,
             sensors: BTreeMap::new(),
             extractor,
+            evict_after_ms: None,
+            max_sensors: usize::MAX,
+            now_ms: 0,
+            evicted: 0,
         })
+    }
+
+    /// With memory bounds: sensors idle for `evict_after_ms` (monotonic, live
+    /// runs; `None`: never) are evicted by [`Windower::evict_idle`], and at
+    /// most `max_sensors` are tracked ([`Windower::admits`]).
+    pub fn with_limits(mut self, evict_after_ms: Option<u64>, max_sensors: usize) -> Self {
+        self.evict_after_ms = evict_after_ms.map(|ms| ms.min(i64::MAX as u64) as i64);
+        self.max_sensors = max_sensors.max(1);
+        self
+    }
+
+    /// Whether a reading of `sensor` can be taken: it is tracked already, or
+    /// fewer than `max_sensors` are. A refused one is counted
+    /// (`too_many_sensors`) by the stage.
+    pub fn admits(&self, sensor: &str) -> bool {
+        self.sensors.len() < self.max_sensors || self.sensors.contains_key(sensor)
+    }
+
+    /// Sensors evicted for idleness so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// At monotonic time `now_ms`: forget every sensor idle for
+    /// `evict_after_ms` (nothing when eviction is off). Their readings not
+    /// yet covered by a window are returned as tails, like at shutdown, so
+    /// they are still counted; the buffers are freed. Later readings of
+    /// such a sensor start a new buffer.
+    pub fn evict_idle(&mut self, now_ms: i64) -> Vec<Window> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(after) = self.evict_after_ms else {
+            return Vec::new();
+        };
+        let now = self.now_ms;
+        let idle: Vec<Arc<str>> = self
+            .sensors
+            .iter()
+            .filter(|(_, b)| now.saturating_sub(b.seen) >= after)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for sensor in idle {
+            if let Some(buf) = self.sensors.remove(&sensor) {
+                self.evicted += 1;
+                out.extend(tail(sensor, buf));
+            }
+        }
+        out
     }
 
     /// The spec.
@@ -189,8 +256,10 @@ impl Windower {
     pub fn push(&mut self, r: Reading, group: Arc<str>) -> Option<Window> {
         let size = self.spec.size;
         let buf = self.sensors.entry(r.sensor.clone()).or_default();
+        buf.seen = self.now_ms;
         buf.group = Some(group.clone());
         buf.pending.push(r.ts_ms);
+        buf.pending_seqs.push(r.seq);
         buf.samples.push_back((r.ts_ms, r.values));
         if buf.samples.len() > size {
             buf.samples.pop_front();
@@ -206,6 +275,7 @@ impl Windower {
         let start_ms = buf.samples.front().map(|s| s.0).unwrap_or(r.ts_ms);
         let end_ms = r.ts_ms;
         let readings = std::mem::take(&mut buf.pending);
+        let seqs = std::mem::take(&mut buf.pending_seqs);
         // Channel-major [channels][size].
         let c = self.spec.channels;
         let mut data = vec![0f32; c * size];
@@ -230,6 +300,7 @@ impl Windower {
             start_ms,
             end_ms,
             readings,
+            seqs,
             data: Some(data),
         })
     }
@@ -237,30 +308,39 @@ impl Windower {
     /// At shutdown: one tail per sensor with readings not yet covered by a
     /// window, so they are still counted. Buffers are emptied.
     pub fn flush(&mut self) -> Vec<Window> {
-        let mut out = Vec::new();
-        for (sensor, buf) in std::mem::take(&mut self.sensors) {
-            if buf.pending.is_empty() {
-                continue;
-            }
-            let start_ms = buf.pending.iter().copied().min().unwrap_or(0);
-            let end_ms = buf.pending.iter().copied().max().unwrap_or(0);
-            out.push(Window {
-                sensor,
-                group: buf.group.unwrap_or_else(|| Arc::from("unassigned")),
-                start_ms,
-                end_ms,
-                readings: buf.pending,
-                data: None,
-            });
-        }
-        out
+        std::mem::take(&mut self.sensors)
+            .into_iter()
+            .filter_map(|(sensor, buf)| tail(sensor, buf))
+            .collect()
     }
+}
+
+/// The tail of a sensor's buffer: its readings not yet covered by a window
+/// (at shutdown or eviction), `None` when there are none.
+fn tail(sensor: Arc<str>, buf: SensorBuf) -> Option<Window> {
+    if buf.pending.is_empty() {
+        return None;
+    }
+    let start_ms = buf.pending.iter().copied().min().unwrap_or(0);
+    let end_ms = buf.pending.iter().copied().max().unwrap_or(0);
+    Some(Window {
+        sensor,
+        group: buf.group.unwrap_or_else(|| Arc::from("unassigned")),
+        start_ms,
+        end_ms,
+        readings: buf.pending,
+        seqs: buf.pending_seqs,
+        data: None,
+    })
 }
 
 /// Run the windowing stage: each reading passes `admit` (the privacy
 /// stage: [`crate::privacy::Admission::admit`]), then into its sensor's
 /// window; a full window goes to `windows` (waiting while it is full). When
 /// `readings` closes, the partial windows are flushed and `windows` closes.
+/// With eviction on ([`Windower::with_limits`]), idle sensors are evicted on
+/// the monotonic clock (their tails go to `windows`), and a reading of a new
+/// sensor beyond `max_sensors` is refused and counted (`too_many_sensors`).
 pub fn spawn(
     mut windower: Windower,
     readings: flume::Receiver<Reading>,
@@ -269,8 +349,43 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Ok(r) = readings.recv_async().await {
+        let every = windower
+            .evict_after_ms
+            .map(|ms| std::time::Duration::from_millis((ms / 4).clamp(10, 1_000) as u64));
+        let mut ticker =
+            tokio::time::interval(every.unwrap_or(std::time::Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        windower.evict_idle(crate::clock::mono_ms());
+        loop {
+            let next = if every.is_some() {
+                tokio::select! {
+                    r = readings.recv_async() => r,
+                    _ = ticker.tick() => {
+                        let before = windower.evicted();
+                        let tails = windower.evict_idle(crate::clock::mono_ms());
+                        metrics.sensors_evicted.inc_by(windower.evicted() - before);
+                        for tail in tails {
+                            if windows.send_async(tail).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                readings.recv_async().await
+            };
+            let Ok(r) = next else { break };
             let (r, group) = admit(r);
+            if !windower.admits(&r.sensor) {
+                // Counted where it is refused; its acknowledgement (if any)
+                // goes with it: a refused reading is not sent again.
+                metrics.reject(
+                    "windowing",
+                    crate::ingest::reading::RejectReason::TooManySensors.as_str(),
+                );
+                continue;
+            }
             if let Some(w) = windower.push(r, group) {
                 metrics.windows.inc();
                 if windows.send_async(w).await.is_err() {
@@ -326,6 +441,8 @@ mod tests {
             ts_ms: ts,
             values: vec![v, -v],
             attrs: Default::default(),
+            seq: 0,
+            ack: None,
         }
     }
 
@@ -397,6 +514,57 @@ mod tests {
             WindowSpec::new(&m, Some(4), 4),
             Err(WindowError::FeatureCount { .. })
         ));
+    }
+
+    /// An idle sensor is forgotten, its uncovered readings going on as a
+    /// tail (with their journal sequences); a busy one keeps its buffer.
+    #[test]
+    fn idle_sensors_are_evicted_with_their_readings_as_tails() {
+        let spec = WindowSpec::new(&manifest(4), None, 2).unwrap();
+        let mut w = Windower::new(spec).unwrap().with_limits(Some(1_000), 10);
+        let g: Arc<str> = Arc::from("g");
+        assert!(w.evict_idle(0).is_empty());
+        let mut r = reading("quiet", 5, 1.0);
+        r.seq = 42;
+        assert!(w.push(r, g.clone()).is_none());
+        w.push(reading("busy", 5, 1.0), g.clone());
+        assert!(w.evict_idle(600).is_empty(), "idle for 600 ms only");
+        w.push(reading("busy", 6, 1.0), g.clone());
+        let tails = w.evict_idle(1_000);
+        assert_eq!(tails.len(), 1);
+        assert_eq!(&*tails[0].sensor, "quiet");
+        assert_eq!(
+            (tails[0].readings.clone(), tails[0].seqs.clone()),
+            (vec![5], vec![42])
+        );
+        assert!(tails[0].data.is_none());
+        assert_eq!((w.sensors(), w.evicted()), (1, 1));
+        // The busy one goes once it idles too; the whole buffer, once.
+        let tails = w.evict_idle(1_600);
+        assert_eq!(tails[0].readings, vec![5, 6]);
+        assert_eq!((w.sensors(), w.evicted()), (0, 2));
+        // Without eviction (replay), nothing is ever forgotten.
+        let mut keep = Windower::new(WindowSpec::new(&manifest(4), None, 2).unwrap()).unwrap();
+        keep.push(reading("s", 1, 1.0), g);
+        assert!(keep.evict_idle(i64::MAX).is_empty());
+        assert_eq!(keep.sensors(), 1);
+    }
+
+    /// At most `max_sensors` are tracked; known ones are always taken, and
+    /// room made by an eviction is used again.
+    #[test]
+    fn the_sensor_cap_refuses_new_sensors_until_some_idle() {
+        let spec = WindowSpec::new(&manifest(4), None, 2).unwrap();
+        let mut w = Windower::new(spec).unwrap().with_limits(Some(1_000), 2);
+        let g: Arc<str> = Arc::from("g");
+        for s in ["a", "b"] {
+            assert!(w.admits(s));
+            w.push(reading(s, 1, 1.0), g.clone());
+        }
+        assert!(!w.admits("c"));
+        assert!(w.admits("a"), "a tracked sensor is always taken");
+        w.evict_idle(1_000);
+        assert!(w.admits("c"));
     }
 
     #[test]

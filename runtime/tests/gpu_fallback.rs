@@ -23,6 +23,7 @@ fn window(i: usize) -> Window {
         start_ms: i as i64,
         end_ms: i as i64 * 10,
         readings: vec![i as i64],
+        seqs: Vec::new(),
         data: Some(
             (0..600)
                 .map(|k| (((k * (i + 1)) % 17) as f32 - 8.0) / 3.0)

@@ -24,7 +24,7 @@ use crate::audit::{self, AuditLog};
 use crate::fs::Fs;
 use crate::fsutil;
 use crate::outbox::tests::{Agg, agg};
-use crate::outbox::{DiskOutbox, DiskSettings, FullPolicy, Outbox};
+use crate::outbox::{DiskOutbox, DiskSettings, FullPolicy, Outbox, OutboxError};
 use crate::simdisk::{SimDisk, SimStats};
 
 type SimOutbox = DiskOutbox<Agg, SimDisk>;
@@ -109,6 +109,9 @@ struct OutboxRun {
     ghosts: BTreeMap<u64, String>,
     /// The highest seq ever committed: never handed out again.
     max_committed: u64,
+    /// Records the outbox open now counted as dropped (policy
+    /// `drop_oldest`) that the model has not seen go yet.
+    drops_unseen: u64,
     next_record: i64,
     trace: Vec<String>,
 }
@@ -116,11 +119,25 @@ struct OutboxRun {
 impl OutboxRun {
     fn new(seed: u64) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
+        let segment_bytes = rng.random_range(300..2000);
+        // A third of the runs fill the outbox: the oldest segments are
+        // dropped, or new records refused.
+        let (max_bytes, policy) = match rng.random_range(0..6) {
+            0 => (
+                segment_bytes * rng.random_range(3..6),
+                FullPolicy::DropOldest,
+            ),
+            1 => (
+                segment_bytes * rng.random_range(3..6),
+                FullPolicy::RejectNew,
+            ),
+            _ => (1 << 40, FullPolicy::DropOldest),
+        };
         let settings = DiskSettings {
             dir: PathBuf::from("/state/outbox"),
-            segment_bytes: rng.random_range(300..2000),
-            max_bytes: 1 << 40,
-            policy: FullPolicy::DropOldest,
+            segment_bytes,
+            max_bytes,
+            policy,
             protect_oldest: 0,
             stream_caps: Default::default(),
         };
@@ -132,6 +149,7 @@ impl OutboxRun {
             recs: BTreeMap::new(),
             ghosts: BTreeMap::new(),
             max_committed: 0,
+            drops_unseen: 0,
             next_record: 0,
             trace: Vec::new(),
         }
@@ -178,11 +196,7 @@ impl OutboxRun {
             }
         }
         let held: BTreeMap<u64, String> = got.into_iter().collect();
-        for (seq, (id, st)) in &self.recs {
-            if *st == St::Committed && !held.contains_key(seq) {
-                return Err(self.fail(format!("committed record {seq} ({id}) lost")));
-            }
-        }
+        self.account_for_drops(&held)?;
         if o.committed_end() <= held.keys().next_back().copied().unwrap_or(0) {
             return Err(self.fail("records held beyond the committed end".into()));
         }
@@ -191,6 +205,7 @@ impl OutboxRun {
                 self.ghosts.insert(*seq, id.clone());
             }
         }
+        self.drops_unseen = 0;
         self.recs = held
             .into_iter()
             .map(|(s, id)| (s, (id, St::Committed)))
@@ -203,13 +218,47 @@ impl OutboxRun {
 
     /// While running: the reader sees exactly the committed, unacknowledged
     /// records.
-    fn check_visible(&self, o: &mut SimOutbox) -> Result<(), String> {
-        let got: Vec<u64> = o
+    /// Committed records not `held` any more: the outbox must have counted
+    /// them as dropped (and a power cut may bring them back, to be sent
+    /// again, like acknowledged ones). Anything else is a loss.
+    fn account_for_drops(&mut self, held: &BTreeMap<u64, String>) -> Result<(), String> {
+        let gone: Vec<u64> = self
+            .recs
+            .iter()
+            .filter(|(s, (_, st))| *st == St::Committed && !held.contains_key(s))
+            .map(|(s, _)| *s)
+            .collect();
+        if gone.len() as u64 > self.drops_unseen {
+            return Err(self.fail(format!(
+                "committed records {gone:?} lost ({} counted as dropped)",
+                self.drops_unseen
+            )));
+        }
+        self.drops_unseen -= gone.len() as u64;
+        for s in gone {
+            if let Some((id, _)) = self.recs.remove(&s) {
+                self.ghosts.insert(s, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take in what the outbox dropped since the last look.
+    fn note_drops(&mut self, o: &SimOutbox, seen: &mut u64) {
+        let dropped = o.stats().dropped;
+        self.drops_unseen += dropped - *seen;
+        *seen = dropped;
+    }
+
+    fn check_visible(&mut self, o: &mut SimOutbox) -> Result<(), String> {
+        let got: Vec<(u64, String)> = o
             .read_from(0, usize::MAX)
             .map_err(|e| self.fail(format!("read: {e}")))?
-            .iter()
-            .map(|r| r.seq)
+            .into_iter()
+            .map(|r| (r.seq, r.id))
             .collect();
+        self.account_for_drops(&got.iter().cloned().collect())?;
+        let got: Vec<u64> = got.into_iter().map(|(s, _)| s).collect();
         let want: Vec<u64> = self
             .recs
             .iter()
@@ -239,6 +288,10 @@ impl OutboxRun {
                             )));
                         }
                         self.recs.insert(seq, (a.id, St::Uncommitted));
+                    }
+                    // Refused (policy `reject_new`): nothing appended.
+                    Err(OutboxError::Full | OutboxError::StreamFull(_)) => {
+                        self.trace.push("append refused: full".into());
                     }
                     Err(e) => return Ok(Err(format!("append: {e}"))),
                 }
@@ -281,6 +334,8 @@ impl OutboxRun {
     fn run(mut self, steps: usize) -> Result<SimStats, String> {
         let mut o = self.open()?;
         self.check_recovered(&mut o)?;
+        // What the open outbox counted as dropped so far.
+        let mut seen = 0;
         for _ in 0..steps {
             maybe_cut(&mut self.rng, &self.disk, 0.06, &mut self.trace);
             let crash = self.rng.random_range(0..100);
@@ -288,11 +343,13 @@ impl OutboxRun {
                 let power = crash < 4;
                 self.trace
                     .push(if power { "power cut" } else { "process crash" }.into());
+                self.note_drops(&o, &mut seen);
                 drop(o);
                 if power {
                     self.disk.power_loss();
                 }
                 o = self.open()?;
+                seen = 0;
                 self.check_recovered(&mut o)?;
                 continue;
             }
@@ -308,6 +365,7 @@ impl OutboxRun {
                 }
                 r => r,
             };
+            self.note_drops(&o, &mut seen);
             let outcome = match stepped {
                 // A read may repair (write) too, and some failures are only
                 // logged (deleting an acknowledged segment).
@@ -321,14 +379,17 @@ impl OutboxRun {
                 Ok(()) => {}
                 Err(e) if self.disk.is_off() => {
                     self.trace.push(format!("power went: {e}"));
+                    self.note_drops(&o, &mut seen);
                     drop(o);
                     self.disk.power_loss();
                     o = self.open()?;
+                    seen = 0;
                     self.check_recovered(&mut o)?;
                 }
                 Err(e) => return Err(self.fail(format!("unexpected error: {e}"))),
             }
         }
+        self.note_drops(&o, &mut seen);
         drop(o);
         self.disk.power_loss();
         let mut o = self.open()?;
@@ -606,6 +667,7 @@ fn many(base: u64, n: u64, run: fn(u64) -> Result<SimStats, String>) -> SimStats
                 total.torn += s.torn;
                 total.names_kept_unsynced += s.names_kept_unsynced;
                 total.names_dropped += s.names_dropped;
+                total.failed_syncs += s.failed_syncs;
             }
             Err(e) => panic!("{e}"),
         }
@@ -619,6 +681,7 @@ fn exercised(s: &SimStats, runs: u64) {
     if std::env::var("RUNS_SEED").is_ok() {
         return;
     }
+    eprintln!("{runs} runs: {s:?}");
     assert!(s.power_losses >= runs, "{s:?}");
     assert!(
         s.torn > 0 && s.names_dropped > 0 && s.names_kept_unsynced > 0,
@@ -630,12 +693,14 @@ fn exercised(s: &SimStats, runs: u64) {
 fn outbox_survives_random_power_cuts() {
     let s = many(0, 1500, outbox_run);
     exercised(&s, 1500);
+    assert!(s.failed_syncs > 0, "{s:?}");
 }
 
 #[test]
 fn audit_log_survives_random_power_cuts() {
     let s = many(0, 1500, audit_run);
     exercised(&s, 1500);
+    assert!(s.failed_syncs > 0, "{s:?}");
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //!   synced, renamed over, directory synced), for every small state file
 //!   rewritten in place.
 //!
-//! Later, the ingest journal belongs here too.
+//! - [`journal`]: the ingest journal: each accepted reading on disk before
+//!   it is acknowledged, until the aggregate counting it is in the outbox.
 //!
 //! The crate knows nothing of the gateway's types. The outbox is generic
 //! over a [`Record`] (the gateway implements it for its aggregate): the
@@ -34,6 +35,7 @@ mod crash_runs;
 pub mod deadletter;
 pub mod fs;
 pub mod fsutil;
+pub mod journal;
 pub mod outbox;
 #[cfg(any(test, feature = "simdisk"))]
 pub mod simdisk;

@@ -374,6 +374,27 @@ impl Outpost {
             .unwrap_or(0)
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Peak resident memory of the process in KiB (`VmHWM` in Linux
+    /// `/proc/PID/status`), 0 once it is gone.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.pid()
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// The `aggregates=` count of the final "outpost stopped" log line.
     pub fn produced_aggregates(&self) -> u64 {
         let log = self.log();
@@ -602,7 +623,6 @@ impl Subscriber {
             .collect()
     }
 }
-
 
 /// A QoS 1 publisher.
 pub struct Publisher {

@@ -41,9 +41,15 @@ pub struct AggregationConfig {
     pub window_ms: i64,
     /// How long after a window's end readings may still arrive for it.
     pub allowed_lateness_ms: i64,
-    /// Live runs only: close a group's open windows once its event time has
-    /// not advanced for this long on the wall clock (its sensors went quiet).
+    /// Live runs only: a sensor silent for this long (monotonic clock) stops
+    /// holding its group's watermark; a group whose sensors are all silent
+    /// has its open windows closed and its state forgotten.
     pub idle_close_ms: i64,
+    /// How far (event time) a sensor may run ahead of the rest of its group:
+    /// a sensor more than twice this behind the group's leading sensor stops
+    /// holding the group back, and, while the gateway's clock is not set, a
+    /// reading more than this ahead of the others is refused (`clock_skew`).
+    pub max_skew_ms: i64,
     /// Grouping rule.
     pub group_by: GroupBy,
     /// Fixed sensor → group assignments, taking precedence over `group_by`.
@@ -56,6 +62,7 @@ impl Default for AggregationConfig {
             window_ms: 60_000,
             allowed_lateness_ms: 5_000,
             idle_close_ms: 5_000,
+            max_skew_ms: 300_000,
             group_by: GroupBy::Sensor,
             groups: BTreeMap::new(),
         }
@@ -73,6 +80,9 @@ impl AggregationConfig {
         }
         if self.idle_close_ms < 0 {
             c.push("idle_close_ms", "must not be negative");
+        }
+        if self.max_skew_ms <= 0 {
+            c.push("max_skew_ms", "must be positive");
         }
     }
 }

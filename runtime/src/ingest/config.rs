@@ -53,6 +53,10 @@ pub struct IngestConfig {
     /// Capacity of the channel from sources to windowing; when full, sources wait
     /// (MQTT: the broker connection stops being read, so the broker queues).
     pub channel_capacity: usize,
+    /// Most distinct sensors tracked at once (windows, watermarks): a
+    /// reading of a further sensor is refused (`too_many_sensors`) until
+    /// idle sensors are evicted. Bounds the gateway's memory when ids churn.
+    pub max_sensors: usize,
 }
 
 impl Default for IngestConfig {
@@ -62,6 +66,7 @@ impl Default for IngestConfig {
             max_future_ms: 5 * 60 * 1000,
             sensors: Vec::new(),
             channel_capacity: 4096,
+            max_sensors: 100_000,
         }
     }
 }
@@ -90,6 +95,15 @@ impl IngestConfig {
         }
         if self.channel_capacity == 0 {
             c.push("channel_capacity", "must be at least 1");
+        }
+        if self.max_sensors == 0 {
+            c.push("max_sensors", "must be at least 1");
+        }
+        if self.max_sensors > 10_000_000 {
+            c.push(
+                "max_sensors",
+                "must be at most 10000000 (each tracked sensor holds memory)",
+            );
         }
     }
 }

@@ -175,6 +175,8 @@ pub fn poll<I: I2c>(
                     ts_ms: ts,
                     values: v.to_vec(),
                     attrs: Default::default(),
+                    seq: 0,
+                    ack: None,
                 };
                 match ctx.validator.check(r, ts) {
                     Ok(r) => {

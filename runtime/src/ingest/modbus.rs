@@ -595,6 +595,8 @@ pub async fn run(
                     ts_ms: ts,
                     values: v.into_iter().map(|x| x as f32).collect(),
                     attrs: Default::default(),
+                    seq: 0,
+                    ack: None,
                 };
                 if !ctx.deliver(vec![ctx.validator.check(r, now_ms())]).await {
                     return Ok(());

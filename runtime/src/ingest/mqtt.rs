@@ -138,6 +138,12 @@ pub async fn run(
     // the same message again at every reconnect of a persistent session.
     // It sends only SUBSCRIBE, PUBACK and PINGREQ.
     options.set_max_packet_size(MQTT_MAX_PACKET, 64 * 1024);
+    // With the ingest journal, a QoS 1 message is acknowledged only once its
+    // readings are journaled (crate::journal): a crash before that leaves it
+    // with the broker, which sends it again.
+    options.set_manual_acks(true);
+    let (acks_tx, acks_rx) = flume::unbounded::<rumqttc::Publish>();
+    let mut owed: std::collections::VecDeque<rumqttc::Publish> = Default::default();
     let qos = if cfg.qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -160,12 +166,25 @@ pub async fn run(
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut disconnected = false;
     loop {
+        // Acknowledgements that are due go out (the client's request queue
+        // may be full: what does not fit waits for the next turn).
+        while let Some(p) = owed.front() {
+            if client.try_ack(p).is_err() {
+                break;
+            }
+            owed.pop_front();
+        }
         let event = {
             let mut poll = std::pin::pin!(eventloop.poll());
             loop {
                 let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
                 tokio::select! {
                     e = &mut poll => break e,
+                    Ok(p) = acks_rx.recv_async() => {
+                        if client.try_ack(&p).is_err() {
+                            owed.push_back(p);
+                        }
+                    }
                     _ = shutdown.cancelled(), if stopping.is_none() => {
                         if client.try_disconnect().is_err() {
                             return Ok(());
@@ -192,6 +211,31 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                let key = crate::ingest::ack::message_key(&ctx.name, p.pkid, &p.topic, &p.payload);
+                if p.dup
+                    && let Some(recent) = &ctx.recent
+                    && recent.contains(key)
+                {
+                    // Sent again, and its readings are already journaled:
+                    // acknowledge it, count nothing twice.
+                    ctx.metrics.journal.duplicates.inc();
+                    if client.try_ack(&p).is_err() {
+                        owed.push_back(p);
+                    }
+                    continue;
+                }
+                // Without a journal the message is acknowledged on receipt,
+                // as an automatic acknowledgement would be: nothing would
+                // make it safer to wait.
+                if ctx.recent.is_none() && p.qos != QoS::AtMostOnce && client.try_ack(&p).is_err() {
+                    owed.push_back(p.clone());
+                }
+                let ack = (ctx.recent.is_some() && p.qos != QoS::AtMostOnce).then(|| {
+                    let (tx, p) = (acks_tx.clone(), p.clone());
+                    crate::ingest::ack::Ack::new(key, move || {
+                        let _ = tx.send(p);
+                    })
+                });
                 let results = match sensor_from_topic(&cfg.sensor_from, &p.topic) {
                     Some(sensor) => {
                         ctx.validator
@@ -202,7 +246,7 @@ pub async fn run(
                         detail: format!("topic {:?} has no level {:?}", p.topic, cfg.sensor_from),
                     })],
                 };
-                if !ctx.deliver(results).await {
+                if !ctx.deliver_acked(results, ack).await {
                     return Ok(());
                 }
             }

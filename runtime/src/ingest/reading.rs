@@ -23,6 +23,10 @@ pub struct Reading {
     pub values: Vec<f32>,
     /// Attributes (strings, numbers, booleans), filtered by the privacy policy.
     pub attrs: BTreeMap<String, Value>,
+    /// Ingest journal sequence number (0: not journaled).
+    pub seq: u64,
+    /// The acknowledgement owed to the source for this reading's message.
+    pub ack: Option<crate::ingest::ack::Ack>,
 }
 
 /// Why a reading was refused.
@@ -44,11 +48,16 @@ pub enum RejectReason {
     FutureTimestamp,
     /// The sensor is not in `ingest.sensors`.
     UnknownSensor,
+    /// The timestamp is far ahead of the rest of the sensor's group
+    /// (`aggregation.max_skew_ms`): its clock is wrong.
+    ClockSkew,
+    /// A new sensor while `ingest.max_sensors` sensors are tracked.
+    TooManySensors,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and tests.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::PayloadTooLarge,
         RejectReason::Malformed,
         RejectReason::InvalidField,
@@ -57,6 +66,8 @@ impl RejectReason {
         RejectReason::InvalidTimestamp,
         RejectReason::FutureTimestamp,
         RejectReason::UnknownSensor,
+        RejectReason::ClockSkew,
+        RejectReason::TooManySensors,
     ];
 
     /// Label used in metrics and logs.
@@ -70,6 +81,8 @@ impl RejectReason {
             RejectReason::InvalidTimestamp => "invalid_timestamp",
             RejectReason::FutureTimestamp => "future_timestamp",
             RejectReason::UnknownSensor => "unknown_sensor",
+            RejectReason::ClockSkew => "clock_skew",
+            RejectReason::TooManySensors => "too_many_sensors",
         }
     }
 }
@@ -128,6 +141,8 @@ impl FastReading {
                 .attrs
                 .map(|m| m.into_iter().collect())
                 .unwrap_or_default(),
+            seq: 0,
+            ack: None,
         })
     }
 }
@@ -309,6 +324,8 @@ impl Validator {
                 ts_ms,
                 values,
                 attrs,
+                seq: 0,
+                ack: None,
             },
             now_ms,
         )
@@ -344,7 +361,10 @@ impl Validator {
                 "ts is before the epoch",
             ));
         }
-        if r.ts_ms > now_ms.saturating_add(self.max_future_ms) {
+        // A gateway whose clock is not set (it booted at 1970 without NTP)
+        // cannot tell the future: its sensors' clocks are trusted until it
+        // can, and aggregation holds back a sensor far ahead of its group.
+        if crate::clock::is_set(now_ms) && r.ts_ms > now_ms.saturating_add(self.max_future_ms) {
             return Err(Rejection::new(
                 RejectReason::FutureTimestamp,
                 format!("ts is {} ms in the future", r.ts_ms - now_ms),
@@ -466,6 +486,8 @@ impl CsvLayout {
                 ts_ms,
                 values,
                 attrs,
+                seq: 0,
+                ack: None,
             },
             now_ms,
         )
@@ -596,6 +618,24 @@ mod tests {
         assert_eq!(
             r[0].as_ref().unwrap_err().reason,
             RejectReason::UnknownSensor
+        );
+    }
+
+    /// A gateway booted at 1970 (no NTP yet) cannot judge the future: a
+    /// reading from a sensor with a set clock is taken, not refused.
+    #[test]
+    fn an_unset_gateway_clock_refuses_no_reading_as_future() {
+        let payload = br#"{"sensor":"p","ts":1732300000123,"values":[1,2,3]}"#;
+        let at_1970 = 3_600_000;
+        assert!(v().decode_json(payload, None, at_1970)[0].is_ok());
+        let far = br#"{"sensor":"p","ts":99999999999999,"values":[1,2,3]}"#;
+        assert!(v().decode_json(far, None, at_1970)[0].is_ok());
+        assert_eq!(
+            v().decode_json(far, None, NOW)[0]
+                .as_ref()
+                .unwrap_err()
+                .reason,
+            RejectReason::FutureTimestamp
         );
     }
 

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestCtx, SourceConfig, run_source};
+use crate::ingest::ack::RecentKeys;
 use crate::ingest::reading::{Reading, Validator};
 use crate::metrics::Metrics;
 
@@ -50,6 +51,7 @@ pub struct SourceSet {
     next_id: u64,
     done_tx: flume::Sender<(String, u64)>,
     done_rx: flume::Receiver<(String, u64)>,
+    recent: Option<Arc<RecentKeys>>,
 }
 
 impl SourceSet {
@@ -70,7 +72,15 @@ impl SourceSet {
             next_id: 0,
             done_tx,
             done_rx,
+            recent: None,
         }
+    }
+
+    /// Sources recognise messages sent again whose readings the journal
+    /// holds ([`RecentKeys`]).
+    pub fn with_recent(mut self, recent: Option<Arc<RecentKeys>>) -> Self {
+        self.recent = recent;
+        self
     }
 
     /// Start `cfg` (its name must not be running).
@@ -81,7 +91,8 @@ impl SourceSet {
             self.validator.clone(),
             self.tx.clone(),
             self.metrics.clone(),
-        );
+        )
+        .with_recent(self.recent.clone());
         let stop = CancellationToken::new();
         self.next_id += 1;
         let id = self.next_id;

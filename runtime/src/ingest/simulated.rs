@@ -170,6 +170,8 @@ impl Generator {
                 ts_ms: ts,
                 values,
                 attrs: Default::default(),
+                seq: 0,
+                ack: None,
             });
         }
         out

@@ -145,6 +145,9 @@ pub struct Release {
     k: Option<KRule>,
     dp: Option<Dp>,
     held: BTreeMap<String, Held>,
+    /// Journal sequence numbers of the readings of suppressed aggregates:
+    /// counted (as suppressed), never to be replayed ([`Release::take_settled`]).
+    settled: Vec<u64>,
 }
 
 impl Release {
@@ -226,6 +229,7 @@ impl Release {
             k,
             dp,
             held: BTreeMap::new(),
+            settled: Vec::new(),
         })
     }
 
@@ -245,6 +249,7 @@ impl Release {
         }
         let mut next = Release::new(cfg, state_dir, key_id)?;
         next.held = std::mem::take(&mut self.held);
+        next.settled = std::mem::take(&mut self.settled);
         *self = next;
         Ok(())
     }
@@ -252,6 +257,13 @@ impl Release {
     /// Aggregates held for merging (below k so far), over all groups.
     pub fn held(&self) -> usize {
         self.held.len()
+    }
+
+    /// The journal sequence numbers of readings whose aggregates were
+    /// suppressed since the last call: they are counted, and must not be
+    /// replayed after a crash.
+    pub fn take_settled(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Admit one aggregate; what may be released is appended to `out`.
@@ -278,6 +290,9 @@ impl Release {
             // The spend stays counted in memory: never a refund.
             tracing::error!(%error, suppressed = staged.len(), "privacy budget not written; aggregates suppressed");
             stats.budget_write_failures += staged.len() as u64;
+            for a in &staged {
+                self.settled.extend_from_slice(&a.covers);
+            }
             return stats;
         }
         stats.released += staged.len() as u64;
@@ -294,6 +309,9 @@ impl Release {
             suppressed_k: self.held.len() as u64,
             ..Default::default()
         };
+        for h in self.held.values() {
+            self.settled.extend_from_slice(&h.agg.covers);
+        }
         self.held.clear();
         stats
     }
@@ -310,6 +328,7 @@ impl Release {
             if k.met(&h.agg) {
                 self.finish(h.agg, staged, stats);
             } else if h.windows >= k.merge.unwrap_or(0) {
+                self.settled.extend_from_slice(&h.agg.covers);
                 stats.suppressed_k += 1;
             } else {
                 self.held.insert(h.agg.group.clone(), h);
@@ -325,7 +344,10 @@ impl Release {
                 self.held
                     .insert(agg.group.clone(), Held { agg, windows: 1 });
             }
-            _ => stats.suppressed_k += 1,
+            _ => {
+                self.settled.extend_from_slice(&agg.covers);
+                stats.suppressed_k += 1;
+            }
         }
     }
 
@@ -342,6 +364,7 @@ impl Release {
                 .accountant
                 .try_spend(&agg.group, agg.window_start, agg.window_end)
             {
+                self.settled.extend_from_slice(&agg.covers);
                 stats.suppressed_budget += 1;
                 return;
             }
@@ -371,6 +394,7 @@ pub fn spawn(
     observations: Option<flume::Sender<crate::governance::Observation>>,
     released: flume::Sender<Aggregate>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    settle: impl Fn(Vec<u64>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = Vec::new();
@@ -412,6 +436,10 @@ pub fn spawn(
             }
             let stats = release.admit_all(batch.drain(..), &mut out);
             count(&metrics, &stats);
+            let settled = release.take_settled();
+            if !settled.is_empty() {
+                settle(settled);
+            }
             for a in out.drain(..) {
                 metrics.aggregates.inc();
                 if released.send_async(a).await.is_err() {
@@ -421,6 +449,10 @@ pub fn spawn(
         }
         let stats = release.flush(&mut out);
         count(&metrics, &stats);
+        let settled = release.take_settled();
+        if !settled.is_empty() {
+            settle(settled);
+        }
         for a in out.drain(..) {
             metrics.aggregates.inc();
             if released.send_async(a).await.is_err() {
@@ -495,6 +527,8 @@ mod tests {
             models: None,
             shadow: None,
             drift: None,
+            gap: false,
+            covers: Vec::new(),
         };
         a.id = a.compute_id();
         a

@@ -15,6 +15,10 @@ pub struct WindowingConfig {
     pub hop: usize,
     /// Capacity of the channel from windowing to inference; when full, windowing waits.
     pub channel_capacity: usize,
+    /// Live runs: a sensor that sent nothing for this long (monotonic clock)
+    /// is forgotten: its readings not yet in a window go on as a tail (counted
+    /// like those left at shutdown) and its buffer is freed.
+    pub idle_evict_ms: u64,
 }
 
 impl Default for WindowingConfig {
@@ -23,6 +27,7 @@ impl Default for WindowingConfig {
             size: None,
             hop: 50,
             channel_capacity: 256,
+            idle_evict_ms: 60_000,
         }
     }
 }
@@ -32,6 +37,9 @@ impl WindowingConfig {
     pub fn check(&self, c: &mut Collector) {
         if self.channel_capacity == 0 {
             c.push("channel_capacity", "must be at least 1");
+        }
+        if self.idle_evict_ms == 0 {
+            c.push("idle_evict_ms", "must be at least 1");
         }
         if self.hop == 0 {
             c.push("hop", "must be at least 1");
