@@ -403,6 +403,9 @@ pub struct Aggregator {
     gap: Option<BTreeSet<Arc<str>>>,
     /// Groups forgotten after idling, by where they had closed.
     tombstones: Tombstones,
+    /// Journal sequences of readings refused here (clock skew), accounted
+    /// for without an aggregate ([`Aggregator::take_settled`]).
+    settled: Vec<u64>,
 }
 
 fn round6(x: f64) -> f64 {
@@ -471,6 +474,7 @@ impl Aggregator {
             drift: DriftSettings::default(),
             gap: None,
             tombstones: Tombstones::default(),
+            settled: Vec::new(),
         }
     }
 
@@ -566,11 +570,11 @@ impl Aggregator {
             // 0: not journaled.
             let seq = ev.seqs.get(i).copied().unwrap_or(0);
             if !gs.clock.observe(&ev.sensor, ts, now, &settings) {
-                // Refused (counted in metrics); its journal sequence goes
-                // with the group's next aggregate, which accounts for it.
+                // Refused (counted in metrics); its journal sequence is
+                // settled: accounted for, never replayed.
                 self.stats.clock_skew += 1;
                 if seq != 0 {
-                    gs.late_covers.push(seq);
+                    self.settled.push(seq);
                 }
                 continue;
             }
@@ -815,6 +819,12 @@ impl Aggregator {
         agg
     }
 
+    /// The journal sequences of the readings refused since the last call
+    /// (`clock_skew`): the journal may forget them.
+    pub fn take_settled(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.settled)
+    }
+
     /// The monotonic time (ms) readings pushed from now on arrive at: a
     /// sensor is seen when its readings arrive ([`Aggregator::tick`]).
     pub fn set_now(&mut self, now_ms: i64) {
@@ -906,12 +916,23 @@ impl Aggregator {
     }
 }
 
+/// How [`spawn`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StageMode<F> {
+    /// A live run (not a replay): ticks on the monotonic clock, see [`spawn`].
+    pub live: bool,
+    /// Takes the journal sequences of readings refused here (accounted for,
+    /// never to be replayed).
+    pub settle: F,
+}
+
 /// Run the aggregation stage: each inferred window is offered to the local
 /// decisions (dropped and counted when their queue is full) and added to
 /// its group's bucket; closed aggregates go to `aggregates`. `live`: every
 /// 500 ms of the monotonic clock, silent sensors stop holding their groups
 /// and silent groups are closed and forgotten, and a reading far ahead of
-/// its group is refused while the gateway's clock is not set.
+/// its group is refused while the gateway's clock is not set (its journal
+/// sequence goes to `settle`).
 /// When `inferred` closes, every bucket is flushed and `aggregates` closes.
 pub fn spawn(
     mut aggregator: Aggregator,
@@ -923,8 +944,9 @@ pub fn spawn(
     aggregates: flume::Sender<Aggregate>,
     settings: flume::Receiver<AggregationConfig>,
     metrics: Arc<crate::metrics::Metrics>,
-    live: bool,
+    mode: StageMode<impl Fn(&[u64]) + Send + 'static>,
 ) -> tokio::task::JoinHandle<()> {
+    let StageMode { live, settle } = mode;
     tokio::spawn(async move {
         aggregator.live = live;
         let mut out = Vec::new();
@@ -995,6 +1017,10 @@ pub fn spawn(
             }
             aggregator.push(inf, &mut out);
             report(&aggregator, &mut seen);
+            let settled = aggregator.take_settled();
+            if !settled.is_empty() {
+                settle(&settled);
+            }
             aggregator.mark_gaps(&mut out);
             if !send(&mut out).await {
                 return;
@@ -1336,11 +1362,15 @@ mod tests {
             let mut out = Vec::new();
             for t in (0..1_000).step_by(100) {
                 a.push(ev("g", "good", t, 1, 0, 0.5), &mut out);
-                a.push(ev("g", "skewed", t + 3_600_000, 1, 0, 0.5), &mut out);
+                let mut skewed = ev("g", "skewed", t + 3_600_000, 1, 0, 0.5);
+                skewed.seqs = vec![1_000 + t as u64];
+                a.push(skewed, &mut out);
             }
             a.flush(&mut out);
             let s = a.stats();
             assert_eq!(s.clock_skew, refused, "{live} {set}");
+            // The journal may forget refused readings: they are settled.
+            assert_eq!(a.take_settled().len() as u64, refused);
             // Every reading counted once: in a window, late, or refused.
             let counted: u64 = out.iter().map(|x| x.readings + x.late_readings).sum();
             assert_eq!(counted + s.clock_skew, 20);

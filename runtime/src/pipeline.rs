@@ -215,6 +215,16 @@ fn start_core(
     mode: CoreMode,
 ) -> Result<Core, PipelineError> {
     let CoreMode { live, journal, gap } = mode;
+    // Readings refused after the journal took them (or counted in an
+    // aggregate that is suppressed): accounted for, never replayed.
+    let settle = |journal: &Option<Journaled>| {
+        let journal = journal.clone();
+        move |seqs: &[u64]| {
+            if let Some(j) = &journal {
+                j.done(seqs, None);
+            }
+        }
+    };
     let (win_tx, win_rx) = flume::bounded::<Window>(p.cfg.windowing.channel_capacity);
     let (inf_tx, inf_rx) = flume::bounded::<Inferred>(p.cfg.inference.channel_capacity);
     let (closed_tx, closed_rx) = flume::bounded::<Aggregate>(AGGREGATES_CAPACITY);
@@ -248,6 +258,7 @@ fn start_core(
         },
         win_tx,
         p.metrics.clone(),
+        settle(&journal),
     ));
 
     // Inference, on its own thread.
@@ -276,7 +287,10 @@ fn start_core(
         closed_tx,
         aggregation_rx,
         p.metrics.clone(),
-        live,
+        crate::aggregate::StageMode {
+            live,
+            settle: settle(&journal),
+        },
     ));
 
     // Release: observed, k-anonymity, noise, budget.
@@ -288,10 +302,9 @@ fn start_core(
         agg_tx,
         p.metrics.clone(),
         // Readings of suppressed aggregates are counted: never replayed.
-        move |settled| {
-            if let Some(j) = &journal {
-                j.done(&settled, None);
-            }
+        {
+            let settle = settle(&journal);
+            move |settled: Vec<u64>| settle(&settled)
         },
     ));
 

@@ -340,13 +340,16 @@ fn tail(sensor: Arc<str>, buf: SensorBuf) -> Option<Window> {
 /// `readings` closes, the partial windows are flushed and `windows` closes.
 /// With eviction on ([`Windower::with_limits`]), idle sensors are evicted on
 /// the monotonic clock (their tails go to `windows`), and a reading of a new
-/// sensor beyond `max_sensors` is refused and counted (`too_many_sensors`).
+/// sensor beyond `max_sensors` is refused and counted (`too_many_sensors`);
+/// the journal sequence of a refused reading goes to `settle` (it is
+/// accounted for, never to be replayed).
 pub fn spawn(
     mut windower: Windower,
     readings: flume::Receiver<Reading>,
     mut admit: impl FnMut(Reading) -> (Reading, Arc<str>) + Send + 'static,
     windows: flume::Sender<Window>,
     metrics: Arc<Metrics>,
+    settle: impl Fn(&[u64]) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let every = windower
@@ -384,6 +387,9 @@ pub fn spawn(
                     "windowing",
                     crate::ingest::reading::RejectReason::TooManySensors.as_str(),
                 );
+                if r.seq != 0 {
+                    settle(&[r.seq]);
+                }
                 continue;
             }
             if let Some(w) = windower.push(r, group) {
