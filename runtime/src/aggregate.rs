@@ -539,6 +539,13 @@ impl Aggregator {
                 a.id = a.compute_id();
             }
         }
+        // Bounded under sensor churn: once this many groups have had their
+        // first aggregate since the start, marking stops (a group seen
+        // before the crash that only comes back after that many others is
+        // not marked; new groups lost nothing to the crash).
+        if marked.len() >= tombstone::TOMBSTONES_MAX {
+            self.gap = None;
+        }
     }
 
     fn align(&self, ts: i64) -> i64 {
