@@ -958,13 +958,14 @@ impl Metrics {
             .clone()
     }
 
-    /// Time since the pipeline became ready; zero when it is not.
-    pub fn uptime(&self, now_ms: i64) -> Duration {
+    /// Time since the pipeline became ready, on the monotonic clock (a
+    /// wall-clock step does not change it); zero when it is not ready.
+    pub fn uptime(&self) -> Duration {
         if !self.is_ready() {
             return Duration::ZERO;
         }
         let started = self.started.load(Ordering::SeqCst);
-        Duration::from_millis((now_ms.max(0) as u64).saturating_sub(started))
+        Duration::from_millis((crate::clock::mono_ms().max(0) as u64).saturating_sub(started))
     }
 
     /// Record a batch.
@@ -1059,7 +1060,7 @@ impl Metrics {
         self.ready_tx.send_replace(ready);
         if ready {
             self.started
-                .store(crate::clock::now_ms() as u64, Ordering::SeqCst);
+                .store(crate::clock::mono_ms().max(0) as u64, Ordering::SeqCst);
         }
     }
 

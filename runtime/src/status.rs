@@ -162,7 +162,7 @@ impl Status {
             },
             version: env!("CARGO_PKG_VERSION").into(),
             time_ms: now_ms,
-            uptime_s: metrics.uptime(now_ms).as_secs(),
+            uptime_s: metrics.uptime().as_secs(),
             model: metrics.model(),
             readings: metrics.readings_total(),
             rejected: metrics.rejected_all(),
