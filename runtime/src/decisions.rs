@@ -35,6 +35,9 @@ pub struct Decision {
     pub anomaly: bool,
 }
 
+/// Most sensors whose last class [`DecisionFilter`] remembers.
+const LAST_MAX: usize = 100_000;
+
 /// Chooses which windows become decisions.
 #[derive(Debug)]
 pub struct DecisionFilter {
@@ -60,6 +63,12 @@ impl DecisionFilter {
             DecisionMode::All => true,
             DecisionMode::Anomalies => p.anomaly,
             DecisionMode::Changes => {
+                // Bounded under sensor churn (issue 18, item 8): when full,
+                // forgotten at once; each sensor's next window then counts
+                // as a change.
+                if self.last.len() >= LAST_MAX && !self.last.contains_key(&inf.sensor) {
+                    self.last.clear();
+                }
                 let prev = self.last.insert(inf.sensor.clone(), p.class);
                 prev != Some(p.class) || p.anomaly
             }
