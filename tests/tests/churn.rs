@@ -26,6 +26,11 @@ const MESSAGE: Duration = Duration::from_millis(25);
 /// Sensors forgotten by windowing 100 ms after their reading, by aggregation
 /// after 1 s: what the gateway tracks at a time is about a second of ids.
 fn config(site: u16, cloud: u16) -> String {
+    config_with(site, cloud, 100_000, 100)
+}
+
+/// [`config`] with `ingest.max_sensors` and `windowing.idle_evict_ms`.
+fn config_with(site: u16, cloud: u16, max_sensors: usize, idle_evict_ms: u64) -> String {
     format!(
         r#"
 [gateway]
@@ -34,6 +39,7 @@ shutdown_timeout_ms = 10000
 
 [ingest]
 max_payload_bytes = 262144
+max_sensors = {max_sensors}
 
 [[sources]]
 type = "mqtt"
@@ -42,7 +48,7 @@ broker = {{ host = "127.0.0.1", port = {site} }}
 topics = ["churn/data"]
 
 [windowing]
-idle_evict_ms = 100
+idle_evict_ms = {idle_evict_ms}
 
 [aggregation]
 window_ms = 1000
@@ -86,6 +92,54 @@ fn counted(sub: &Subscriber) -> (u64, u64, usize) {
     (readings, late, ids.len())
 }
 
+/// One reading each of `ids` in one message: a JSON array.
+fn readings_of(ids: std::ops::Range<u64>, round: u64) -> String {
+    let ts = now_ms();
+    let mut payload = String::with_capacity((ids.end - ids.start) as usize * 120);
+    payload.push('[');
+    for id in ids {
+        if payload.len() > 1 {
+            payload.push(',');
+        }
+        let _ = write!(
+            payload,
+            r#"{{"sensor":"c{id}","ts":{ts},"values":[0.1,0.2,0.3,0,0,0],"attrs":{{"round":"r{round}"}}}}"#
+        );
+    }
+    payload.push(']');
+    payload
+}
+
+/// The cap on tracked sensors: beyond `ingest.max_sensors`, a new sensor's
+/// readings are refused and counted (`too_many_sensors`); the others are
+/// counted once in the aggregates.
+#[test]
+fn sensors_beyond_the_cap_are_refused_and_counted() {
+    let site = Broker::start();
+    let cloud = Broker::start();
+    let sub = Subscriber::start(cloud.port, "outpost/+/agg/#");
+    // No eviction within the test: the first 1,000 sensors stay tracked.
+    let mut o = Outpost::run(&config_with(site.port, cloud.port, 1_000, 600_000));
+    o.wait_subscribed();
+    let mut p = Publisher::connect(site.port);
+    p.publish("churn/data", readings_of(0..1_500, 0));
+    p.flush();
+    o.wait_metric(
+        "outpost_rejected_total",
+        &["reason=\"too_many_sensors\""],
+        500.0,
+        Duration::from_secs(20),
+    );
+    // The tracked sensors' readings, in no window yet, are counted at the
+    // drain.
+    o.signal(libc::SIGTERM);
+    assert!(o.wait(Duration::from_secs(30)).success(), "{}", o.log());
+    let done = wait_for(Duration::from_secs(10), || counted(&sub).0 >= 1_000);
+    assert!(done, "{:?}\n{}", counted(&sub), o.log());
+    let (readings, late, _) = counted(&sub);
+    assert_eq!((readings, late), (1_000, 0), "each reading once");
+}
+
 #[test]
 fn a_million_sensor_ids_keep_memory_flat_and_each_reading_is_counted_once() {
     let site = Broker::start();
@@ -96,27 +150,13 @@ fn a_million_sensor_ids_keep_memory_flat_and_each_reading_is_counted_once() {
     let at_start = o.peak_rss_kib();
 
     let mut p = Publisher::connect(site.port);
-    let mut payload = String::with_capacity(PER_MESSAGE as usize * 120);
     let mut id = 0u64;
     let began = Instant::now();
     let mut sent = 0u32;
     for round in 0..SENSORS / PER_ROUND {
         for _ in 0..PER_ROUND / PER_MESSAGE {
-            let ts = now_ms();
-            payload.clear();
-            payload.push('[');
-            for k in 0..PER_MESSAGE {
-                if k > 0 {
-                    payload.push(',');
-                }
-                let _ = write!(
-                    payload,
-                    r#"{{"sensor":"c{id}","ts":{ts},"values":[0.1,0.2,0.3,0,0,0],"attrs":{{"round":"r{round}"}}}}"#
-                );
-                id += 1;
-            }
-            payload.push(']');
-            p.publish("churn/data", payload.as_bytes().to_vec());
+            p.publish("churn/data", readings_of(id..id + PER_MESSAGE, round));
+            id += PER_MESSAGE;
             sent += 1;
             // Pacing the feed: new ids keep coming over time, as in the field.
             if let Some(rest) = (MESSAGE * sent).checked_sub(began.elapsed()) {
