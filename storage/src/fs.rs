@@ -89,6 +89,11 @@ pub trait Fs: Debug + Clone + Send + Sync + 'static {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Make the names in `dir` durable (new, renamed, removed).
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Set the permission bits of `path` (`0o600` for a private file);
+    /// nothing on a file system without them.
+    fn set_mode(&self, _path: &Path, _mode: u32) -> io::Result<()> {
+        Ok(())
+    }
 
     /// The whole content of `path`.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -204,6 +209,11 @@ impl Fs for RealFs {
     #[inline]
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn set_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
     }
 
     #[inline]
