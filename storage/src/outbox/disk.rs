@@ -948,6 +948,13 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
     fn drop_oldest_segment(&mut self) -> Result<(), OutboxError> {
         self.ensure_sealed()?;
         let gone_to = self.segments[1].first;
+        if gone_to <= self.watermark {
+            // Done already (acknowledged while it was being written, then
+            // sealed): only deleting it is left. Marking it done again would
+            // change nothing, and the caller would loop forever.
+            self.drop_acked_segments();
+            return Ok(());
+        }
         if self
             .inflight
             .range(self.segments[0].first..gone_to)
