@@ -287,7 +287,19 @@ impl Grouper {
         self.fixed.get(sensor).cloned()
     }
 
-    /// The group of a reading.
+    /// The grouping rule.
+    pub fn rule(&self) -> &GroupBy {
+        &self.rule
+    }
+
+    /// Whether `name` is a fixed group's name (`aggregation.groups`).
+    pub fn is_fixed_name(&self, name: &str) -> bool {
+        self.fixed.values().any(|g| &**g == name)
+    }
+
+    /// The group of a reading. Only a scalar names a group: an array or an
+    /// object (whose keys could carry anything) gives `unassigned`; the
+    /// privacy stage refuses such readings before they get here.
     pub fn group_of(&self, r: &Reading) -> Arc<str> {
         if let Some(g) = self.fixed.get(&*r.sensor) {
             return g.clone();
@@ -297,7 +309,9 @@ impl Grouper {
             GroupBy::Gateway => self.gateway.clone(),
             GroupBy::Attr(a) => match r.attrs.get(a) {
                 Some(serde_json::Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
-                Some(v) if !v.is_null() => Arc::from(v.to_string().as_str()),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    Arc::from(v.to_string().as_str())
+                }
                 _ => self.unassigned.clone(),
             },
         }

@@ -477,6 +477,7 @@ mod tests {
             [privacy.differential_privacy]
             epsilon = 1.0
             budget = 0.5
+            groups = ["a"]
         "#;
         let ConfigError::Invalid { problems, .. } = Config::parse(text, "t").unwrap_err() else {
             panic!("expected Invalid")
@@ -510,6 +511,7 @@ mod tests {
             epsilon = 0.5
             budget = 10.0
             keep_exact = ["drift"]
+            groups = ["L1", "L2"]
         "#;
         let cfg = Config::parse(text, "t").unwrap();
         let p = &cfg.privacy;

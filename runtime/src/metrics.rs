@@ -227,6 +227,9 @@ pub struct Metrics {
     pub privacy_merged: Counter,
     /// Aggregates released with Laplace noise.
     pub privacy_noised: Counter,
+    /// Differential privacy: empty aggregates made for declared groups
+    /// without readings in a window (noised like any other).
+    pub privacy_empty: Counter,
     /// Pseudonymization key changes picked up without restart.
     pub privacy_key_rotations: Counter,
     /// Key files that could not be read (the previous key stays).
@@ -459,6 +462,7 @@ impl Metrics {
             privacy_suppressed: Family::default(),
             privacy_merged: Counter::default(),
             privacy_noised: Counter::default(),
+            privacy_empty: Counter::default(),
             privacy_key_rotations: Counter::default(),
             privacy_key_errors: Counter::default(),
             audit_head: std::sync::Mutex::new(None),
@@ -763,6 +767,11 @@ impl Metrics {
             "privacy_noised",
             "Aggregates released with Laplace noise",
             m.privacy_noised.clone(),
+        );
+        registry.register(
+            "privacy_empty",
+            "Empty aggregates made for declared groups without readings (differential privacy)",
+            m.privacy_empty.clone(),
         );
         registry.register(
             "privacy_key_rotations",

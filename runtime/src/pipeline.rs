@@ -879,7 +879,7 @@ impl UplinkRun {
         let task = uplink::spawn(
             cfg.uplink.as_ref(),
             &cfg.gateway.id,
-            cfg.privacy.differential_privacy.is_some(),
+            cfg.privacy.can_suppress(),
             outbox.clone(),
             metrics.clone(),
             stop.clone(),
@@ -964,7 +964,7 @@ impl Live {
     /// the summary line its interval. Windows stay open throughout.
     async fn apply(&mut self, new: Config, renew_uplink: bool) -> Result<Vec<String>, String> {
         let mut applied = Vec::new();
-        let dp = |c: &Config| c.privacy.differential_privacy.is_some();
+        let dp = |c: &Config| c.privacy.can_suppress();
         if renew_uplink || self.cfg.uplink != new.uplink || dp(&self.cfg) != dp(&new) {
             // What would fail the start fails here, before the old one stops.
             if let Some(u) = &new.uplink {

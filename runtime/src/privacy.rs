@@ -8,8 +8,9 @@
 //!      replaced by `"[redacted]"`;
 //!    - *redaction*: the built-in patterns in `redact` (`email`, `phone`,
 //!      `ipv4`, `iban`) and the regular expressions in `redact_patterns` are
-//!      cut out of every other string value that passes (nested arrays and
-//!      objects included), each match replaced by `[redacted:<name>]`;
+//!      cut out of every other string that passes (nested arrays and
+//!      objects included, their keys as well as their values), each match
+//!      replaced by `[redacted:<name>]`;
 //!    - *pseudonymization*: the sensor id (`pseudonymize_sensor`) and the
 //!      values of `pseudonymize_attrs` are replaced by keyed tokens,
 //!      `p_` followed by the first 32 hex digits (128 bits) of
@@ -21,7 +22,14 @@
 //! 2. **At release** ([`Release`]), on every aggregate after aggregation and
 //!    before the outbox: k-anonymity, then differential privacy with its
 //!    budget, then the aggregate is stamped with the policy (`policy.version`,
-//!    `policy.key_id`, `policy.epsilon`) and its `id` recomputed.
+//!    `policy.key_id`, `policy.epsilon`) and its `id` recomputed. With
+//!    differential privacy, aggregates wait for their window, which is then
+//!    released for every declared group at once (empty groups with noised
+//!    zero counts), and k-anonymity is decided on the noised counts.
+//!
+//! Between the two, [`Admission`] refuses (and counts) a reading whose
+//! grouping attribute is an array or an object, and, with differential
+//! privacy, one whose group is not declared.
 //!
 //! Raw readings never leave the process: only aggregates reach the outbox and
 //! the uplink.
@@ -121,13 +129,37 @@
 //!   stops the start with an error: the spend is unknown, and releasing could
 //!   exceed the budget. Restore it from a backup, or delete it to start all
 //!   budgets afresh (which gives up the guarantee for the current periods).
+//! - *Declared groups* (`groups`, required): whether an aggregate exists
+//!   would tell when a group was active, whatever epsilon is. Every window
+//!   is released for every declared group: aggregates wait (in memory)
+//!   until the newest closed window of any group is `release_delay_ms` past
+//!   their window's end, then the window goes out for every declared group,
+//!   those without an aggregate as an empty one (zero counts, noised like
+//!   any other; the class names and detector fields of the gateway's latest
+//!   aggregate; the window's `partial` and `gap` flags). Which groups are
+//!   released in a window therefore does not depend on the data. An
+//!   aggregate of a window already released (its group closed it too late)
+//!   is suppressed and counted (`late_window`); one of a group no longer
+//!   declared (the policy changed, or the key rotated, while it waited) is
+//!   suppressed and counted (`undeclared`). A silence of the whole gateway
+//!   longer than 1440 windows is skipped, not
+//!   filled. The release schedule follows the gateway's event time: a
+//!   gateway with no reading at all releases nothing, so the cloud sees
+//!   when the gateway as a whole had data, not which group.
+//! - *k-anonymity under noise*: the thresholds are checked on the noised
+//!   counts, after the epsilon is spent: the decision is post-processing,
+//!   so P(released | one reading more) ≤ e^epsilon · P(released | without
+//!   it). `merge` is refused (it would decide on exact counts).
 //! - *Limits*: the guarantee composes over groups only if a unit belongs to
 //!   one group (otherwise add the budgets of its groups), and resets each
 //!   period: over many periods the loss adds up. A key rotation renames
-//!   groups named by tokens, which then get a fresh budget. The k-anonymity
-//!   decision is made on true counts, so whether an aggregate is released at
-//!   all leaks a little about them (around the thresholds). Fields kept by
-//!   `keep_exact`, the group name, the window and `partial` are not noised.
+//!   groups named by tokens, which then get a fresh budget (the declared
+//!   names follow the new key). Without differential privacy the
+//!   k-anonymity decision is made on true counts, so whether an aggregate
+//!   is released at all leaks a little about them (around the thresholds);
+//!   with `merge`, the width of a released window does too. Fields kept by
+//!   `keep_exact` (and whether they are present: `score` only with
+//!   inferences), the group name, the window and `partial` are not noised.
 //!   The noise comes from a cryptographically secure generator (ChaCha12,
 //!   `rand`'s `StdRng`, seeded from the operating system at start); the
 //!   discrete sampler has no floating-point rounding in its output, which
@@ -230,13 +262,23 @@ pub enum PrivacyError {
 /// The id of the pseudonymization key in use, shared between the ingest
 /// stage (which changes it on rotation) and the release stage (which stamps
 /// it on aggregates). Cheap to clone.
+///
+/// It also carries the names under which the declared groups
+/// (`differential_privacy.groups`) are released: tokens when the grouping
+/// field is pseudonymized, so they change with the key.
 #[derive(Debug, Clone, Default)]
-pub struct KeyIdHandle(Arc<RwLock<Option<String>>>);
+pub struct KeyIdHandle(
+    Arc<RwLock<Option<String>>>,
+    Arc<RwLock<Option<DeclaredNames>>>,
+);
+
+/// The released names of the declared groups.
+pub type DeclaredNames = Arc<BTreeSet<String>>;
 
 impl KeyIdHandle {
     /// A handle holding `id`.
     pub fn new(id: Option<String>) -> Self {
-        Self(Arc::new(RwLock::new(id)))
+        Self(Arc::new(RwLock::new(id)), Arc::default())
     }
 
     /// The current key id (`None`: nothing is pseudonymized).
@@ -247,6 +289,18 @@ impl KeyIdHandle {
 
     fn set(&self, id: Option<String>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// The names the declared groups are released under, as the ingest
+    /// stage computed them (`None`: not computed; the release stage then
+    /// takes the names of its configuration).
+    pub fn declared(&self) -> Option<DeclaredNames> {
+        self.1.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Set the released names of the declared groups.
+    pub fn set_declared(&self, names: Option<DeclaredNames>) {
+        *self.1.write().unwrap_or_else(|e| e.into_inner()) = names;
     }
 }
 
@@ -292,6 +346,8 @@ pub struct Privacy {
     key: Option<key::KeyState>,
     key_id: KeyIdHandle,
     sensor_tokens: HashMap<Arc<str>, Arc<str>>,
+    /// `differential_privacy.groups`, when differential privacy is on.
+    declared: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Privacy {
@@ -333,12 +389,29 @@ impl Privacy {
             key,
             key_id,
             sensor_tokens: HashMap::new(),
+            declared: cfg.differential_privacy.as_ref().map(|d| d.groups.clone()),
         })
     }
 
     /// The id of the key in use; `None` when nothing is pseudonymized.
     pub fn key_id(&self) -> Option<String> {
         self.key.as_ref().map(|k| k.key().id().to_string())
+    }
+
+    /// The token of `value` in `field` under the current key; `None` when
+    /// nothing is pseudonymized.
+    pub fn token(&self, field: &str, value: &str) -> Option<String> {
+        self.key.as_ref().map(|k| k.key().token(field, value))
+    }
+
+    /// Whether the sensor id is pseudonymized.
+    pub fn pseudonymizes_sensor(&self) -> bool {
+        self.pseudonymize_sensor && self.key.is_some()
+    }
+
+    /// Whether the values of attribute `name` are pseudonymized.
+    pub fn pseudonymizes_attr(&self, name: &str) -> bool {
+        self.pseudonymize_attrs.contains(name) && self.key.is_some()
     }
 
     /// A handle on the current key id for the release stage, which runs on
@@ -434,36 +507,112 @@ impl Privacy {
 /// The privacy stage as the windowing stage runs it, reading by reading:
 /// the group is taken (a fixed group names the sensor as configured, before
 /// its id is pseudonymized), the policy applied, and what it did counted;
-/// a key rotation goes to the audit log.
+/// a key rotation goes to the audit log. A reading is refused (and counted in
+/// `outpost_rejected_total{source="privacy"}`) when the attribute it is
+/// grouped by is an array or an object (`group_not_scalar`: a group name is
+/// one value, never a structure whose keys could carry personal data), or
+/// when differential privacy is on and its group is not declared
+/// (`undeclared_group`).
 pub struct Admission {
     privacy: Privacy,
     grouper: crate::aggregate::Grouper,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     audit: Option<crate::governance::SharedAudit>,
+    /// `differential_privacy.groups` as configured.
+    declared: Option<Vec<String>>,
+    /// Their released names under the current key.
+    released: Option<DeclaredNames>,
+}
+
+/// Why [`Admission::admit`] refused a reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The grouping attribute holds an array or an object.
+    GroupNotScalar,
+    /// Differential privacy is on and the reading's group is not declared.
+    UndeclaredGroup,
+}
+
+impl Refusal {
+    /// Its `reason` label in `outpost_rejected_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::GroupNotScalar => "group_not_scalar",
+            Refusal::UndeclaredGroup => "undeclared_group",
+        }
+    }
+}
+
+/// The names the declared groups are released under: a declared name that
+/// is a fixed group (`aggregation.groups`) stays as it is; otherwise, when
+/// the field the rule groups by is pseudonymized, its token.
+pub fn released_names(
+    declared: &[String],
+    privacy: &Privacy,
+    grouper: &crate::aggregate::Grouper,
+) -> BTreeSet<String> {
+    use crate::aggregate::GroupBy;
+    declared
+        .iter()
+        .map(|name| {
+            if grouper.is_fixed_name(name) {
+                return name.clone();
+            }
+            let token = match grouper.rule() {
+                GroupBy::Sensor if privacy.pseudonymizes_sensor() => privacy.token("sensor", name),
+                GroupBy::Attr(a) if privacy.pseudonymizes_attr(a) => privacy.token(a, name),
+                _ => None,
+            };
+            token.unwrap_or_else(|| name.clone())
+        })
+        .collect()
 }
 
 impl Admission {
-    /// The stage for `privacy`, grouping with `grouper`.
+    /// The stage for `privacy`, grouping with `grouper`; with differential
+    /// privacy, the released names of the declared groups are published on
+    /// the privacy's [`KeyIdHandle`] for the release stage.
     pub fn new(
         privacy: Privacy,
         grouper: crate::aggregate::Grouper,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         audit: Option<crate::governance::SharedAudit>,
     ) -> Self {
-        Self {
+        let declared = privacy.declared.clone();
+        let mut a = Self {
             privacy,
             grouper,
             metrics,
             audit,
-        }
+            declared,
+            released: None,
+        };
+        a.refresh_declared();
+        a
     }
 
-    /// The reading as it may be kept, and its group.
-    pub fn admit(&mut self, r: Reading) -> (Reading, std::sync::Arc<str>) {
+    fn refresh_declared(&mut self) {
+        self.released = self
+            .declared
+            .as_ref()
+            .map(|d| Arc::new(released_names(d, &self.privacy, &self.grouper)));
+        self.privacy.key_id.set_declared(self.released.clone());
+    }
+
+    /// The reading as it may be kept, and its group; or why it is refused
+    /// (counted here; the caller settles its journal entry).
+    pub fn admit(&mut self, r: Reading) -> Result<(Reading, std::sync::Arc<str>), Refusal> {
         let fixed = self.grouper.fixed_group(&r.sensor);
+        if fixed.is_none()
+            && let crate::aggregate::GroupBy::Attr(a) = self.grouper.rule()
+            && matches!(r.attrs.get(a), Some(Value::Array(_) | Value::Object(_)))
+        {
+            return Err(self.refuse(Refusal::GroupNotScalar));
+        }
         let (r, s) = self.privacy.apply(r);
         self.count(&s);
         if s.key_reloads > 0 {
+            self.refresh_declared();
             crate::governance::audit(
                 &self.audit,
                 &self.metrics,
@@ -474,7 +623,22 @@ impl Admission {
             );
         }
         let group = fixed.unwrap_or_else(|| self.grouper.group_of(&r));
-        (r, group)
+        if let Some(names) = &self.released
+            && !names.contains(&*group)
+        {
+            return Err(self.refuse(Refusal::UndeclaredGroup));
+        }
+        Ok((r, group))
+    }
+
+    fn refuse(&self, why: Refusal) -> Refusal {
+        // Never the value or the group: either may be personal.
+        tracing::debug!(
+            reason = why.as_str(),
+            "reading refused by the privacy policy"
+        );
+        self.metrics.reject("privacy", why.as_str());
+        why
     }
 
     fn count(&self, s: &ApplyStats) {
@@ -805,6 +969,71 @@ mod tests {
         let (r, stats) = p.apply(reading("s", serde_json::json!({"comment": "line A ok"})));
         assert_eq!(r.attrs["comment"], "line A ok");
         assert_eq!(stats.redactions, 0);
+    }
+
+    #[test]
+    fn admission_refuses_structured_group_values_and_undeclared_groups() {
+        use crate::aggregate::{AggregationConfig, GroupBy, Grouper};
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_file(dir.path(), &format!("k1:{SECRET_A}"));
+        let mut cfg = pseudonymizing(&path);
+        cfg.redact = vec![crate::privacy::BuiltinPattern::Email];
+        cfg.differential_privacy = Some(crate::privacy::DifferentialPrivacyConfig {
+            epsilon: 1.0,
+            budget: 100.0,
+            period_s: 86_400,
+            sensitivity: 1,
+            keep_exact: vec![],
+            groups: vec!["MRN-1".into(), "MRN-2".into(), "ward-a".into()],
+            release_delay_ms: 0,
+        });
+        let privacy = Privacy::new(&cfg).unwrap();
+        let handle = privacy.key_id_handle();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let agg_cfg = AggregationConfig {
+            group_by: GroupBy::Attr("patient".into()),
+            groups: [("fixed-sensor".to_string(), "ward-a".to_string())].into(),
+            ..Default::default()
+        };
+        let mut a = Admission::new(privacy, Grouper::new(&agg_cfg, "gw"), metrics.clone(), None);
+        // The declared names as released: tokens, the fixed group as it is.
+        let names = handle.declared().unwrap();
+        let want: BTreeSet<String> = [
+            expected_token(SECRET_A, "patient", "MRN-1"),
+            expected_token(SECRET_A, "patient", "MRN-2"),
+            "ward-a".to_string(),
+        ]
+        .into();
+        assert_eq!(*names, want);
+        let (_, g) = a
+            .admit(reading("s1", serde_json::json!({"patient": "MRN-1"})))
+            .unwrap();
+        assert_eq!(&*g, expected_token(SECRET_A, "patient", "MRN-1"));
+        let (_, g) = a
+            .admit(reading("fixed-sensor", serde_json::json!({})))
+            .unwrap();
+        assert_eq!(&*g, "ward-a");
+        assert_eq!(
+            a.admit(reading("s1", serde_json::json!({"patient": "MRN-9"})))
+                .unwrap_err(),
+            Refusal::UndeclaredGroup
+        );
+        // An object or an array never names a group, whatever its keys hold.
+        for v in [
+            serde_json::json!({"patient": {"jane.doe@example.org": 1}}),
+            serde_json::json!({"patient": ["MRN-1"]}),
+        ] {
+            assert_eq!(
+                a.admit(reading("s1", v)).unwrap_err(),
+                Refusal::GroupNotScalar
+            );
+        }
+        assert_eq!(metrics.rejected_total("group_not_scalar"), 2);
+        assert_eq!(metrics.rejected_total("undeclared_group"), 1);
+        // The grouper on its own: a structure is `unassigned`, never its text.
+        let g = Grouper::new(&agg_cfg, "gw");
+        let structured = reading("s", serde_json::json!({"patient": {"a@b.cc": 1}}));
+        assert_eq!(&*g.group_of(&structured), "unassigned");
     }
 
     #[test]

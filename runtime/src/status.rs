@@ -115,8 +115,11 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_head: Option<AuditHead>,
     /// The counts that describe the data (readings, rejects, inferences and
-    /// what derives from them) are zeroed: differential privacy is on, and
-    /// exact running totals would undo the noise of the aggregates.
+    /// what derives from them) are zeroed: the privacy policy can withhold
+    /// aggregates (k-anonymity or differential privacy is on), and exact
+    /// running totals would undo the noise of the aggregates, or, minus what
+    /// was released, give the counts of the suppressed groups. What remains
+    /// counts only what was released (`aggregates`, the outbox, the uplink).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub counts_withheld: bool,
     /// The configuration that runs.
@@ -203,7 +206,7 @@ impl Status {
 
     /// This status with the data counts zeroed (see
     /// [`Status::counts_withheld`]): what the cloud gets when the privacy
-    /// policy adds noise to the aggregates.
+    /// policy can withhold aggregates or adds noise to them.
     pub fn withhold_counts(mut self) -> Self {
         self.readings = 0;
         self.rejected = 0;

@@ -341,12 +341,13 @@ fn tail(sensor: Arc<str>, buf: SensorBuf) -> Option<Window> {
 /// With eviction on ([`Windower::with_limits`]), idle sensors are evicted on
 /// the monotonic clock (their tails go to `windows`), and a reading of a new
 /// sensor beyond `max_sensors` is refused and counted (`too_many_sensors`);
-/// the journal sequence of a refused reading goes to `settle` (it is
-/// accounted for, never to be replayed).
-pub fn spawn(
+/// `admit` may refuse a reading too (counting it itself). The journal
+/// sequence of a refused reading goes to `settle` (it is accounted for,
+/// never to be replayed).
+pub fn spawn<Refused>(
     mut windower: Windower,
     readings: flume::Receiver<Reading>,
-    mut admit: impl FnMut(Reading) -> (Reading, Arc<str>) + Send + 'static,
+    mut admit: impl FnMut(Reading) -> Result<(Reading, Arc<str>), Refused> + Send + 'static,
     windows: flume::Sender<Window>,
     metrics: Arc<Metrics>,
     settle: impl Fn(&[u64]) + Send + 'static,
@@ -379,7 +380,15 @@ pub fn spawn(
                 readings.recv_async().await
             };
             let Ok(r) = next else { break };
-            let (r, group) = admit(r);
+            let seq = r.seq;
+            let Ok((r, group)) = admit(r) else {
+                // Refused by the privacy policy and counted there; its
+                // acknowledgement went with it: it is not sent again.
+                if seq != 0 {
+                    settle(&[seq]);
+                }
+                continue;
+            };
             if !windower.admits(&r.sensor) {
                 // Counted where it is refused; its acknowledgement (if any)
                 // goes with it: a refused reading is not sent again.

@@ -622,6 +622,19 @@ impl Subscriber {
             .filter_map(|a| a["id"].as_str().map(str::to_string))
             .collect()
     }
+
+    /// Wait until `produced` distinct aggregates (objects with a
+    /// `window_start`) have arrived, within `timeout`.
+    pub fn wait_aggregates(&self, produced: u64, timeout: Duration) {
+        wait_until("every aggregate at the cloud broker", timeout, || {
+            let mut ids = std::collections::BTreeSet::new();
+            self.json()
+                .iter()
+                .filter(|a| a.get("window_start").is_some() && ids.insert(a["id"].to_string()))
+                .count() as u64
+                == produced
+        });
+    }
 }
 
 /// A QoS 1 publisher.

@@ -123,18 +123,7 @@ health_interval_s = 1
     // The drain published everything; wait until the subscriber has it.
     let produced = gw.produced_aggregates();
     assert!(produced > 0);
-    wait_until(
-        "every aggregate at the cloud broker",
-        Duration::from_secs(20),
-        || {
-            let mut ids = std::collections::BTreeSet::new();
-            all.json()
-                .iter()
-                .filter(|a| a.get("window_start").is_some() && ids.insert(a["id"].to_string()))
-                .count() as u64
-                == produced
-        },
-    );
+    all.wait_aggregates(produced, Duration::from_secs(20));
     all.messages()
 }
 
@@ -222,7 +211,10 @@ fn nothing_personal_or_raw_leaves_the_gateway() {
         "sensor",
         &rows,
     );
-    let (aggs, _) = check(&messages, &rows);
+    let (aggs, health) = check(&messages, &rows);
+    // k-anonymity can suppress: the health message has no exact totals.
+    assert!(!health.is_empty());
+    assert!(health.iter().all(|h| h.counts_withheld && h.readings == 0));
     let readings: u64 = aggs.iter().map(|a| a.readings).sum();
     assert_eq!(
         readings,
@@ -234,8 +226,12 @@ fn nothing_personal_or_raw_leaves_the_gateway() {
 #[test]
 fn nothing_personal_leaves_with_noise_grouped_by_a_pseudonymized_attribute() {
     let rows = daphnet(1500);
+    // Two patients declared; only one has readings.
     let messages = egress(
-        "[privacy.differential_privacy]\nepsilon = 1.0\nbudget = 1000.0\n",
+        &format!(
+            "[privacy.differential_privacy]\nepsilon = 1.0\nbudget = 1000.0\n\
+             groups = [\"{PATIENT_ID}\", \"S07-0815\"]\nrelease_delay_ms = 10000\n"
+        ),
         "attr:patient_id",
         &rows,
     );
@@ -243,6 +239,24 @@ fn nothing_personal_leaves_with_noise_grouped_by_a_pseudonymized_attribute() {
     for a in &aggs {
         assert_eq!(a.policy.epsilon, Some(1.0), "noised: {a:?}");
         assert!(a.score.is_none(), "scores are not released under noise");
+    }
+    // Both declared patients are released in every window: the cloud cannot
+    // tell which one was active.
+    let mut windows = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for a in &aggs {
+        windows
+            .entry(a.group.clone())
+            .or_default()
+            .push(a.window_start);
+    }
+    assert_eq!(windows.len(), 2, "{windows:?}");
+    let sets: Vec<std::collections::BTreeSet<i64>> = windows
+        .values()
+        .map(|w| w.iter().copied().collect())
+        .collect();
+    assert_eq!(sets[0], sets[1], "the same windows for both");
+    for w in windows.values() {
+        assert_eq!(w.len(), sets[0].len(), "each window once per group: {w:?}");
     }
     assert!(!health.is_empty());
     for h in &health {

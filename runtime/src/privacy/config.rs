@@ -159,7 +159,29 @@ pub struct DifferentialPrivacyConfig {
     /// are removed.
     #[serde(default)]
     pub keep_exact: Vec<ExactField>,
+    /// The declared groups (required): every one is released in every
+    /// window, those without readings with noised zero counts, so the set of
+    /// released groups does not depend on the data; readings of any other
+    /// group are refused at ingest and counted. Names as the grouping rule
+    /// gives them before pseudonymization (a sensor id, an attribute value,
+    /// a fixed group); a pseudonymized group is released under its token.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// How far (ms, event time) the gateway's newest closed window must be
+    /// past a window's end before that window is released for every
+    /// declared group; an aggregate of a window already released is
+    /// suppressed and counted. Keep it above
+    /// `aggregation.allowed_lateness_ms` plus the slack between groups.
+    #[serde(default = "default_privacy_release_delay_ms")]
+    pub release_delay_ms: i64,
 }
+
+fn default_privacy_release_delay_ms() -> i64 {
+    60_000
+}
+
+/// Most declared groups (`differential_privacy.groups`).
+pub(crate) const MAX_DECLARED_GROUPS: usize = 100_000;
 
 fn default_privacy_period_s() -> u64 {
     86_400
@@ -170,6 +192,14 @@ fn default_privacy_sensitivity() -> u64 {
 }
 
 impl PrivacyConfig {
+    /// Whether the release stage can withhold an aggregate (k-anonymity or
+    /// differential privacy is on): then the health message carries no
+    /// exact data totals, since they minus what was released would reveal
+    /// what was withheld.
+    pub fn can_suppress(&self) -> bool {
+        self.k_anonymity.is_some() || self.differential_privacy.is_some()
+    }
+
     /// Check `[privacy]` (paths relative to it); what depends on the
     /// aggregation settings is checked by [`crate::config`].
     pub fn check(&self, c: &mut Collector) {
@@ -272,6 +302,52 @@ impl PrivacyConfig {
             if !(1..=super::MAX_SENSITIVITY).contains(&d.sensitivity) {
                 c.push(format!("{p}.sensitivity"), "must be between 1 and 1000000");
             }
+            if let Some(reason) = groups_problem(&d.groups) {
+                c.push(format!("{p}.groups"), reason);
+            }
+            if d.release_delay_ms < 0 {
+                c.push(format!("{p}.release_delay_ms"), "must not be negative");
+            }
+            if self
+                .k_anonymity
+                .as_ref()
+                .is_some_and(|k| k.action == KAnonymityAction::Merge)
+            {
+                c.push(
+                    "k_anonymity.action",
+                    "\"merge\" cannot be combined with differential_privacy: which windows \
+                     are merged would be decided on exact counts; use \"suppress\" (decided on \
+                     the noised counts)",
+                );
+            }
         }
     }
+}
+
+/// What is wrong with `differential_privacy.groups`, if anything.
+pub(crate) fn groups_problem(groups: &[String]) -> Option<String> {
+    if groups.is_empty() {
+        return Some(
+            "required with differential privacy: declare every group that may be released, \
+             e.g. groups = [\"line-a\", \"line-b\"]; each is released in every window (without \
+             readings: noised zero counts), so the cloud cannot tell which groups were active, \
+             and readings of other groups are refused"
+                .into(),
+        );
+    }
+    if groups.len() > MAX_DECLARED_GROUPS {
+        return Some(format!("at most {MAX_DECLARED_GROUPS} groups"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for g in groups {
+        if g.is_empty() || g.chars().any(char::is_control) {
+            return Some(format!(
+                "{g:?}: a group name must not be empty or hold control characters"
+            ));
+        }
+        if !seen.insert(g) {
+            return Some(format!("{g:?} is declared twice"));
+        }
+    }
+    None
 }

@@ -89,8 +89,10 @@ impl Redactor {
         self.patterns.is_empty()
     }
 
-    /// Redact every string in `v` (arrays and objects included); returns the
-    /// number of matches removed.
+    /// Redact every string in `v`, at any depth: string values, and the keys
+    /// of objects as well as their values; returns the number of matches
+    /// removed. Two keys that redact to the same text are kept apart by a
+    /// suffix (`[redacted:email]#2`), so no value is lost.
     pub(super) fn redact_value(&self, v: &mut Value) -> u64 {
         match v {
             Value::String(s) => match self.redact_str(s) {
@@ -101,7 +103,29 @@ impl Redactor {
                 None => 0,
             },
             Value::Array(items) => items.iter_mut().map(|i| self.redact_value(i)).sum(),
-            Value::Object(m) => m.values_mut().map(|i| self.redact_value(i)).sum(),
+            Value::Object(m) => {
+                let mut total = 0;
+                let mut out = serde_json::Map::with_capacity(m.len());
+                for (key, mut value) in std::mem::take(m) {
+                    total += self.redact_value(&mut value);
+                    let key = match self.redact_str(&key) {
+                        Some((redacted, n)) => {
+                            total += n;
+                            let mut unique = redacted.clone();
+                            let mut i = 2;
+                            while out.contains_key(&unique) {
+                                unique = format!("{redacted}#{i}");
+                                i += 1;
+                            }
+                            unique
+                        }
+                        None => key,
+                    };
+                    out.insert(key, value);
+                }
+                *m = out;
+                total
+            }
             Value::Null | Value::Bool(_) | Value::Number(_) => 0,
         }
     }
@@ -181,6 +205,27 @@ mod tests {
             red(&iban, "pay GB82 WEST 1234 5698 7654 32 now"),
             "pay [redacted:iban] now"
         );
+    }
+
+    #[test]
+    fn keys_are_redacted_at_any_depth() {
+        let r = only(BuiltinPattern::Email);
+        let mut v = serde_json::json!({
+            "jane.doe@example.org": 1,
+            "a": [{"bob@example.com": {"eve@example.net": "x@example.org"}}],
+            "[redacted:email]": 2
+        });
+        assert_eq!(r.redact_value(&mut v), 4);
+        let text = v.to_string();
+        assert!(!text.contains('@'), "{text}");
+        assert_eq!(
+            v["a"][0]["[redacted:email]"]["[redacted:email]"],
+            "[redacted:email]"
+        );
+        // Keys that redact alike are kept apart: no value lost.
+        let top = v.as_object().unwrap();
+        assert_eq!(top.len(), 3, "{text}");
+        assert!(top.contains_key("[redacted:email]#2"), "{text}");
     }
 
     #[test]

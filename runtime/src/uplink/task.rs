@@ -390,7 +390,8 @@ pub async fn run_log_sink(outbox: SharedOutbox, metrics: Arc<Metrics>, stop: Sto
 /// Start the uplink stage for `cfg` (`None`: aggregates are logged, the log
 /// sink): it publishes the outbox's committed records to the cloud broker
 /// and acknowledges them there; health messages (`withhold_counts`: without
-/// data counts, under differential privacy) and the last will go with it.
+/// data counts, when k-anonymity or differential privacy can withhold
+/// aggregates) and the last will go with it.
 /// The task returns the records left undelivered. Aggregates the broker
 /// keeps refusing are set aside in the dead-letter store under `state_dir`
 /// (audited in `audit`); when the store cannot be opened they are retried
