@@ -22,6 +22,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 pub mod privacy;
+pub mod privacy_report;
 pub mod sdnotify;
 pub mod secret;
 pub mod status;

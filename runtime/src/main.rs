@@ -55,7 +55,38 @@ enum Command {
     Models(Models),
     Audit(Audit),
     Deadletter(Deadletter),
+    Privacy(Privacy),
     Version(Version),
+}
+
+/// What the privacy policy lets leave the site, and what an observer of
+/// the cloud learns.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "privacy")]
+struct Privacy {
+    #[argh(subcommand)]
+    command: PrivacyCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum PrivacyCommand {
+    Report(PrivacyReport),
+}
+
+/// For a configuration and its model: every field that can leave the site
+/// and in which message, exact or noised; the group names and topics an
+/// observer sees; epsilon per release and per period; k; what is
+/// suppressed; what remains observable, with its bound.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "report")]
+struct PrivacyReport {
+    /// configuration file (TOML)
+    #[argh(option, short = 'c')]
+    config: PathBuf,
+    /// print JSON instead of plain text
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Run the gateway. Without --config: the embedded default (simulated
@@ -629,6 +660,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Models(Models { command }) => models_command(command),
         Command::Deadletter(Deadletter { command }) => deadletter_command(command),
+        Command::Privacy(Privacy {
+            command: PrivacyCommand::Report(PrivacyReport { config, json }),
+        }) => {
+            let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let p = Prepared::new(cfg).with_context(|| format!("{}: model", config.display()))?;
+            let report = outpost::privacy_report::report(&p.cfg, p.model.manifest());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(Audit {
             command: AuditCommand::AuditVerify(AuditVerify { log, config }),
         }) => {
