@@ -996,12 +996,23 @@ impl Live {
         }
         if self.cfg.privacy != new.privacy || self.cfg.aggregation != new.aggregation {
             let privacy = Privacy::new(&new.privacy).map_err(|e| format!("privacy: {e}"))?;
-            if self.cfg.privacy != new.privacy {
+            let key_id = privacy.key_id_handle();
+            // Made first: it publishes the released names of the declared
+            // groups (which depend on the grouping) on `key_id`.
+            let admission = Admission::new(
+                privacy,
+                Grouper::new(&new.aggregation, &new.gateway.id),
+                self.metrics.clone(),
+                self.audit.clone(),
+            );
+            let declared_moved = new.privacy.differential_privacy.is_some()
+                && self.cfg.aggregation != new.aggregation;
+            if self.cfg.privacy != new.privacy || declared_moved {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let update = ReleaseUpdate {
                     cfg: new.privacy.clone(),
                     state_dir: new.gateway.state_dir.clone(),
-                    key_id: privacy.key_id_handle(),
+                    key_id,
                     reply,
                 };
                 if self.release.send(update).is_err() {
@@ -1012,14 +1023,10 @@ impl Live {
                     Ok(Err(e)) => return Err(format!("privacy: {e}")),
                     Err(_) => return Err("privacy: the release stage has ended".into()),
                 }
-                applied.push("privacy".to_string());
+                if self.cfg.privacy != new.privacy {
+                    applied.push("privacy".to_string());
+                }
             }
-            let admission = Admission::new(
-                privacy,
-                Grouper::new(&new.aggregation, &new.gateway.id),
-                self.metrics.clone(),
-                self.audit.clone(),
-            );
             let _ = self.admission.send(admission);
             self.cfg.privacy = new.privacy.clone();
             if self.cfg.aggregation != new.aggregation {
