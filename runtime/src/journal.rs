@@ -50,6 +50,12 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// Most readings written and synced as one group.
     pub max_batch: usize,
+    /// Free bytes to keep on the file system the journal lives on: below
+    /// this the sources wait (nothing new is accepted) while the gateway
+    /// goes on delivering and committing what it holds, whose writes (audit
+    /// entries, outbox commits) need room too. Absent: a 32nd of the file
+    /// system, between 256 KiB and 64 MiB.
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Default for JournalConfig {
@@ -60,6 +66,7 @@ impl Default for JournalConfig {
             max_bytes: 256 << 20,
             segment_bytes: 16 << 20,
             max_batch: 4096,
+            min_free_bytes: None,
         }
     }
 }
@@ -102,6 +109,10 @@ pub enum JournalStageError {
 pub struct Journaled {
     journal: Arc<Mutex<Journal>>,
     metrics: Arc<Metrics>,
+    /// The journal's directory, and the free bytes to keep on its file
+    /// system ([`JournalConfig::min_free_bytes`]).
+    dir: PathBuf,
+    min_free: u64,
 }
 
 /// A reading's journal record: time, sensor, values, attributes.
@@ -157,6 +168,12 @@ fn decode(mut b: &[u8]) -> Option<Reading> {
     })
 }
 
+/// The reading of a journal record body as replay decodes it; `None` when
+/// it does not decode (the journal fuzz target's entry).
+pub fn decode_reading(b: &[u8]) -> Option<Reading> {
+    decode(b)
+}
+
 impl Journaled {
     /// Open the journal; what it holds is returned for replay.
     pub fn open(
@@ -164,15 +181,23 @@ impl Journaled {
         state_dir: &Path,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Recovered), JournalStageError> {
+        let dir = cfg.dir(state_dir);
         let (journal, recovered) = Journal::open(JournalSettings {
-            dir: cfg.dir(state_dir),
-            segment_bytes: cfg.segment_bytes,
+            segment_bytes: outpost_storage::fsutil::fit_segment(cfg.segment_bytes, &dir, 4096),
+            dir,
             max_bytes: cfg.max_bytes,
         })?;
         metrics.journal.corrupt.inc_by(recovered.corrupt);
+        let dir = cfg.dir(state_dir);
+        let min_free = cfg.min_free_bytes.unwrap_or_else(|| {
+            outpost_storage::fsutil::fs_size(&dir)
+                .map_or(256 << 10, |size| (size / 32).clamp(256 << 10, 64 << 20))
+        });
         let j = Self {
             journal: Arc::new(Mutex::new(journal)),
             metrics,
+            dir,
+            min_free,
         };
         j.observe();
         Ok((j, recovered))
@@ -280,6 +305,11 @@ fn run(
     let mut buf = Vec::new();
     let mut backoff = Duration::from_millis(50);
     while let Ok(first) = input.recv() {
+        if !wait_for_space(&journal, &input) {
+            // Stopping: the readings were never acknowledged, and their
+            // sources give them again.
+            return;
+        }
         batch.push((first, 0));
         batch.extend(input.try_iter().take(max_batch - 1).map(|r| (r, 0)));
         // Append the group, waiting while the journal is full.
@@ -324,6 +354,31 @@ fn run(
         }
         journal.observe();
     }
+}
+
+/// Wait while the journal's file system has less than `min_free` bytes
+/// free: the sources wait (their readings unacknowledged) while the rest of
+/// the gateway delivers what it holds and frees space. False when the
+/// sources stopped meanwhile.
+fn wait_for_space(journal: &Journaled, input: &flume::Receiver<Reading>) -> bool {
+    let low = || {
+        outpost_storage::fsutil::fs_free(&journal.dir).is_some_and(|free| free < journal.min_free)
+    };
+    if !low() {
+        return true;
+    }
+    journal.metrics.journal.low_space_waits.inc();
+    tracing::warn!(dir = %journal.dir.display(), min_free_bytes = journal.min_free, "disk nearly full: sources wait until there is room");
+    let mut pause = Duration::from_millis(20);
+    while low() {
+        if input.is_disconnected() {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+    tracing::info!(dir = %journal.dir.display(), "disk has room again: sources go on");
+    true
 }
 
 /// Commit, retrying with a capped backoff until it succeeds: a reading goes

@@ -147,6 +147,9 @@ pub struct Metrics {
     pub outbox_commits: Counter,
     /// Failed outbox appends (each an aggregate refused or lost) and commits.
     pub outbox_append_failures: Counter,
+    /// Outbox appends that failed on an I/O error (a full or failing disk):
+    /// the aggregate is kept and tried again, not lost.
+    pub outbox_store_retries: Counter,
     /// The ingest journal ([`JournalMetrics`]).
     pub journal: JournalMetrics,
     /// Aggregates published to the cloud (sent, not yet acknowledged).
@@ -298,6 +301,9 @@ pub struct JournalMetrics {
     pub duplicates: Counter,
     /// Times the journal was full and the sources waited.
     pub full_waits: Counter,
+    /// Times the journal's file system was nearly full (under
+    /// `journal.min_free_bytes`) and the sources waited.
+    pub low_space_waits: Counter,
     /// Bytes in the journal.
     pub bytes: Gauge,
     /// Readings in the journal not yet counted in a committed aggregate.
@@ -344,6 +350,12 @@ impl JournalMetrics {
             "journal_full_waits",
             "Times the ingest journal was full and sources waited",
             &self.full_waits,
+        );
+        c(
+            r,
+            "journal_low_space_waits",
+            "Times the disk was nearly full (journal.min_free_bytes) and sources waited",
+            &self.low_space_waits,
         );
         r.register(
             "journal_bytes",
@@ -419,6 +431,7 @@ impl Metrics {
             outbox_coarsened: Counter::default(),
             outbox_commits: Counter::default(),
             outbox_append_failures: Counter::default(),
+            outbox_store_retries: Counter::default(),
             journal: JournalMetrics::default(),
             uplink_sent: Counter::default(),
             uplink_acked: Counter::default(),
@@ -591,6 +604,11 @@ impl Metrics {
             "outbox_append_failures",
             "Failed outbox appends (each an aggregate refused or lost) and commits",
             m.outbox_append_failures.clone(),
+        );
+        registry.register(
+            "outbox_store_retries",
+            "Outbox appends that failed on an I/O error; the aggregate is kept and tried again",
+            m.outbox_store_retries.clone(),
         );
         m.journal.register(&mut registry);
         registry.register(

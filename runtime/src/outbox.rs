@@ -152,6 +152,117 @@ pub fn counts(s: &OutboxStats) -> crate::metrics::OutboxCounts {
     }
 }
 
+/// An aggregate on its way into the outbox: `stored` once appended (not yet
+/// committed) while its audit entry is still to be written.
+struct Entry {
+    agg: Aggregate,
+    stored: bool,
+}
+
+/// How far [`store`] got.
+#[derive(PartialEq, Eq)]
+enum Stored {
+    /// Every aggregate is in the outbox with its audit entry.
+    All,
+    /// An append failed (the disk is full, or failing): the rest waits.
+    Waiting,
+    /// As `Waiting`, and an aggregate in the outbox lacks its audit entry:
+    /// the outbox must not commit.
+    Unaudited,
+}
+
+/// Aggregates kept in memory, without the ingest journal, while the disk
+/// refuses them; past this the oldest are dropped and counted.
+const MAX_WAITING: usize = 10_000;
+
+/// Move aggregates from `waiting` into the outbox, each with its audit
+/// entry, oldest first. One the outbox refuses by its policy (full) is
+/// counted and dropped; one it cannot write (an I/O error: a full or
+/// failing disk) stays, with everything after it, for the next try, and the
+/// space of delivered records is reclaimed meanwhile.
+fn store(
+    waiting: &mut std::collections::VecDeque<Entry>,
+    outbox: &SharedOutbox,
+    audit: &Option<SharedAudit>,
+    metrics: &Metrics,
+) -> Stored {
+    while let Some(e) = waiting.front_mut() {
+        let a = &e.agg;
+        if !e.stored {
+            match outbox.append(a) {
+                Ok(_) => e.stored = true,
+                Err(err @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
+                    // Refused by the outbox's policy: counted, gone.
+                    metrics.outbox_append_failures.inc();
+                    tracing::warn!(id = %a.id, group = %a.group, "{err}");
+                    waiting.pop_front();
+                    continue;
+                }
+                Err(err) => {
+                    metrics.outbox_store_retries.inc();
+                    tracing::error!(error = %err, id = %a.id, "outbox append failed: kept, tried again at the next commit");
+                    reclaim(outbox);
+                    return Stored::Waiting;
+                }
+            }
+        }
+        if let Some(log) = audit {
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            let r = log.append(
+                crate::audit::kinds::AGGREGATE,
+                serde_json::json!({
+                    "id": &a.id,
+                    "group": &a.group,
+                    "window_start": a.window_start,
+                    "model": format!("{}@{}", a.model.name, a.model.version),
+                    "policy": &a.policy,
+                }),
+            );
+            match r {
+                Ok(_) => {
+                    metrics.audit_entries.inc();
+                }
+                Err(
+                    err @ (crate::audit::AuditError::Io { .. }
+                    | crate::audit::AuditError::Failed { .. }),
+                ) => {
+                    metrics.audit_errors.inc();
+                    tracing::error!(error = %err, id = %a.id, "audit append failed: the aggregate waits for its entry");
+                    reopen_if_failed(&mut log);
+                    drop(log);
+                    reclaim(outbox);
+                    return Stored::Unaudited;
+                }
+                Err(err) => {
+                    // An entry that can never be written (too large): the
+                    // aggregate goes on without it, counted.
+                    metrics.audit_errors.inc();
+                    tracing::error!(error = %err, id = %a.id, "audit append failed");
+                }
+            }
+        }
+        waiting.pop_front();
+    }
+    Stored::All
+}
+
+/// An audit log that failed closed (a failed fsync) is opened again: only a
+/// fresh open knows what reached the disk, and until then nothing commits.
+fn reopen_if_failed(log: &mut crate::audit::AuditLog) {
+    if !log.is_failed() {
+        return;
+    }
+    match crate::audit::AuditLog::open(log.path()) {
+        Ok(fresh) => {
+            tracing::warn!(path = %log.path().display(), "audit log opened again after a failure");
+            *log = fresh;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit log cannot be opened again; tried at the next commit")
+        }
+    }
+}
+
 /// Append aggregates as they come and commit them as a group every
 /// `interval`; returns when the aggregation stage has ended, after a final
 /// commit. Each aggregate gets an audit entry (id, model, policy), committed
@@ -159,7 +270,10 @@ pub fn counts(s: &OutboxStats) -> crate::metrics::OutboxCounts {
 /// aggregate that can leave has its entry. With the ingest journal, each
 /// aggregate's readings are recorded as done in the journal ([`Journaled::done`]),
 /// synced before the outbox commit, and confirmed after it, so the journal
-/// forgets them only once the aggregate is on disk.
+/// forgets them only once the aggregate is on disk. An aggregate the disk
+/// cannot take (full, failing) is kept and tried again at each commit; with
+/// the journal nothing is lost (its readings stay in the journal), without
+/// it at most [`MAX_WAITING`] are kept.
 pub fn write(
     aggregates: &flume::Receiver<Aggregate>,
     outbox: &SharedOutbox,
@@ -168,94 +282,72 @@ pub fn write(
     metrics: &Metrics,
     interval: Duration,
 ) {
-    // Append one aggregate, with its audit entry; a failure is counted.
-    let append = |a: &Aggregate| match outbox.append(a) {
-        Ok(_) => {
-            if let Some(log) = audit {
-                let r = log.lock().unwrap_or_else(|e| e.into_inner()).append(
-                    crate::audit::kinds::AGGREGATE,
-                    serde_json::json!({
-                        "id": &a.id,
-                        "group": &a.group,
-                        "window_start": a.window_start,
-                        "model": format!("{}@{}", a.model.name, a.model.version),
-                        "policy": &a.policy,
-                    }),
-                );
-                match r {
-                    Ok(_) => {
-                        metrics.audit_entries.inc();
-                    }
-                    Err(e) => {
-                        metrics.audit_errors.inc();
-                        tracing::error!(error = %e, id = %a.id, "audit append failed");
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            // The aggregate is refused or lost: counted, whatever the cause.
-            metrics.outbox_append_failures.inc();
-            match e {
-                OutboxError::Full | OutboxError::StreamFull(_) => {
-                    tracing::warn!(id = %a.id, group = %a.group, "{e}");
-                }
-                e => tracing::error!(error = %e, id = %a.id, "outbox append failed"),
-            }
-        }
-    };
     // With the journal, aggregates wait here until their done records are
     // synced: an outbox append reaches the file at once, and a record found
     // in the file after a crash is delivered, so it must never be there
     // before the journal knows its readings are counted.
-    let mut waiting: Vec<Aggregate> = Vec::new();
-    let commit = |outbox: &SharedOutbox, waiting: &mut Vec<Aggregate>| {
+    let mut waiting: std::collections::VecDeque<Entry> = std::collections::VecDeque::new();
+    let commit = |outbox: &SharedOutbox, waiting: &mut std::collections::VecDeque<Entry>| {
         // The journal's done records first: a crash after the outbox commit
         // must not replay readings the outbox already counts.
         let mark = match journal.as_ref().map(Journaled::commit) {
-            None => None,
-            Some(Ok(mark)) => Some(mark),
+            None => Ok(None),
+            Some(Ok(mark)) => Ok(Some(mark)),
             Some(Err(e)) => {
-                tracing::error!(error = %e, "journal commit failed: the outbox commit waits");
-                metrics.observe_outbox(&counts(&outbox.stats()));
-                return;
+                tracing::error!(error = %e, "journal commit failed: new aggregates wait");
+                // The disk may be full: give back what delivered records
+                // still hold, so that the journal can commit again.
+                reclaim(outbox);
+                Err(())
             }
         };
-        for a in waiting.drain(..) {
-            append(&a);
-        }
+        // Without their done records synced, new aggregates wait; those
+        // already stored (by an earlier round) still commit, so that they
+        // can be delivered and their space given back.
+        let stored = match mark {
+            Ok(_) => store(waiting, outbox, audit, metrics),
+            Err(()) if waiting.front().is_some_and(|e| e.stored) => Stored::Unaudited,
+            Err(()) => Stored::Waiting,
+        };
         // An aggregate leaves only with its audit entry on disk: when the
         // audit log cannot commit, the outbox does not either (its records
         // wait, invisible to the uplink, for the next commit).
-        let audited = match audit {
-            Some(a) => {
-                let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
-                match log.commit() {
-                    Ok(()) => {
-                        metrics.set_audit_head(log.committed());
-                        true
-                    }
-                    Err(e) => {
-                        metrics.audit_errors.inc();
-                        tracing::error!(error = %e, "audit log commit failed: the outbox commit waits");
-                        false
+        let audited = stored != Stored::Unaudited
+            && match audit {
+                Some(a) => {
+                    let mut log = a.lock().unwrap_or_else(|e| e.into_inner());
+                    match log.commit() {
+                        Ok(()) => {
+                            metrics.set_audit_head(log.committed());
+                            true
+                        }
+                        Err(e) => {
+                            metrics.audit_errors.inc();
+                            tracing::error!(error = %e, "audit log commit failed: the outbox commit waits");
+                            reopen_if_failed(&mut log);
+                            drop(log);
+                            reclaim(outbox);
+                            false
+                        }
                     }
                 }
-            }
-            None => true,
-        };
+                None => true,
+            };
         if audited {
             match outbox.commit() {
                 // Only a commit that succeeded feeds the watchdog.
                 Ok(()) => {
                     metrics.outbox_commits.inc();
-                    if let (Some(j), Some(mark)) = (journal, mark) {
+                    // The journal forgets the readings only once every
+                    // aggregate of its done records is in the outbox.
+                    if let (Some(j), Ok(Some(mark)), Stored::All) = (journal, mark, &stored) {
                         j.confirm(mark);
                     }
                 }
                 Err(e) => {
                     metrics.outbox_append_failures.inc();
                     tracing::error!(error = %e, "outbox commit failed");
+                    reclaim(outbox);
                 }
             }
         }
@@ -271,9 +363,27 @@ pub fn write(
                     // Plain data: serialization cannot fail.
                     let bytes = serde_json::to_vec(&a).unwrap_or_default();
                     j.done(&a.covers, Some(&bytes));
-                    waiting.push(a);
+                    waiting.push_back(Entry {
+                        agg: a,
+                        stored: false,
+                    });
                 }
-                None => append(&a),
+                None => {
+                    waiting.push_back(Entry {
+                        agg: a,
+                        stored: false,
+                    });
+                    if waiting.len() > MAX_WAITING
+                        && let Some(lost) = waiting.pop_front()
+                    {
+                        metrics.outbox_append_failures.inc();
+                        tracing::error!(id = %lost.agg.id, "outbox: too many aggregates waiting for the disk; the oldest is lost");
+                    }
+                    // Without the journal an aggregate is appended at once.
+                    if waiting.len() == 1 {
+                        store(&mut waiting, outbox, audit, metrics);
+                    }
+                }
             },
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -284,11 +394,25 @@ pub fn write(
         }
     }
     commit(outbox, &mut waiting);
+    if !waiting.is_empty() {
+        tracing::error!(
+            waiting = waiting.len(),
+            "outbox: aggregates not stored at exit (with the journal, appended again at the next start)"
+        );
+    }
     // The last confirmation on disk too: the next start has nothing to append again.
     if let Some(j) = journal
         && let Err(e) = j.commit()
     {
         tracing::error!(error = %e, "journal commit at exit failed");
+    }
+}
+
+/// A write failed and the disk may be full: give back the space of records
+/// already delivered ([`store::Outbox::reclaim`]).
+fn reclaim(outbox: &SharedOutbox) {
+    if let Err(e) = outbox.reclaim() {
+        tracing::debug!(error = %e, "outbox: nothing reclaimed");
     }
 }
 
@@ -490,7 +614,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn every_aggregate_a_failing_outbox_refuses_or_loses_is_counted() {
+    fn a_failing_outbox_counts_what_it_refuses_and_keeps_what_it_could_not_write() {
         let metrics = Metrics::new();
         let (tx, rx) = flume::unbounded();
         for i in 0..3 {
@@ -506,10 +630,14 @@ pub(crate) mod tests {
             &metrics,
             Duration::from_secs(3600),
         );
+        // Aggregate 0: ENOSPC (kept); at the last commit it is refused
+        // (full: counted, gone), aggregate 1 meets ENOSPC again (kept, with
+        // aggregate 2 behind it), and the commit fails (counted).
+        assert_eq!(metrics.outbox_store_retries.get(), 2);
         assert_eq!(
             metrics.outbox_append_failures.get(),
-            4,
-            "three appends (full or ENOSPC) and the final commit"
+            2,
+            "one aggregate refused by the policy and the final commit"
         );
     }
 

@@ -538,7 +538,11 @@ pub async fn run(
             let started = std::time::Instant::now();
             let o = DiskOutbox::open(DiskSettings {
                 dir: dir.clone(),
-                segment_bytes: cfg.outbox.segment_bytes,
+                segment_bytes: outpost_storage::fsutil::fit_segment(
+                    cfg.outbox.segment_bytes,
+                    &dir,
+                    4096,
+                ),
                 max_bytes: cfg.outbox.max_bytes,
                 policy: cfg.outbox.policy,
                 protect_oldest: cfg.uplink.as_ref().map_or(0, |u| u.max_inflight as usize),

@@ -743,6 +743,12 @@ impl<F: Fs> AuditLog<F> {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The log failed closed (a failed fsync, or a write it could not cut
+    /// back): nothing is appended or committed until it is opened again.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
 }
 
 /// What is wrong with a line of the log.

@@ -209,6 +209,12 @@ pub trait Outbox<R: Record>: Send {
     /// No record is in flight any more (the connection is gone: whatever
     /// is unacknowledged is read again).
     fn release_all(&mut self) {}
+    /// Give back the space of delivered records now, where the outbox
+    /// keeps them until a segment is sealed (a disk is full, or filling:
+    /// the caller saw a write fail). A no-op where there is nothing to give.
+    fn reclaim(&mut self) -> Result<(), OutboxError> {
+        Ok(())
+    }
 }
 
 /// An in-memory outbox bounded by record count.
@@ -369,6 +375,11 @@ impl<R: Record> SharedOutbox<R> {
     /// See [`Outbox::release_all`].
     pub fn release_all(&self) {
         self.lock().release_all();
+    }
+
+    /// See [`Outbox::reclaim`].
+    pub fn reclaim(&self) -> Result<(), OutboxError> {
+        self.lock().reclaim()
     }
 
     /// See [`Outbox::oldest`].

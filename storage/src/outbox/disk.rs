@@ -885,6 +885,31 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
         self.drop_acked_segments();
     }
 
+    /// Every record is acknowledged and the segment being written holds
+    /// some: seal it and start a fresh one, so that its space comes back
+    /// (a segment is deleted only once sealed). Done when a drained active
+    /// segment reaches a sixteenth of `segment_bytes`, or whenever asked
+    /// ([`Outbox::reclaim`]: a write failed, the disk may be full, and on a
+    /// disk smaller than one segment nothing would ever be freed).
+    fn seal_drained(&mut self, always: bool) -> Result<(), OutboxError> {
+        let Some(active) = self.segments.last().copied() else {
+            return Ok(());
+        };
+        let drained = self.watermark >= self.next_seq
+            && self.committed_next == self.next_seq
+            && !self.unsynced
+            && !self.in_doubt
+            && self.inflight.is_empty();
+        let used = active.size > HEADER as u64;
+        if !(drained && used && (always || active.size >= self.settings.segment_bytes / 16)) {
+            return Ok(());
+        }
+        self.roll()?;
+        self.drop_acked_segments();
+        self.stats.bytes = self.disk_bytes();
+        Ok(())
+    }
+
     /// Delete sealed segments whose every record is below the watermark.
     fn drop_acked_segments(&mut self) {
         while self.segments.len() > 1 && self.segments[1].first <= self.watermark {
@@ -1585,6 +1610,10 @@ impl<R: Record, F: Fs> Outbox<R> for DiskOutbox<R, F> {
         }
         self.mark_done(seq, seq + 1);
         self.stats.acked += 1;
+        if let Err(e) = self.seal_drained(false) {
+            // Tried again at the next acknowledgement or reclaim.
+            tracing::warn!(error = %e, "outbox: cannot seal the drained segment");
+        }
         self.stats.bytes = self.disk_bytes();
         self.stats.depth = self.depth();
         Ok(())
@@ -1624,6 +1653,10 @@ impl<R: Record, F: Fs> Outbox<R> for DiskOutbox<R, F> {
         for seq in seqs {
             self.inflight.remove(seq);
         }
+    }
+
+    fn reclaim(&mut self) -> Result<(), OutboxError> {
+        self.seal_drained(true)
     }
 
     fn release_all(&mut self) {
@@ -1688,6 +1721,72 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    fn seg_bytes(dir: &Path) -> u64 {
+        segments(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
+    /// A disk smaller than one segment: delivered records give their
+    /// space back when asked (a write failed), and by themselves once the
+    /// drained segment reaches a sixteenth of `segment_bytes`; never while
+    /// anything is undelivered.
+    #[test]
+    fn a_drained_segment_gives_its_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 1 MiB: bigger than anything written here.
+        let reopen = || {
+            DiskOutbox::open(settings(
+                dir.path(),
+                1 << 20,
+                8 << 20,
+                FullPolicy::DropOldest,
+            ))
+            .unwrap()
+        };
+        let mut o = reopen();
+        for i in 0..20 {
+            o.append(&agg(i)).unwrap();
+        }
+        o.commit().unwrap();
+        let full = seg_bytes(dir.path());
+        let seqs = pending(&mut o);
+        for s in &seqs[..19] {
+            o.ack(*s).unwrap();
+        }
+        o.reclaim().unwrap();
+        assert_eq!(seg_bytes(dir.path()), full, "one record still undelivered");
+        o.ack(seqs[19]).unwrap();
+        assert_eq!(seg_bytes(dir.path()), full, "small: kept until asked");
+        o.reclaim().unwrap();
+        assert!(
+            seg_bytes(dir.path()) < 64,
+            "{} bytes left",
+            seg_bytes(dir.path())
+        );
+        assert_eq!(o.append(&agg(20)).unwrap(), 21, "sequences continue");
+        o.commit().unwrap();
+        drop(o);
+        let mut o = reopen();
+        assert_eq!(pending(&mut o), vec![21]);
+        // By itself past a sixteenth of the segment size (64 KiB).
+        let mut i = 21;
+        while seg_bytes(dir.path()) < 70_000 {
+            o.append(&agg(i)).unwrap();
+            i += 1;
+        }
+        o.commit().unwrap();
+        for s in pending(&mut o) {
+            o.ack(s).unwrap();
+        }
+        assert!(
+            seg_bytes(dir.path()) < 64,
+            "{} bytes left",
+            seg_bytes(dir.path())
+        );
     }
 
     #[test]
