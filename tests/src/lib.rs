@@ -949,3 +949,72 @@ impl Drop for ModbusDevice {
         let _ = self.child.wait();
     }
 }
+
+/// A size-limited tmpfs, unmounted on drop.
+pub struct SmallFs {
+    /// Its mount point.
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// Mount one of `size` (as tmpfs takes it: `2m`); needs root.
+    pub fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("mount(8) runs");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { path, _dir: dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// KiB used on the file system holding `path`.
+pub fn used_kib(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-k", "--output=used"])
+        .arg(path)
+        .output()
+        .expect("df runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What `dir` holds, file by file (`du -ab`).
+pub fn du(dir: &Path) -> String {
+    let out = Command::new("du")
+        .args(["-ab"])
+        .arg(dir)
+        .output()
+        .expect("du runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl SmallFs {
+    /// Take every byte left with a file named `name`, which is returned.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        let filler = self.path.join(name);
+        let mut f = std::fs::File::create(&filler).expect("filler file");
+        let block = vec![7u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}

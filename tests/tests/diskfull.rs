@@ -7,66 +7,10 @@
 //! delivered, counted once.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use outpost_tests::*;
 use serde_json::Value;
-
-/// A size-limited tmpfs, unmounted on drop.
-struct SmallFs {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> SmallFs {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .expect("mount(8) runs");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root (CI runs as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallFs { path, _dir: dir }
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-fn used_kib(path: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["-k", "--output=used"])
-        .arg(path)
-        .output()
-        .expect("df runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// What the state directory holds, file by file.
-fn du(dir: &Path) -> String {
-    let out = Command::new("du")
-        .args(["-ab"])
-        .arg(dir)
-        .output()
-        .expect("du runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Readings counted by the unique aggregates (by id), per sensor.
 fn counted(sub: &Subscriber) -> BTreeMap<String, u64> {
@@ -149,14 +93,7 @@ backoff_max_ms = 300
     // The gateway goes on: more readings come (the site broker holds
     // them), its endpoints answer, failed writes are counted, memory stays
     // flat.
-    let filler = fs.path.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![7u8; 4096];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-    }
+    let filler = fs.fill("filler");
     assert_eq!(
         outpost_storage::fsutil::fs_free(&fs.path),
         Some(0),

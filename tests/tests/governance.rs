@@ -588,3 +588,68 @@ poll_interval_ms = 100
         "the configured model still serves"
     );
 }
+
+/// The registry on a full disk: an install fails with a clear error and
+/// leaves the registry as it was; once there is room again it succeeds.
+#[test]
+fn a_full_disk_refuses_an_install_cleanly_and_the_registry_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (secret, public) = keygen(tmp.path(), "publisher");
+    let first = variant(&tmp.path().join("first"), "1.1.0", |_| {});
+    sign(&secret, &first);
+    let second = variant(&tmp.path().join("second"), "1.2.0", |_| {});
+    sign(&secret, &second);
+    let fs = SmallFs::mount("1m");
+    let config = tmp.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{}
+[governance]
+registry_dir = "{}"
+trusted_keys = ["{}"]
+"#,
+            site_config("gw-full-registry", free_port()),
+            fs.path.join("registry").display(),
+            public.display(),
+        ),
+    )
+    .unwrap();
+    let install = |artifact: &Path| {
+        outpost()
+            .args(["models", "install"])
+            .arg(artifact)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let versions = || -> Vec<String> {
+        let v = registry_state(&config);
+        let text = v.to_string();
+        ["1.1.0", "1.2.0"]
+            .into_iter()
+            .filter(|ver| text.contains(ver))
+            .map(String::from)
+            .collect()
+    };
+    assert!(install(&first).status.success());
+    assert_eq!(versions(), ["1.1.0"]);
+    let filler = fs.fill("filler");
+    let out = install(&second);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an install on a full disk failed");
+    assert!(
+        stderr.contains("No space left on device") && !stderr.contains("panicked"),
+        "a clear error: {stderr}"
+    );
+    assert_eq!(versions(), ["1.1.0"], "the registry as it was");
+    std::fs::remove_file(&filler).unwrap();
+    let out = install(&second);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(versions(), ["1.1.0", "1.2.0"]);
+}
