@@ -153,8 +153,10 @@
 //! - *Limits*: the guarantee composes over groups only if a unit belongs to
 //!   one group (otherwise add the budgets of its groups), and resets each
 //!   period: over many periods the loss adds up. A key rotation renames
-//!   groups named by tokens, which then get a fresh budget (the declared
-//!   names follow the new key). Without differential privacy the
+//!   groups named by tokens, but the budget follows the subject: it is
+//!   accounted under the group's declared name (which never leaves the
+//!   gateway; the budget file holds it), not its token, so a rotation gives
+//!   no fresh budget. Without differential privacy the
 //!   k-anonymity decision is made on true counts, so whether an aggregate
 //!   is released at all leaks a little about them (around the thresholds);
 //!   with `merge`, the width of a released window does too. Fields kept by
@@ -272,8 +274,11 @@ pub struct KeyIdHandle(
     Arc<RwLock<Option<DeclaredNames>>>,
 );
 
-/// The released names of the declared groups.
-pub type DeclaredNames = Arc<BTreeSet<String>>;
+/// The declared groups: each released name (its token when pseudonymized)
+/// with the name it is declared under, which the privacy budget is
+/// accounted under (stable across key rotations; it never leaves the
+/// gateway).
+pub type DeclaredNames = Arc<std::collections::BTreeMap<String, String>>;
 
 impl KeyIdHandle {
     /// A handle holding `id`.
@@ -550,20 +555,20 @@ pub fn released_names(
     declared: &[String],
     privacy: &Privacy,
     grouper: &crate::aggregate::Grouper,
-) -> BTreeSet<String> {
+) -> std::collections::BTreeMap<String, String> {
     use crate::aggregate::GroupBy;
     declared
         .iter()
         .map(|name| {
             if grouper.is_fixed_name(name) {
-                return name.clone();
+                return (name.clone(), name.clone());
             }
             let token = match grouper.rule() {
                 GroupBy::Sensor if privacy.pseudonymizes_sensor() => privacy.token("sensor", name),
                 GroupBy::Attr(a) if privacy.pseudonymizes_attr(a) => privacy.token(a, name),
                 _ => None,
             };
-            token.unwrap_or_else(|| name.clone())
+            (token.unwrap_or_else(|| name.clone()), name.clone())
         })
         .collect()
 }
@@ -624,7 +629,7 @@ impl Admission {
         }
         let group = fixed.unwrap_or_else(|| self.grouper.group_of(&r));
         if let Some(names) = &self.released
-            && !names.contains(&*group)
+            && !names.contains_key(&*group)
         {
             return Err(self.refuse(Refusal::UndeclaredGroup));
         }
@@ -998,10 +1003,10 @@ mod tests {
         let mut a = Admission::new(privacy, Grouper::new(&agg_cfg, "gw"), metrics.clone(), None);
         // The declared names as released: tokens, the fixed group as it is.
         let names = handle.declared().unwrap();
-        let want: BTreeSet<String> = [
-            expected_token(SECRET_A, "patient", "MRN-1"),
-            expected_token(SECRET_A, "patient", "MRN-2"),
-            "ward-a".to_string(),
+        let want: std::collections::BTreeMap<String, String> = [
+            (expected_token(SECRET_A, "patient", "MRN-1"), "MRN-1".into()),
+            (expected_token(SECRET_A, "patient", "MRN-2"), "MRN-2".into()),
+            ("ward-a".to_string(), "ward-a".into()),
         ]
         .into();
         assert_eq!(*names, want);

@@ -514,7 +514,7 @@ pub fn report(cfg: &Config, manifest: &Manifest) -> Report {
                 let name = match &privacy {
                     Some(pr) => {
                         crate::privacy::released_names(std::slice::from_ref(g), pr, &grouper)
-                            .into_iter()
+                            .into_keys()
                             .next()
                     }
                     None if !tokens => Some(g.clone()),

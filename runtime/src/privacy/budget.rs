@@ -2,7 +2,9 @@
 //! written to disk before each release.
 //!
 //! File `<state_dir>/privacy/budget.json`:
-//! `{"version":1,"exhausted_before_ms":…,"spent":{"<group>":[{"start_ms":…,"end_ms":…,"epsilon":…}]}}`.
+//! `{"version":1,"exhausted_before_ms":…,"spent":{"<group>":[{"start_ms":…,"end_ms":…,"epsilon":…}]}}`,
+//! where `<group>` is the declared name of a declared group (stable across
+//! key rotations; the file stays on the gateway).
 //! Each entry is the epsilon spent on a group's releases whose window
 //! overlaps the period `[start_ms, end_ms)`. A release over a period counts
 //! every entry that overlaps it, so a changed `period_s` never refunds

@@ -302,7 +302,9 @@ impl Release {
                     keep: d.keep_exact.clone(),
                     accountant,
                     rng,
-                    groups: std::sync::Arc::new(d.groups.iter().cloned().collect()),
+                    groups: std::sync::Arc::new(
+                        d.groups.iter().map(|g| (g.clone(), g.clone())).collect(),
+                    ),
                     release_delay_ms: d.release_delay_ms,
                     windows: Windows::default(),
                 })
@@ -481,7 +483,7 @@ impl Release {
             stats.suppressed_late += 1;
             return;
         }
-        if !declared.contains(&agg.group) {
+        if !declared.contains_key(&agg.group) {
             self.settled.extend_from_slice(&agg.covers);
             stats.suppressed_undeclared += 1;
             return;
@@ -554,7 +556,7 @@ impl Release {
             let partial = got.values().any(|a| a.partial);
             let gap = got.values().any(|a| a.gap);
             let mut window = Vec::with_capacity(declared.len());
-            for g in declared.iter() {
+            for g in declared.keys() {
                 let mut a = match got.remove(g) {
                     Some(a) => a,
                     None => {
@@ -576,7 +578,8 @@ impl Release {
                 stats.suppressed_undeclared += 1;
             }
             for a in window {
-                self.finish(a, staged, stats);
+                let account = declared.get(&a.group).cloned();
+                self.finish_as(a, account.as_deref(), staged, stats);
             }
         }
     }
@@ -621,18 +624,27 @@ impl Release {
     }
 
     /// Budget, noise, policy stamp, id.
-    fn finish(
+    fn finish(&mut self, agg: Aggregate, staged: &mut Vec<Aggregate>, stats: &mut ReleaseStats) {
+        self.finish_as(agg, None, staged, stats);
+    }
+
+    /// [`Release::finish`], the budget accounted under `account` (a
+    /// declared group's declared name: the same across key rotations)
+    /// rather than the group's released name.
+    fn finish_as(
         &mut self,
         mut agg: Aggregate,
+        account: Option<&str>,
         staged: &mut Vec<Aggregate>,
         stats: &mut ReleaseStats,
     ) {
         let mut epsilon = None;
         if let Some(dp) = self.dp.as_mut() {
-            if !dp
-                .accountant
-                .try_spend(&agg.group, agg.window_start, agg.window_end)
-            {
+            if !dp.accountant.try_spend(
+                account.unwrap_or(&agg.group),
+                agg.window_start,
+                agg.window_end,
+            ) {
                 self.settled.extend_from_slice(&agg.covers);
                 stats.suppressed_budget += 1;
                 return;
@@ -1193,7 +1205,9 @@ mod tests {
     fn declared_names_from_the_ingest_stage_take_precedence() {
         let dir = tempfile::tempdir().unwrap();
         let handle = KeyIdHandle::default();
-        handle.set_declared(Some(std::sync::Arc::new(["p_tok".to_string()].into())));
+        handle.set_declared(Some(std::sync::Arc::new(
+            [("p_tok".to_string(), "raw-id".to_string())].into(),
+        )));
         let mut r = Release::with_rng(
             &dp_groups(1.0, 1e6, &["raw-id"]),
             dir.path(),
@@ -1205,6 +1219,39 @@ mod tests {
         r.admit(agg("p_tok", 0, 5, 1), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].group, "p_tok");
+    }
+
+    /// The budget follows the declared group across a key rotation: it is
+    /// accounted under the declared name, not the token.
+    #[test]
+    fn the_budget_follows_a_declared_group_across_a_key_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = KeyIdHandle::default();
+        let names = |token: &str| {
+            Some(std::sync::Arc::new(
+                [(token.to_string(), "MRN-1".to_string())].into(),
+            ))
+        };
+        handle.set_declared(names("p_old"));
+        let mut r = Release::with_rng(
+            &dp_groups(0.5, 1.0, &["MRN-1"]),
+            dir.path(),
+            handle.clone(),
+            Box::new(StdRng::seed_from_u64(1)),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let s = r.admit_all([agg("p_old", 0, 5, 1), agg("p_old", 1, 5, 1)], &mut out);
+        assert_eq!(s.released, 2, "the day's budget spent");
+        // The key rotates: the same subject under a new token.
+        handle.set_declared(names("p_new"));
+        let s = r.admit(agg("p_new", 2, 5, 1), &mut out);
+        assert_eq!((s.released, s.suppressed_budget), (0, 1), "no fresh budget");
+        let budget = std::fs::read_to_string(dir.path().join("privacy/budget.json")).unwrap();
+        assert!(
+            !budget.contains("p_old") && budget.contains("MRN-1"),
+            "{budget}"
+        );
     }
 
     /// Whether a group with one reading in a window is released differs
