@@ -54,6 +54,9 @@ pub mod kinds {
     /// An aggregate was released to the outbox: `{id, group, window_start,
     /// model, policy}`.
     pub const AGGREGATE: &str = "aggregate";
+    /// The outbox merged committed aggregates into one (policy
+    /// `coarsen`): `{id, group, from}` (the ids it replaces).
+    pub const AGGREGATE_MERGED: &str = "aggregate_merged";
     /// The uplink set an aggregate the broker keeps refusing aside in the
     /// dead-letter store: `{entry, id, group, seq, attempts, reason, bytes}`.
     pub const DEADLETTER: &str = "deadletter";

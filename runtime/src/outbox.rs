@@ -190,7 +190,10 @@ fn store(
         let a = &e.agg;
         if !e.stored {
             match outbox.append(a) {
-                Ok(_) => e.stored = true,
+                Ok(_) => {
+                    e.stored = true;
+                    audit_merges(outbox, audit, metrics);
+                }
                 Err(err @ (OutboxError::Full | OutboxError::StreamFull(_))) => {
                     // Refused by the outbox's policy: counted, gone.
                     metrics.outbox_append_failures.inc();
@@ -244,6 +247,35 @@ fn store(
         waiting.pop_front();
     }
     Stored::All
+}
+
+/// Audit entries for the aggregates the outbox merged while making room
+/// (policy `coarsen`): a merged aggregate leaves under a new id, and every
+/// aggregate that leaves has its entry. Committed with the next commit.
+fn audit_merges(outbox: &SharedOutbox, audit: &Option<SharedAudit>, metrics: &Metrics) {
+    let merged = outbox.take_merged();
+    let Some(log) = audit else {
+        return;
+    };
+    if merged.is_empty() {
+        return;
+    }
+    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+    for m in merged {
+        let r = log.append(
+            crate::audit::kinds::AGGREGATE_MERGED,
+            serde_json::json!({ "id": m.id, "group": m.stream, "from": m.from }),
+        );
+        match r {
+            Ok(_) => {
+                metrics.audit_entries.inc();
+            }
+            Err(e) => {
+                metrics.audit_errors.inc();
+                tracing::error!(error = %e, id = %m.id, "audit append of a merged aggregate failed");
+            }
+        }
+    }
 }
 
 /// An audit log that failed closed (a failed fsync) is opened again: only a
@@ -564,6 +596,58 @@ pub(crate) mod tests {
         assert!(held.iter().any(|a| a.window_end - a.window_start > 2));
         for a in &held {
             assert_eq!(a.id, a.compute_id(), "ids match the merged content");
+        }
+    }
+
+    /// Issue 18 (12): an aggregate merged by `coarsen` leaves under a new
+    /// id; the writer records every merge in the audit log, so every
+    /// aggregate that can leave has its entry.
+    #[test]
+    fn every_aggregate_the_outbox_holds_has_its_audit_entry_merged_ones_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = DiskOutbox::open(DiskSettings {
+            dir: dir.path().join("outbox"),
+            segment_bytes: 4096,
+            max_bytes: 32768,
+            policy: FullPolicy::Coarsen,
+            protect_oldest: 2,
+            stream_caps: Default::default(),
+        })
+        .unwrap();
+        let outbox = SharedOutbox::new(Box::new(o));
+        let log_path = dir.path().join("audit.log");
+        let audit: SharedAudit = Arc::new(std::sync::Mutex::new(
+            crate::audit::AuditLog::open(&log_path).unwrap(),
+        ));
+        let metrics = Metrics::new();
+        let (tx, rx) = flume::unbounded();
+        for i in 0..400 {
+            let mut a = agg(i);
+            a.group = if i % 2 == 0 { "even" } else { "odd" }.into();
+            a.id = a.compute_id();
+            tx.send(a).unwrap();
+        }
+        drop(tx);
+        write(
+            &rx,
+            &outbox,
+            &Some(audit),
+            &None,
+            &metrics,
+            Duration::from_millis(5),
+        );
+        assert!(outbox.stats().coarsened > 0);
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let audited: std::collections::BTreeSet<String> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["kind"] == "aggregate" || e["kind"] == "aggregate_merged")
+            .filter_map(|e| e["data"]["id"].as_str().map(String::from))
+            .collect();
+        let held = outbox.read_from(0, usize::MAX).unwrap();
+        assert!(!held.is_empty());
+        for r in &held {
+            assert!(audited.contains(&r.id), "{} has no audit entry", r.id);
         }
     }
 

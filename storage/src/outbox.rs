@@ -174,6 +174,17 @@ pub struct OutboxStats {
     pub coarsened: u64,
 }
 
+/// Records merged into one by the policy `coarsen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// The merged record's id.
+    pub id: String,
+    /// Its stream.
+    pub stream: String,
+    /// The ids of the records it replaces, oldest first.
+    pub from: Vec<String>,
+}
+
 /// Storage of records awaiting delivery.
 pub trait Outbox<R: Record>: Send {
     /// Store a record; it is accepted (durable, visible to readers) at the
@@ -209,6 +220,12 @@ pub trait Outbox<R: Record>: Send {
     /// No record is in flight any more (the connection is gone: whatever
     /// is unacknowledged is read again).
     fn release_all(&mut self) {}
+    /// The merges made since the last call (policy `coarsen`), for the
+    /// writer to record: each merged record replaces records that were
+    /// committed under other ids.
+    fn take_merged(&mut self) -> Vec<Merged> {
+        Vec::new()
+    }
     /// Give back the space of delivered records now, where the outbox
     /// keeps them until a segment is sealed (a disk is full, or filling:
     /// the caller saw a write fail). A no-op where there is nothing to give.
@@ -375,6 +392,11 @@ impl<R: Record> SharedOutbox<R> {
     /// See [`Outbox::release_all`].
     pub fn release_all(&self) {
         self.lock().release_all();
+    }
+
+    /// See [`Outbox::take_merged`].
+    pub fn take_merged(&self) -> Vec<Merged> {
+        self.lock().take_merged()
     }
 
     /// See [`Outbox::reclaim`].

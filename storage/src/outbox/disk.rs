@@ -88,7 +88,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use super::{Outbox, OutboxError, OutboxRecord, OutboxStats, Record};
+use super::{Merged, Outbox, OutboxError, OutboxRecord, OutboxStats, Record};
 use crate::fs::{Fs, FsFile, OpenMode, RealFs};
 
 const SEG_MAGIC: &[u8; 8] = b"OPOBSEG1";
@@ -224,6 +224,8 @@ pub struct DiskOutbox<R, F: Fs = RealFs> {
     /// acknowledged or released ([`Outbox::hold`]): no rewrite or drop
     /// touches them.
     inflight: BTreeSet<u64>,
+    /// Merges made by `coarsen` not yet taken ([`Outbox::take_merged`]).
+    merged: Vec<Merged>,
     /// The type of the records (payloads are serialized `R`s).
     record: PhantomData<fn() -> R>,
 }
@@ -527,6 +529,7 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
             stream_bytes: Summary::new(),
             stream_coarse: HashSet::new(),
             inflight: BTreeSet::new(),
+            merged: Vec::new(),
             record: PhantomData,
         };
         me.recover_tail()?;
@@ -538,6 +541,9 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
         }
         me.watermark = me.watermark.min(me.next_seq);
         me.advance_watermark();
+        // An `acked` file acknowledging past the newest record (damaged):
+        // new records start above it, never below the watermark.
+        me.next_seq = me.next_seq.max(me.watermark);
         me.committed_next = me.next_seq;
         me.stats.bytes = me.disk_bytes();
         me.stats.depth = me.depth();
@@ -565,7 +571,11 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
                 Slot::End => break,
                 Slot::Record(b, len) => {
                     if b.seq != 0 {
-                        next = b.seq + 1;
+                        // Never below the segment's name nor back: a
+                        // segment whose records number lower than its name
+                        // (damaged, or a hand edit) must not let the next
+                        // record reuse a sequence an earlier segment holds.
+                        next = next.max(b.seq + 1);
                         *sum.entry(b.group).or_default() += len;
                     }
                     off += len;
@@ -845,7 +855,9 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
     }
 
     fn depth(&self) -> u64 {
-        (self.next_seq - self.watermark).saturating_sub(self.acked_count())
+        self.next_seq
+            .saturating_sub(self.watermark)
+            .saturating_sub(self.acked_count())
     }
 
     /// Mark `[start, end)` as acknowledged or gone.
@@ -1072,6 +1084,8 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
             .collect();
         let mut open: HashMap<String, usize> = HashMap::new();
         let mut merged = Vec::new();
+        // The ids each merged record (by its place in `out`) replaces.
+        let mut sources: HashMap<usize, Vec<String>> = HashMap::new();
         let mut dropped = Vec::new();
         for b in rest {
             if self.inflight.contains(&b.seq) {
@@ -1110,10 +1124,12 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
                     if let Some(first) = out[i].3.as_mut() {
                         Record::merge(first, &agg);
                     }
+                    sources.entry(i).or_default().push(agg.id().to_string());
                     merged.push(b.seq);
                 }
                 None => {
                     open.insert(b.group.clone(), out.len());
+                    sources.insert(out.len(), vec![agg.id().to_string()]);
                     out.push((b.seq, b.group, Vec::new(), Some(agg)));
                 }
             }
@@ -1164,6 +1180,18 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
             .as_ref()
             .and_then(|g| sum.get(g).copied())
             .unwrap_or(0);
+        let mut made: Vec<(usize, Vec<String>)> =
+            sources.into_iter().filter(|(_, f)| f.len() > 1).collect();
+        made.sort_by_key(|(i, _)| *i);
+        for (i, from) in made {
+            if let Some(a) = out[i].3.as_ref() {
+                self.merged.push(Merged {
+                    id: a.id().to_string(),
+                    stream: out[i].1.clone(),
+                    from,
+                });
+            }
+        }
         self.set_summary(seg.first, sum)?;
         self.stats.coarsened += merged.len() as u64;
         self.stats.dropped += dropped.len() as u64;
@@ -1659,6 +1687,10 @@ impl<R: Record, F: Fs> Outbox<R> for DiskOutbox<R, F> {
         self.seal_drained(true)
     }
 
+    fn take_merged(&mut self) -> Vec<Merged> {
+        std::mem::take(&mut self.merged)
+    }
+
     fn release_all(&mut self) {
         self.inflight.clear();
     }
@@ -2089,6 +2121,9 @@ mod tests {
         s.protect_oldest = 2;
         let mut o = DiskOutbox::open(s).unwrap();
         let n = 400;
+        // Every id that exists: appended, or made by a merge of known ids.
+        let mut known = BTreeSet::new();
+        let mut merges = 0;
         for i in 0..n {
             let mut a = agg(i);
             a.group = if i % 2 == 0 { "even" } else { "odd" }.into();
@@ -2096,9 +2131,17 @@ mod tests {
             a.inferences = 1;
             a.classes = Some([("A".to_string(), 1u64)].into());
             a.id = a.compute_id();
+            known.insert(a.id.clone());
             o.append(&a).unwrap();
             assert!(o.stats().bytes <= 32768);
+            for m in o.take_merged() {
+                assert!(m.from.len() >= 2, "{m:?}");
+                assert!(m.from.iter().all(|f| known.contains(f)), "{m:?}");
+                known.insert(m.id);
+                merges += 1;
+            }
         }
+        assert!(merges > 0);
         o.commit().unwrap();
         let st = o.stats();
         assert!(st.coarsened > 0, "{st:?}");
@@ -2120,6 +2163,7 @@ mod tests {
         assert!(held.iter().any(|a| a.window_end - a.window_start > 2));
         for a in &held {
             assert_eq!(a.id, a.compute_id(), "ids match the merged content");
+            assert!(known.contains(&a.id), "every merge is reported");
         }
         assert_eq!(
             o.stats().lost,
