@@ -31,43 +31,11 @@ use outpost::ingest::file::FileFormat;
 use outpost::outbox::OutboxKind;
 use outpost::pipeline::{self, Prepared};
 use outpost_models::{LoadedModel, bundled};
-use outpost_tests::{free_port, load_ts_series, reading, workspace};
+use outpost_tests::{free_port, vm_hwm_kib, workspace, write_benchmark_input};
 
 const SENSORS: usize = 32;
 const PER_SENSOR: usize = 6000;
 const RUNS: usize = 3;
-
-/// 32 sensors, each replaying BasicMotions series one after the other at
-/// 10 Hz (the dataset's rate).
-fn write_input(path: &Path) -> usize {
-    let ds = workspace().join(".cache/datasets/BasicMotions");
-    let mut series = load_ts_series(&ds.join("BasicMotions_TRAIN.ts"));
-    series.extend(load_ts_series(&ds.join("BasicMotions_TEST.ts")));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create input"));
-    let base = 1_700_000_000_000i64;
-    let mut n = 0;
-    for s in 0..SENSORS {
-        let sensor = format!("sensor-{s:02}");
-        let mut t = 0;
-        let mut k = s;
-        while t < PER_SENSOR {
-            let chans = &series[k % series.len()].1;
-            for i in 0..chans[0].len() {
-                if t == PER_SENSOR {
-                    break;
-                }
-                let values: Vec<f32> = chans.iter().map(|c| c[i]).collect();
-                writeln!(out, "{}", reading(&sensor, base + t as i64 * 100, &values))
-                    .expect("write input");
-                t += 1;
-                n += 1;
-            }
-            k += 7;
-        }
-    }
-    out.flush().expect("flush input");
-    n
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -148,18 +116,6 @@ fn python() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn http_ok(port: u16, path: &str) -> bool {
     use std::io::Read;
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -179,7 +135,7 @@ fn main() {
     let dir = workspace().join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     let input = dir.join("readings.jsonl");
-    let readings = write_input(&input);
+    let readings = write_benchmark_input(&input, SENSORS, PER_SENSOR);
     // `-- --outpost-only N`: N replays of Outpost alone (for a profiler).
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--outpost-only") {

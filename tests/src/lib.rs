@@ -795,6 +795,21 @@ allowed_lateness_ms = 0
     )
 }
 
+/// An `[uplink]` table to the cloud broker on `cloud` (plain MQTT), one
+/// topic per group, `outpost/<gateway>/agg/<group>`, and a health message
+/// every second.
+pub fn cloud_uplink(cloud: u16) -> String {
+    format!(
+        r#"
+[uplink]
+broker = {{ host = "127.0.0.1", port = {cloud} }}
+allow_plaintext = true
+topic = "outpost/{{gateway}}/agg/{{group}}"
+health_interval_s = 1
+"#
+    )
+}
+
 /// A throwaway PKI made with the `openssl` command: a CA, a server
 /// certificate for `localhost`/127.0.0.1 and a client certificate.
 pub struct Pki {

@@ -159,3 +159,25 @@ fn arm_binary_carries_readings_from_site_to_cloud() {
         );
     }
 }
+
+/// The size budgets of what ships (issue 22): the stripped ARM release
+/// binaries. (CI builds no x86-64 release binary; its size is in
+/// BENCHMARKS.md.)
+#[test]
+#[ignore = "needs cross/build.sh"]
+fn the_shipped_binaries_are_within_their_size_budget() {
+    for (target, budget) in [
+        ("aarch64-unknown-linux-gnu", 12_000_000u64),
+        ("armv7-unknown-linux-gnueabihf", 11_500_000),
+    ] {
+        let path = OutpostBin::cross_path(target);
+        let size = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run cross/build.sh)", path.display()))
+            .len();
+        eprintln!("{target}: {size} bytes (budget {budget})");
+        assert!(
+            size <= budget,
+            "{target}: the binary is {size} bytes; the budget is {budget}"
+        );
+    }
+}

@@ -78,16 +78,10 @@ key = {{ file = "{}" }}
 free_text_attrs = ["note"]
 redact = ["email", "phone"]
 {privacy}
-
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-topic = "outpost/{{gateway}}/agg/{{group}}"
-health_interval_s = 1
-"#,
+{}"#,
         site.port,
         key.display(),
-        cloud.port
+        cloud_uplink(cloud.port)
     );
     let mut gw = Outpost::run(&config);
     gw.wait_subscribed();

@@ -67,17 +67,11 @@ groups = [{}]
 # Compressed time: a subject silent for hours closes its window only when
 # it is active again, so windows go out at the end.
 release_delay_ms = 100000000
-
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-topic = "outpost/{{gateway}}/agg/{{group}}"
-health_interval_s = 1
-"#,
+{}"#,
         site_config("gw-attack", site.port),
         key.display(),
         declared.join(", "),
-        cloud.port
+        cloud_uplink(cloud.port)
     );
     let mut gw = Outpost::run(&config);
     gw.wait_subscribed();

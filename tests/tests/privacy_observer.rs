@@ -47,14 +47,9 @@ fn gateway(id: &str, privacy: &str) -> (Broker, Broker, Subscriber, Outpost) {
     let config = format!(
         r#"{}group_by = "attr:line"
 {privacy}
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-topic = "outpost/{{gateway}}/agg/{{group}}"
-health_interval_s = 1
-"#,
+{}"#,
         site_config(id, site.port),
-        cloud.port
+        cloud_uplink(cloud.port)
     );
     let gw = Outpost::run(&config);
     gw.wait_subscribed();

@@ -41,16 +41,10 @@ epsilon = 1.0
 budget = 1000.0
 groups = ["MRN-1", "MRN-2", "MRN-3"]
 release_delay_ms = 10000
-
-[uplink]
-broker = {{ host = "127.0.0.1", port = {} }}
-allow_plaintext = true
-topic = "outpost/{{gateway}}/agg/{{group}}"
-health_interval_s = 1
-"#,
+{}"#,
         site_config("gw-report", site.port),
         key.display(),
-        cloud.port
+        cloud_uplink(cloud.port)
     );
     let path = tmp.path().join("outpost.toml");
     std::fs::write(&path, &config).unwrap();
