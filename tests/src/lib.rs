@@ -163,7 +163,7 @@ impl OutpostBin {
     }
 
     /// `target/<target>/release/outpost`.
-    fn cross_path(target: &str) -> PathBuf {
+    pub fn cross_path(target: &str) -> PathBuf {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target
         let dir = exe
@@ -1032,4 +1032,55 @@ impl SmallFs {
         let _ = f.sync_all();
         filler
     }
+}
+
+/// The benchmark input: `sensors` sensors, each replaying BasicMotions
+/// series one after the other at 10 Hz (the dataset's rate) for
+/// `per_sensor` readings, as JSON Lines. Returns the number of readings.
+pub fn write_benchmark_input(path: &Path, sensors: usize, per_sensor: usize) -> usize {
+    let ds = workspace().join(".cache/datasets/BasicMotions");
+    let mut series = load_ts_series(&ds.join("BasicMotions_TRAIN.ts"));
+    series.extend(load_ts_series(&ds.join("BasicMotions_TEST.ts")));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create input"));
+    let base = 1_700_000_000_000i64;
+    let mut n = 0;
+    for s in 0..sensors {
+        let sensor = format!("sensor-{s:02}");
+        let mut t = 0;
+        let mut k = s;
+        while t < per_sensor {
+            let chans = &series[k % series.len()].1;
+            for i in 0..chans[0].len() {
+                if t == per_sensor {
+                    break;
+                }
+                let values: Vec<f32> = chans.iter().map(|c| c[i]).collect();
+                writeln!(out, "{}", reading(&sensor, base + t as i64 * 100, &values))
+                    .expect("write input");
+                t += 1;
+                n += 1;
+            }
+            k += 7;
+        }
+    }
+    out.flush().expect("flush input");
+    n
+}
+
+/// Peak resident memory (VmHWM) of process `pid` in KiB, 0 if unknown.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM")
+}
+
+/// A KiB figure of `/proc/<pid>/status` (`VmHWM`, `RssAnon` ...), 0 if unknown.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }

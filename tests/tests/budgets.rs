@@ -87,7 +87,7 @@ fn peak_memory_under_the_standard_load_is_within_its_budget() {
     // 8 readings every 2 ms, paced on the clock, for 10 s.
     for tick in 0..5000u64 {
         if tick % 50 == 0 {
-            anon_peak = anon_peak.max(rss_anon_kib(pid));
+            anon_peak = anon_peak.max(proc_status_kib(pid, "RssAnon"));
         }
         let due = Duration::from_millis(tick * 2);
         if let Some(wait) = due.checked_sub(start.elapsed()) {
@@ -113,7 +113,7 @@ fn peak_memory_under_the_standard_load_is_within_its_budget() {
     wait_until("aggregates delivered", Duration::from_secs(60), || {
         !sub.messages().is_empty()
     });
-    anon_peak = anon_peak.max(rss_anon_kib(pid));
+    anon_peak = anon_peak.max(proc_status_kib(pid, "RssAnon"));
     let peak = vm_hwm_kib(pid);
     eprintln!(
         "peak RSS {} KiB (anonymous {anon_peak} KiB) over {sent} readings in {:.1} s",
@@ -158,17 +158,4 @@ fn replay_throughput_is_above_its_floor() {
         best >= REPLAY_FLOOR_READINGS_PER_S,
         "outpost replay ran {best:.0} readings/s at best; the floor is {REPLAY_FLOOR_READINGS_PER_S:.0}"
     );
-}
-
-/// Resident anonymous memory (RssAnon) of process `pid` in KiB.
-fn rss_anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("RssAnon:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
