@@ -87,7 +87,21 @@ release_delay_ms = 10000
             p.publish(&format!("sensors/{sensor}/data"), payload.to_string());
         }
     }
+    // A patient not declared: refused at ingest, counted.
+    for k in 0..50i64 {
+        let payload = serde_json::json!({
+            "sensor": "chest-eve-3", "ts": base + k * 100, "values": VALUES,
+            "attrs": {"patient": "MRN-9"},
+        });
+        p.publish("sensors/chest-eve-3/data", payload.to_string());
+    }
     p.flush();
+    gw.wait_metric(
+        "outpost_rejected_total",
+        &["source=\"privacy\"", "reason=\"undeclared_group\""],
+        50.0,
+        Duration::from_secs(30),
+    );
     // Released windows reach the cloud, and health messages after them.
     let released = wait_for(Duration::from_secs(30), || {
         all.messages()
@@ -108,6 +122,8 @@ release_delay_ms = 10000
             .iter()
             .any(|m| m.topic.ends_with("/health"))
     });
+    // MRN-3 had no reading: its aggregates are the empty ones.
+    assert!(gw.metric("outpost_privacy_empty_total", &[]) >= 1.0);
     // An unclean end: the broker publishes the last will.
     gw.kill9();
     wait_until("the last will", Duration::from_secs(30), || {
@@ -155,6 +171,7 @@ release_delay_ms = 10000
         for secret in [
             "ankle-jane",
             "wrist-john",
+            "chest-eve",
             "ward-secret",
             "MRN-",
             "0.731942",

@@ -351,3 +351,75 @@ pub(crate) fn groups_problem(groups: &[String]) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(cfg: &PrivacyConfig) -> Vec<String> {
+        let mut c = Collector::new();
+        cfg.check(&mut c);
+        c.into_problems()
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn differential_privacy_needs_declared_groups_and_suppress() {
+        let dp = |groups: &[&str], delay: i64| DifferentialPrivacyConfig {
+            epsilon: 1.0,
+            budget: 10.0,
+            period_s: 86_400,
+            sensitivity: 1,
+            keep_exact: vec![],
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            release_delay_ms: delay,
+        };
+        let mut cfg = PrivacyConfig {
+            differential_privacy: Some(dp(&[], 0)),
+            ..Default::default()
+        };
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].starts_with("differential_privacy.groups: required"),
+            "{p:?}"
+        );
+        for (groups, delay, want) in [
+            (
+                &["a", "a"][..],
+                0,
+                "differential_privacy.groups: \"a\" is declared twice",
+            ),
+            (
+                &["a", ""][..],
+                0,
+                "differential_privacy.groups: \"\": a group name must not be empty",
+            ),
+            (
+                &["a"][..],
+                -1,
+                "differential_privacy.release_delay_ms: must not be negative",
+            ),
+        ] {
+            cfg.differential_privacy = Some(dp(groups, delay));
+            let p = problems(&cfg);
+            assert!(p.len() == 1 && p[0].starts_with(want), "{p:?}");
+        }
+        cfg.differential_privacy = Some(dp(&["a", "b"], 0));
+        assert!(problems(&cfg).is_empty());
+        cfg.k_anonymity = Some(KAnonymityConfig {
+            min_subjects: 2,
+            min_readings: 1,
+            action: KAnonymityAction::Merge,
+            max_merge_windows: 3,
+        });
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].starts_with("k_anonymity.action: \"merge\" cannot be combined"),
+            "{p:?}"
+        );
+        assert!(cfg.can_suppress());
+        assert!(!PrivacyConfig::default().can_suppress());
+    }
+}

@@ -1202,6 +1202,25 @@ mod tests {
     }
 
     #[test]
+    fn a_short_silence_is_filled_and_a_long_one_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = seeded(&dp_groups(1.0, 1e9, &["g"]), dir.path(), 3);
+        let mut out = Vec::new();
+        r.admit(agg("g", 0, 5, 1), &mut out);
+        // Five windows without any reading at the gateway: released empty.
+        r.admit(agg("g", 6, 5, 1), &mut out);
+        assert_eq!(
+            out.iter().map(|a| a.window_start / MIN).collect::<Vec<_>>(),
+            (0..=6).collect::<Vec<_>>()
+        );
+        // A silence of MAX_EMPTY_RUN_WINDOWS windows or more: skipped.
+        let far = 7 + MAX_EMPTY_RUN_WINDOWS;
+        let s = r.admit(agg("g", far, 5, 1), &mut out);
+        assert_eq!((s.released, s.empty), (1, 0));
+        assert_eq!(out.last().unwrap().window_start / MIN, far);
+    }
+
+    #[test]
     fn declared_names_from_the_ingest_stage_take_precedence() {
         let dir = tempfile::tempdir().unwrap();
         let handle = KeyIdHandle::default();
