@@ -670,6 +670,21 @@ pub fn report(cfg: &Config, manifest: &Manifest) -> Report {
             },
         });
     }
+    if let Some(k) = p.k_anonymity.as_ref().filter(|_| dp.is_none()) {
+        observable.push(Observable {
+            what: "k-anonymity decisions".into(),
+            bound: format!(
+                "made on exact counts: a missing aggregate says its group had fewer than {} sensors or {} readings in that window{}",
+                k.min_subjects,
+                k.min_readings,
+                if k.action == crate::privacy::KAnonymityAction::Merge {
+                    "; a merged window's width says its first windows alone were below"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
     if let Some(f) = &figures {
         observable.push(Observable {
             what: "counts".into(),

@@ -223,3 +223,76 @@ release_delay_ms = 10000
     // Every declared group, the inactive one included, and no other.
     assert_eq!(groups_seen, released);
 }
+
+/// The exposure of `path` in `message` of `report`.
+fn exposure<'a>(report: &'a Value, message: &str, path: &str) -> &'a str {
+    report["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["message"] == message)
+        .and_then(|m| {
+            m["fields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["path"] == path)
+        })
+        .and_then(|f| f["exposure"].as_str())
+        .unwrap_or_else(|| panic!("{message} {path} not in the report"))
+}
+
+#[test]
+fn the_report_follows_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("outpost.toml");
+    let report = |privacy: &str| -> Value {
+        std::fs::write(
+            &path,
+            format!(
+                "[[sources]]\ntype = \"simulated\"\n[aggregation]\ngroup_by = \"gateway\"\n{privacy}{}",
+                cloud_uplink(1883)
+            ),
+        )
+        .unwrap();
+        serde_json::from_slice(&run_ok(
+            Command::new(outpost_bin())
+                .args(["privacy", "report", "--json", "--config"])
+                .arg(&path),
+        ))
+        .unwrap()
+    };
+    // No suppression: exact counts everywhere, health totals exact.
+    let open = report("");
+    assert_eq!(exposure(&open, "aggregate", "readings"), "exact");
+    assert_eq!(exposure(&open, "aggregate", "score.mean"), "exact");
+    assert_eq!(exposure(&open, "health", "readings"), "exact");
+    assert_eq!(exposure(&open, "health", "counts_withheld"), "not_sent");
+    assert!(open["differential_privacy"].is_null() && open["k_anonymity"].is_null());
+    // k-anonymity alone: exact counts, health totals withheld, and the
+    // decision on exact counts stated as observable.
+    let k = report("[privacy.k_anonymity]\nmin_subjects = 2\n");
+    assert_eq!(exposure(&k, "aggregate", "readings"), "exact");
+    assert_eq!(exposure(&k, "health", "readings"), "withheld");
+    assert_eq!(k["k_anonymity"]["on_noised_counts"], false);
+    assert!(
+        k["observable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["what"] == "k-anonymity decisions"),
+        "{k}"
+    );
+    // Differential privacy: noised counts, removed statistics, the budget.
+    let dp =
+        report("[privacy.differential_privacy]\nepsilon = 0.5\nbudget = 12.0\ngroups = [\"gw\"]\n");
+    assert_eq!(exposure(&dp, "aggregate", "readings"), "noised");
+    assert_eq!(exposure(&dp, "aggregate", "score.mean"), "not_sent");
+    assert_eq!(exposure(&dp, "health", "readings"), "withheld");
+    let f = &dp["differential_privacy"];
+    assert_eq!(f["epsilon_per_statistic"], 0.1);
+    assert_eq!(f["count_noise_scale"], 10.0);
+    assert_eq!(f["releases_per_period"], 24);
+    assert_eq!(f["windows_per_period"], 1440);
+    assert_eq!(f["epsilon_per_period"], 12.0);
+}
