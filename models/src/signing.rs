@@ -21,7 +21,8 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -307,22 +308,76 @@ pub fn read_signature(dir: &Path) -> Result<SignatureFile, SigningError> {
     };
     let file: SignatureFile =
         serde_json::from_slice(&bytes).map_err(|e| sig_error(&path, e.to_string()))?;
+    signature_bytes(&file).map_err(|reason| sig_error(&path, reason))?;
+    Ok(file)
+}
+
+/// The 64 signature bytes of a well-formed signature (algorithm, key id and
+/// signature checked); otherwise what is wrong.
+fn signature_bytes(file: &SignatureFile) -> Result<[u8; Signature::BYTE_SIZE], String> {
     if file.algorithm != ALGORITHM {
-        return Err(sig_error(
-            &path,
-            format!(
-                "algorithm {:?} is not supported (expected {ALGORITHM:?})",
-                file.algorithm
-            ),
+        return Err(format!(
+            "algorithm {:?} is not supported (expected {ALGORITHM:?})",
+            file.algorithm
         ));
     }
     if file.key_id.len() != 16 || !file.key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(sig_error(&path, "key_id must be 16 hex digits"));
+        return Err("key_id must be 16 hex digits".into());
     }
     let mut sig = [0u8; Signature::BYTE_SIZE];
     hex::decode_to_slice(&file.signature, &mut sig)
-        .map_err(|_| sig_error(&path, "signature must be 128 hex digits (64 bytes)"))?;
-    Ok(file)
+        .map_err(|_| "signature must be 128 hex digits (64 bytes)".to_string())?;
+    Ok(sig)
+}
+
+/// Why [`verify_bytes`] refuses a signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BytesSignatureError {
+    /// The signature is not well formed (algorithm, key id, hex digits).
+    #[error("malformed signature: {0}")]
+    Malformed(String),
+    /// It names a key that is not among the trusted keys.
+    #[error("signed by key {key_id}, which is not a trusted key")]
+    UntrustedKey {
+        /// Id of the key named by the signature.
+        key_id: String,
+    },
+    /// It names a trusted key but does not verify over the bytes.
+    #[error("the signature of key {key_id} does not match: the content was modified after signing")]
+    BadSignature {
+        /// Id of the key named by the signature.
+        key_id: String,
+    },
+}
+
+/// Sign `bytes` that are not an artifact (for example the canonical bytes of
+/// a fleet document), in the same format as `manifest.sig`.
+pub fn sign_bytes(bytes: &[u8], key: &SigningKey) -> SignatureFile {
+    SignatureFile {
+        algorithm: ALGORITHM.to_string(),
+        key_id: key_id(&key.verifying_key()),
+        signature: hex::encode(key.sign(bytes).to_bytes()),
+    }
+}
+
+/// Check that `sig` is a signature by one of `trusted` over `bytes`
+/// (strict ed25519 verification, as for artifacts); returns the key's id.
+pub fn verify_bytes(
+    bytes: &[u8],
+    sig: &SignatureFile,
+    trusted: &[TrustedKey],
+) -> Result<String, BytesSignatureError> {
+    let raw = signature_bytes(sig).map_err(BytesSignatureError::Malformed)?;
+    let key_id = sig.key_id.to_ascii_lowercase();
+    let Some(key) = trusted.iter().find(|k| k.key_id == key_id) else {
+        return Err(BytesSignatureError::UntrustedKey { key_id });
+    };
+    key.key
+        .verify_strict(bytes, &Signature::from_bytes(&raw))
+        .map_err(|_| BytesSignatureError::BadSignature {
+            key_id: key_id.clone(),
+        })?;
+    Ok(key_id)
 }
 
 /// Check that `manifest_bytes` (the exact bytes of `dir`'s manifest.json) are

@@ -20,6 +20,7 @@ use crate::aggregate::{AggregationConfig, GroupBy};
 use crate::audit::AuditConfig;
 pub use crate::check::{Collector, Problem};
 use crate::decisions::DecisionsConfig;
+use crate::fleet::FleetConfig;
 use crate::governance::{GovernanceConfig, ModelConfig};
 use crate::inference::InferenceConfig;
 use crate::ingest::simulated::SimulatedSourceConfig;
@@ -85,6 +86,8 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     /// Local per-window decisions to the site broker.
     pub decisions: Option<DecisionsConfig>,
+    /// Fleet operations over the uplink; `None`: managed locally only.
+    pub fleet: Option<FleetConfig>,
     /// Metrics endpoint.
     pub metrics: MetricsConfig,
     /// Logging.
@@ -170,6 +173,7 @@ impl Default for Config {
             journal: Default::default(),
             uplink: None,
             decisions: None,
+            fleet: None,
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
         }
@@ -223,6 +227,7 @@ impl Config {
                 "journal" => cfg.journal = c.section(&key, value).unwrap_or_default(),
                 "uplink" => cfg.uplink = c.section(&key, value),
                 "decisions" => cfg.decisions = c.section(&key, value),
+                "fleet" => cfg.fleet = c.section(&key, value),
                 "metrics" => cfg.metrics = c.section(&key, value).unwrap_or_default(),
                 "log" => cfg.log = c.section(&key, value).unwrap_or_default(),
                 "sources" => {
@@ -292,9 +297,39 @@ impl Config {
         if let Some(d) = &self.decisions {
             c.within("decisions", |c| d.check(c));
         }
+        if let Some(f) = &self.fleet {
+            c.within("fleet", |c| f.check(c));
+            self.check_fleet_against_privacy(f, c);
+        }
         c.within("metrics", |c| self.metrics.check(c));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             c.push("log.level", e.to_string());
+        }
+    }
+
+    /// Fleet documents travel over the uplink's connection, and a fleet
+    /// key that is also a privacy key would let the fleet operator alone
+    /// change the privacy policy.
+    fn check_fleet_against_privacy(&self, f: &FleetConfig, c: &mut Collector) {
+        if self.uplink.is_none() {
+            c.push(
+                "fleet",
+                "fleet operations use the uplink's connection: configure [uplink]",
+            );
+        }
+        let id = |p: &PathBuf| {
+            outpost_models::signing::read_public_key(p)
+                .ok()
+                .map(|k| k.key_id)
+        };
+        let privacy: Vec<String> = self.privacy.trusted_keys.iter().filter_map(id).collect();
+        for (i, path) in f.trusted_keys.iter().enumerate() {
+            if let Some(id) = id(path).filter(|id| privacy.contains(id)) {
+                c.push(
+                    format!("fleet.trusted_keys[{i}]"),
+                    format!("key {id} is also in privacy.trusted_keys: the fleet key alone could change the privacy policy"),
+                );
+            }
         }
     }
 

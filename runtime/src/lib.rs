@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod decisions;
+pub mod fleet;
 pub mod governance;
 pub mod http;
 pub mod inference;

@@ -41,6 +41,11 @@ pub struct PrivacyConfig {
     pub k_anonymity: Option<KAnonymityConfig>,
     /// Differential privacy of released counts; absent: off.
     pub differential_privacy: Option<DifferentialPrivacyConfig>,
+    /// Public key files (`ed25519-public <hex>`) of those who may change
+    /// this policy remotely: a fleet document that changes `[privacy]` must
+    /// also be signed by one of them (docs/fleet.md). Empty: no remote
+    /// change of the policy is ever applied.
+    pub trusted_keys: Vec<std::path::PathBuf>,
 }
 
 impl Default for PrivacyConfig {
@@ -56,6 +61,7 @@ impl Default for PrivacyConfig {
             free_text_attrs: Vec::new(),
             k_anonymity: None,
             differential_privacy: None,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -203,6 +209,11 @@ impl PrivacyConfig {
     /// Check `[privacy]` (paths relative to it); what depends on the
     /// aggregation settings is checked by [`crate::config`].
     pub fn check(&self, c: &mut Collector) {
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            if let Err(e) = outpost_models::signing::read_public_key(k) {
+                c.push(format!("trusted_keys[{i}]"), e.to_string());
+            }
+        }
         let v = &self.policy_version;
         if v.trim().is_empty() || v.len() > 64 || v.chars().any(char::is_control) {
             c.push(
