@@ -477,7 +477,16 @@ impl Release {
         let Some(w) = self.dp.as_mut().map(|d| &mut d.windows) else {
             return;
         };
-        w.width = Some(width.max(1));
+        let width = width.max(1);
+        if w.width != Some(width) {
+            // Windows of the new length start at the first of them not
+            // before what is released (aligned to the epoch, like the
+            // aggregator's).
+            w.cursor = w
+                .cursor
+                .map(|c| c.saturating_add(width - 1).div_euclid(width) * width);
+        }
+        w.width = Some(width);
         if w.cursor.is_some_and(|c| agg.window_start < c) {
             self.settled.extend_from_slice(&agg.covers);
             stats.suppressed_late += 1;
@@ -1218,6 +1227,29 @@ mod tests {
         let s = r.admit(agg("g", far, 5, 1), &mut out);
         assert_eq!((s.released, s.empty), (1, 0));
         assert_eq!(out.last().unwrap().window_start / MIN, far);
+    }
+
+    #[test]
+    fn a_new_window_length_starts_after_what_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = seeded(&dp_groups(1.0, 1e9, &["g", "h"]), dir.path(), 4);
+        let mut out = Vec::new();
+        r.admit_all([agg("g", 0, 5, 1), agg("g", 1, 5, 1)], &mut out);
+        assert_eq!(out.len(), 4);
+        // 90 s windows from now on: [90 s, 180 s) overlaps what was released.
+        let wide = |start_s: i64| {
+            let mut a = agg("g", 0, 5, 1);
+            (a.window_start, a.window_end) = (start_s * 1000, (start_s + 90) * 1000);
+            a
+        };
+        let s = r.admit_all([wide(90), wide(180)], &mut out);
+        assert_eq!(s.suppressed_late, 1, "[90 s, 180 s) starts before 120 s");
+        r.flush(&mut out);
+        let last: Vec<(i64, i64)> = out[4..]
+            .iter()
+            .map(|a| (a.window_start / 1000, a.window_end / 1000))
+            .collect();
+        assert_eq!(last, vec![(180, 270), (180, 270)]);
     }
 
     #[test]
