@@ -810,6 +810,24 @@ health_interval_s = 1
     )
 }
 
+/// The keyed token the gateway gives `value` of attribute `field` under the
+/// pseudonymization key in the file `key` (as the privacy stage computes it).
+pub fn token(key: &Path, field: &str, value: &str) -> String {
+    let privacy = outpost::privacy::Privacy::new(&outpost::privacy::PrivacyConfig {
+        allow_attrs: vec![field.to_string()],
+        pseudonymize_attrs: vec![field.to_string()],
+        key: Some(outpost::secret::SecretSource {
+            file: Some(key.to_path_buf()),
+            env: None,
+        }),
+        ..Default::default()
+    })
+    .expect("a readable pseudonymization key");
+    privacy
+        .token(field, value)
+        .expect("a key is loaded: a token")
+}
+
 /// A throwaway PKI made with the `openssl` command: a CA, a server
 /// certificate for `localhost`/127.0.0.1 and a client certificate.
 pub struct Pki {

@@ -112,20 +112,10 @@ release_delay_ms = 100000000
     all.wait_aggregates(gw.produced_aggregates(), Duration::from_secs(30));
 
     // The scorer (not the observer) knows which token is whose.
-    let privacy = outpost::privacy::Privacy::new(&outpost::privacy::PrivacyConfig {
-        allow_attrs: vec!["patient".into()],
-        pseudonymize_attrs: vec!["patient".into()],
-        key: Some(outpost::secret::SecretSource {
-            file: Some(key.clone()),
-            env: None,
-        }),
-        ..Default::default()
-    })
-    .unwrap();
     let token_of: BTreeMap<String, usize> = SUBJECTS
         .iter()
         .enumerate()
-        .map(|(s, (_, patient))| (privacy.token("patient", patient).unwrap(), s))
+        .map(|(s, (_, patient))| (token(&key, "patient", patient), s))
         .collect();
 
     // (c) nothing raw or personal on the wire; and the observer's view.
