@@ -142,7 +142,7 @@
 //!   is suppressed and counted (`late_window`); one of a group no longer
 //!   declared (the policy changed, or the key rotated, while it waited) is
 //!   suppressed and counted (`undeclared`). A silence of the whole gateway
-//!   longer than 1440 windows is skipped, not
+//!   of 1440 windows or more is skipped, not
 //!   filled. The release schedule follows the gateway's event time: a
 //!   gateway with no reading at all releases nothing, so the cloud sees
 //!   when the gateway as a whole had data, not which group.
