@@ -295,4 +295,12 @@ fn the_report_follows_the_policy() {
     assert_eq!(f["releases_per_period"], 24);
     assert_eq!(f["windows_per_period"], 1440);
     assert_eq!(f["epsilon_per_period"], 12.0);
+    // A configuration that does not load: exit 1, the reason said.
+    let out = Command::new(outpost_bin())
+        .args(["privacy", "report", "--config"])
+        .arg(tmp.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }

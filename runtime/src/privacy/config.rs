@@ -432,5 +432,9 @@ mod tests {
         );
         assert!(cfg.can_suppress());
         assert!(!PrivacyConfig::default().can_suppress());
+        // The default delay: one minute.
+        let d: DifferentialPrivacyConfig =
+            toml::from_str("epsilon = 1.0\nbudget = 2.0\ngroups = [\"a\"]").unwrap();
+        assert_eq!(d.release_delay_ms, 60_000);
     }
 }
