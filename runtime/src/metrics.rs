@@ -242,6 +242,13 @@ pub struct Metrics {
     /// outcome: `applied`, `unchanged`, `refused` (it has problems) or
     /// `rolled_back` (it could not start; the previous one runs again).
     pub config_reloads: Family<KindLabels, Counter>,
+    /// Fleet documents and commands refused, by reason (docs/fleet.md).
+    pub fleet_refused: Family<ReasonLabels, Counter>,
+    /// Fleet documents and commands accepted, by kind (`desired`, `command`).
+    pub fleet_accepted: Family<KindLabels, Counter>,
+    /// Fleet failures that are not refusals: the trust memory could not be
+    /// read or stored, a key could not be read (fleet operations off).
+    pub fleet_errors: Counter,
     /// sha256 of the configuration that runs, and when it was applied (ms
     /// since the epoch).
     config: std::sync::Mutex<Option<(String, i64)>>,
@@ -370,6 +377,13 @@ impl JournalMetrics {
     }
 }
 
+/// A `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason.
+    pub reason: String,
+}
+
 /// A `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -456,6 +470,9 @@ impl Metrics {
             decisions_dropped: Counter::default(),
             ready: AtomicBool::new(false),
             config_reloads: Family::default(),
+            fleet_refused: Family::default(),
+            fleet_accepted: Family::default(),
+            fleet_errors: Counter::default(),
             config: Default::default(),
             ready_tx: tokio::sync::watch::channel(false).0,
             inference_pass_since: AtomicU64::new(0),
@@ -750,6 +767,21 @@ impl Metrics {
             "drift_psi",
             "Population stability index against the training reference, latest aggregate",
             m.drift_psi.clone(),
+        );
+        registry.register(
+            "fleet_refused",
+            "Fleet documents and commands refused, by reason",
+            m.fleet_refused.clone(),
+        );
+        registry.register(
+            "fleet_accepted",
+            "Fleet documents and commands accepted, by kind (desired, command)",
+            m.fleet_accepted.clone(),
+        );
+        registry.register(
+            "fleet_errors",
+            "Fleet failures that are not refusals (trust memory not read or stored, keys unreadable)",
+            m.fleet_errors.clone(),
         );
         registry.register(
             "config_reloads",

@@ -889,6 +889,16 @@ impl UplinkRun {
             stop.clone(),
             &cfg.gateway.state_dir,
             audit.clone(),
+            crate::fleet::control(
+                crate::fleet::Setup {
+                    fleet: cfg.fleet.as_ref(),
+                    privacy: &cfg.privacy,
+                    gateway: &cfg.gateway.id,
+                    state_dir: &cfg.gateway.state_dir,
+                    config_sha256: cfg.source_sha256.as_deref(),
+                },
+                metrics,
+            ),
         )?;
         Ok(Self {
             task,

@@ -22,6 +22,10 @@
 //!   ([`Verdict`]). Records handed to the client are held in the outbox
 //!   (no `coarsen` merge or drop touches them) until acknowledged or the
 //!   connection is gone.
+//! - A control channel ([`Control`], fleet operations) may ride on the same
+//!   connection: the uplink subscribes to its topics at each CONNACK, hands
+//!   it the messages received and publishes its answers at QoS 0, outside
+//!   the in-flight window of aggregates.
 
 mod config;
 mod deadletter;
@@ -33,7 +37,10 @@ mod task;
 pub use config::{BrokerProfile, UplinkConfig};
 pub use deadletter::DeadLetterSink;
 pub use session::{Connector, RumqttConnector, RumqttSession, Session, SessionEvent, UplinkError};
-pub use settings::{Compression, HealthSettings, Stop, UplinkSettings, ZSTD_TOPIC_SUFFIX};
+pub use settings::{
+    Compression, Control, ControlHandle, ControlPublish, HealthSettings, Stop, UplinkSettings,
+    ZSTD_TOPIC_SUFFIX,
+};
 pub use state::{
     Backoff, DEFAULT_MAX_ATTEMPTS, Next, RateLimit, UplinkPolicy, UplinkState, Verdict,
 };

@@ -175,6 +175,11 @@ pub struct ReportedState {
     /// Applied document version per target key (`gateway:<id>`,
     /// `group:<name>`).
     pub applied: BTreeMap<String, u64>,
+    /// Document version accepted by the trust rules per target key (a
+    /// newer one than `applied` is being applied, or failed: see
+    /// `last_error`).
+    #[serde(default)]
+    pub accepted: BTreeMap<String, u64>,
     /// The models loaded (active, and a shadow or probation one).
     pub models: Vec<ReportedModel>,
     /// sha256 of the configuration file that runs.

@@ -10,11 +10,13 @@
 //! documents and commands, or a typed [`Refusal`] with its reason code.
 //! Nothing here is queued: a caller checks one message at a time.
 
+mod agent;
 pub mod canonical;
 mod config;
 pub mod document;
 pub mod trust;
 
+pub use agent::{Agent, Setup, control};
 pub use config::FleetConfig;
 pub use document::{
     Command, CommandName, CommandResult, CommandStatus, ConfigChange, DesiredState, Health,
@@ -34,6 +36,15 @@ pub enum FleetError {
         what: String,
         /// The cause.
         source: outpost_models::SigningError,
+    },
+    /// The stored trust memory could not be read: starting without it
+    /// could accept a replay, so fleet operations stay off.
+    #[error("{}: cannot read the fleet trust memory: {reason}", path.display())]
+    Memory {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
     },
 }
 

@@ -285,12 +285,14 @@ impl Trust {
     }
 
     /// Check a desired-state document received as `bytes` at `now_ms`;
-    /// `running_privacy` is the `[privacy]` table that runs (as JSON).
+    /// `running_privacy` is the `[privacy]` table that runs (as JSON), or
+    /// `None` when it is not known: then any `privacy` in the document and
+    /// any full configuration counts as a change of the policy.
     pub fn check_desired(
         &self,
         bytes: &[u8],
         now_ms: i64,
-        running_privacy: &Map<String, Value>,
+        running_privacy: Option<&Map<String, Value>>,
     ) -> Result<DesiredOutcome, Refusal> {
         let Received {
             value,
@@ -467,8 +469,22 @@ fn verify(
 }
 
 /// Does `doc` change the running `[privacy]` table? Conservative: a full
-/// configuration without a `[privacy]` table changes a non-empty one.
-fn changes_privacy(doc: &DesiredState, running: &Map<String, Value>) -> Result<bool, Refusal> {
+/// configuration without a `[privacy]` table changes a non-empty one, and
+/// with the running table unknown every mention of privacy is a change.
+fn changes_privacy(
+    doc: &DesiredState,
+    running: Option<&Map<String, Value>>,
+) -> Result<bool, Refusal> {
+    let Some(running) = running else {
+        let patch_touches =
+            matches!(&doc.config, Some(ConfigChange::Patch(p)) if p.contains_key("privacy"));
+        let full = matches!(&doc.config, Some(ConfigChange::Full(_)));
+        if full {
+            // Still refuse a full configuration that is not TOML.
+            changes_privacy(doc, Some(&Map::new()))?;
+        }
+        return Ok(doc.privacy.is_some() || patch_touches || full);
+    };
     if doc.privacy.as_ref().is_some_and(|p| p != running) {
         return Ok(true);
     }
@@ -641,7 +657,7 @@ mod tests {
     }
 
     fn check(k: &Keyring, bytes: &[u8]) -> Result<DesiredOutcome, Refusal> {
-        k.trust.check_desired(bytes, NOW, &running_privacy())
+        k.trust.check_desired(bytes, NOW, Some(&running_privacy()))
     }
 
     fn accepted(k: &Keyring, bytes: &[u8]) -> AcceptedDesired {
@@ -766,7 +782,7 @@ mod tests {
             .with_memory(k.trust.memory().clone());
         assert_eq!(
             restored
-                .check_desired(&v1, NOW, &running_privacy())
+                .check_desired(&v1, NOW, Some(&running_privacy()))
                 .unwrap_err()
                 .reason(),
             "replayed"
@@ -914,6 +930,28 @@ mod tests {
             &[&k.fleet],
         );
         assert!(!accepted(&k, &same).changes_privacy);
+    }
+
+    #[test]
+    fn with_the_running_policy_unknown_every_privacy_mention_needs_the_privacy_key() {
+        let k = keyring();
+        for change in [
+            json!({"privacy": running_privacy()}),
+            json!({"config": {"patch": {"privacy": {"policy_version": "3"}}}}),
+            json!({"config": {"patch": null, "full": "[[sources]]\ntype = \"simulated\"\n"}}),
+        ] {
+            let fleet_only = signed(Kind::Desired, desired(1, change.clone()), &[&k.fleet]);
+            assert_eq!(
+                k.trust.check_desired(&fleet_only, NOW, None),
+                Err(Refusal::PrivacyNotCountersigned),
+                "{change}"
+            );
+        }
+        let plain = signed(Kind::Desired, desired(1, json!({})), &[&k.fleet]);
+        assert!(matches!(
+            k.trust.check_desired(&plain, NOW, None),
+            Ok(DesiredOutcome::Apply(_))
+        ));
     }
 
     fn command(id: &str, extra: Value) -> Map<String, Value> {

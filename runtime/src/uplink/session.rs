@@ -31,6 +31,14 @@ pub enum SessionEvent {
     Published(u16),
     /// PUBACK for this packet id.
     Acked(u16),
+    /// A message on a topic subscribed with [`Session::try_subscribe`]
+    /// (the control channel, [`super::Control`]).
+    Message {
+        /// Its topic.
+        topic: String,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
 }
 
 /// One connection to a broker.
@@ -46,6 +54,12 @@ pub trait Session: Send {
         payload: Vec<u8>,
         retain: bool,
     ) -> Result<bool, UplinkError>;
+    /// Subscribe to `topics` with QoS 1 (the control channel);
+    /// `Ok(false)` when the client's queue is full.
+    fn try_subscribe(&mut self, topics: &[String]) -> Result<bool, UplinkError> {
+        let _ = topics;
+        Ok(true)
+    }
     /// The next event; an error ends the session.
     fn next_event(&mut self) -> impl Future<Output = Result<SessionEvent, UplinkError>> + Send;
     /// Disconnect cleanly (best effort).
@@ -109,6 +123,10 @@ impl Connector for RumqttConnector {
                         Ok(SessionEvent::Published(pkid))
                     }
                     Ok(Event::Incoming(Packet::PubAck(a))) => Ok(SessionEvent::Acked(a.pkid)),
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(SessionEvent::Message {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    }),
                     Ok(_) => continue,
                     Err(e) => Err(UplinkError::Connection(Box::new(e))),
                 };
@@ -148,6 +166,20 @@ impl Session for RumqttSession {
             .client
             .try_publish(topic, QoS::AtMostOnce, retain, payload)
         {
+            Ok(()) => Ok(true),
+            Err(ClientError::TryRequest(_)) => Ok(false),
+            Err(e) => Err(UplinkError::Client(Box::new(e))),
+        }
+    }
+
+    fn try_subscribe(&mut self, topics: &[String]) -> Result<bool, UplinkError> {
+        if topics.is_empty() {
+            return Ok(true);
+        }
+        let filters = topics
+            .iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+        match self.client.try_subscribe_many(filters) {
             Ok(()) => Ok(true),
             Err(ClientError::TryRequest(_)) => Ok(false),
             Err(e) => Err(UplinkError::Client(Box::new(e))),

@@ -27,6 +27,59 @@ pub struct UplinkSettings {
     /// Where aggregates the broker keeps refusing are set aside; `None`:
     /// they are retried for ever (one at a time).
     pub deadletter: Option<super::DeadLetterSink>,
+    /// A control channel on the same connection (fleet operations);
+    /// `None`: the uplink subscribes to nothing.
+    pub control: Option<ControlHandle>,
+}
+
+/// A [`Control`] shared by the clones of [`UplinkSettings`].
+#[derive(Clone)]
+pub struct ControlHandle(std::sync::Arc<std::sync::Mutex<Box<dyn Control>>>);
+
+impl ControlHandle {
+    /// Share `control`.
+    pub fn new(control: Box<dyn Control>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(control)))
+    }
+
+    /// Run `f` on the control channel (never held across an await).
+    pub fn with<R>(&self, f: impl FnOnce(&mut dyn Control) -> R) -> R {
+        // A panic inside a control call leaves nothing half-written that
+        // matters here: go on with what is there.
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(guard.as_mut())
+    }
+}
+
+impl std::fmt::Debug for ControlHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlHandle")
+    }
+}
+
+/// A control channel carried on the uplink's connection (fleet operations,
+/// `crate::fleet`): the uplink subscribes to its topics at each CONNACK,
+/// hands it every message received, and publishes what it answers. Its
+/// publishes go at QoS 0 (retained when asked), so they never take a place
+/// in the in-flight window of aggregates.
+pub trait Control: Send {
+    /// Topic filters to subscribe to.
+    fn subscriptions(&self) -> Vec<String>;
+    /// What to publish once connected.
+    fn on_connected(&mut self) -> Vec<ControlPublish>;
+    /// What to publish in answer to a message received.
+    fn on_message(&mut self, topic: &str, payload: &[u8]) -> Vec<ControlPublish>;
+}
+
+/// A message a [`Control`] publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPublish {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Retained on the broker.
+    pub retain: bool,
 }
 
 /// Health messages of the uplink.
@@ -66,6 +119,7 @@ impl UplinkSettings {
             health: None,
             max_message_bytes: 0,
             deadletter: None,
+            control: None,
         }
     }
 

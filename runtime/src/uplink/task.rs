@@ -75,6 +75,24 @@ pub async fn run<C: Connector>(
                         // the gateway back (and replaces a retained will).
                         send_health(&mut session, &settings, &metrics);
                         health_tick.reset();
+                        if let Some(control) = &settings.control {
+                            let (topics, out) =
+                                control.with(|c| (c.subscriptions(), c.on_connected()));
+                            if let Err(e) = session
+                                .try_subscribe(&topics)
+                                .and_then(|_| send_control(&mut session, out))
+                            {
+                                break e;
+                            }
+                        }
+                    }
+                    Ok(SessionEvent::Message { topic, payload }) => {
+                        if let Some(control) = &settings.control {
+                            let out = control.with(|c| c.on_message(&topic, &payload));
+                            if let Err(e) = send_control(&mut session, out) {
+                                break e;
+                            }
+                        }
                     }
                     Ok(SessionEvent::Published(pkid)) => state.on_outgoing(pkid),
                     Ok(SessionEvent::Acked(pkid)) => {
@@ -144,6 +162,21 @@ pub async fn run<C: Connector>(
             _ = stop.now.cancelled() => return outbox.stats().depth,
         }
     }
+}
+
+/// Publish what the control channel answers, at QoS 0 (a full client
+/// queue skips a message: the control channel publishes its state again
+/// at the next change and at each connection).
+fn send_control<S: Session>(
+    session: &mut S,
+    out: Vec<super::settings::ControlPublish>,
+) -> Result<(), super::session::UplinkError> {
+    for p in out {
+        if !session.try_publish_health(p.topic, p.payload, p.retain)? {
+            tracing::warn!("uplink: client queue full, a control message is skipped");
+        }
+    }
+    Ok(())
 }
 
 /// Set record `seq` aside in the dead-letter store and take it out of the
@@ -406,6 +439,7 @@ pub fn spawn(
     stop: Stop,
     state_dir: &std::path::Path,
     audit: Option<crate::governance::SharedAudit>,
+    control: Option<Box<dyn super::settings::Control>>,
 ) -> Result<tokio::task::JoinHandle<u64>, crate::mqtt::MqttSetupError> {
     metrics
         .uplink_configured
@@ -467,6 +501,7 @@ pub fn spawn(
                 None
             }
         },
+        control: control.map(super::settings::ControlHandle::new),
     };
     let connector = RumqttConnector::new(options, u.max_inflight);
     Ok(tokio::spawn(async move {
