@@ -66,6 +66,13 @@ pub mod kinds {
     /// A dead-letter entry was put back in the outbox (`outpost deadletter
     /// resend`): `{entry, id, group}`.
     pub const DEADLETTER_RESENT: &str = "deadletter_resent";
+    /// A fleet document or command passed the trust rules
+    /// (docs/fleet.md): `{subject, version, digest, signed_by,
+    /// privacy_signed_by}` for a desired state, `{subject, name}` for a
+    /// command.
+    pub const FLEET_ACCEPTED: &str = "fleet_accepted";
+    /// A fleet document or command was refused: `{subject, reason, message}`.
+    pub const FLEET_REFUSED: &str = "fleet_refused";
 }
 
 /// Where the audit log lives under the runtime's state directory.

@@ -896,6 +896,7 @@ impl UplinkRun {
                     gateway: &cfg.gateway.id,
                     state_dir: &cfg.gateway.state_dir,
                     config_sha256: cfg.source_sha256.as_deref(),
+                    audit: audit.clone(),
                 },
                 metrics,
             ),

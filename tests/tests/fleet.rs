@@ -209,6 +209,36 @@ fn desired_state_and_commands_are_refused_unless_signed_fresh_and_new_with_the_r
         o.metric("outpost_fleet_accepted_total", &["kind=\"desired\""]),
         2.0
     );
+    // Every acceptance and refusal is in the audit log.
+    let audit = std::fs::read_to_string(state.path().join("audit").join("audit.log"))
+        .expect("the audit log");
+    let kinds = |kind: &str| {
+        audit
+            .lines()
+            .filter(|l| l.contains(&format!("\"{kind}\"")))
+            .count()
+    };
+    assert_eq!(kinds("fleet_refused"), 8, "{audit}");
+    assert_eq!(kinds("fleet_accepted"), 3, "{audit}");
+    assert!(audit.contains("privacy_not_countersigned"), "{audit}");
+
+    // A group's document: its own version sequence; one signed for
+    // another group is refused on this group's topic.
+    let group_topic = "outpost/group/north/desired";
+    let mut north = desired(1, later);
+    north.insert("target".into(), json!({"group": "north"}));
+    p.publish(group_topic, signed(Kind::Desired, north.clone(), &[&fleet]));
+    wait_until("the group's version 1 accepted", WAIT, || {
+        reported
+            .json()
+            .iter()
+            .any(|r| r["accepted"]["group:north"] == 1)
+    });
+    north.insert("target".into(), json!({"group": "south"}));
+    north.insert("version".into(), json!(5));
+    p.publish(group_topic, signed(Kind::Desired, north, &[&fleet]));
+    let r = wait_reported_error(&reported, "wrong_target", &o);
+    assert_eq!(r["last_error"]["subject"], "desired:group:north");
 
     // After a restart the gateway still knows what it accepted: the
     // replay is refused again, the retained report shows it.

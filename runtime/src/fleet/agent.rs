@@ -4,7 +4,7 @@
 //! stores what they remember (`<state_dir>/fleet/trust.json`, replaced
 //! atomically), and publishes the reported state (retained) and command
 //! results. Every refusal is counted (`outpost_fleet_refused_total{reason}`),
-//! logged, and reported in `last_error`.
+//! logged, audited, and reported in `last_error`.
 //!
 //! Not built yet: applying an accepted document (it is recorded under
 //! `accepted`, `applied` stays as it was) and running commands other than
@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::governance::SharedAudit;
 use crate::metrics::{KindLabels, Metrics, ReasonLabels};
 use crate::uplink::{Control, ControlPublish};
 
@@ -33,12 +34,13 @@ pub struct Agent {
     config_sha256: Option<String>,
     privacy_version: String,
     metrics: Arc<Metrics>,
+    audit: Option<SharedAudit>,
     last_error: Option<LastError>,
 }
 
 /// What the agent needs of the configuration (the fleet module does not
 /// import the assembled configuration, which imports it).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Setup<'a> {
     /// `[fleet]`; `None`: fleet operations are off.
     pub fleet: Option<&'a FleetConfig>,
@@ -50,6 +52,8 @@ pub struct Setup<'a> {
     pub state_dir: &'a std::path::Path,
     /// sha256 of the configuration file that runs.
     pub config_sha256: Option<&'a str>,
+    /// The audit log: every acceptance and refusal is written to it.
+    pub audit: Option<SharedAudit>,
 }
 
 /// The control channel when `[fleet]` is configured; `None` without it,
@@ -75,6 +79,7 @@ impl Agent {
         metrics: Arc<Metrics>,
     ) -> Result<Self, FleetError> {
         let keys = super::load_keys(fleet, setup.privacy)?;
+        let setup = &setup;
         let memory_path = setup.state_dir.join("fleet").join("trust.json");
         let memory = match std::fs::read(&memory_path) {
             Ok(bytes) => {
@@ -106,6 +111,7 @@ impl Agent {
             config_sha256: setup.config_sha256.map(str::to_string),
             privacy_version: setup.privacy.policy_version.clone(),
             metrics,
+            audit: setup.audit.clone(),
             last_error: None,
         })
     }
@@ -137,6 +143,18 @@ impl Agent {
             })
             .inc();
         tracing::warn!(subject, reason = r.reason(), "fleet: refused: {r}");
+        crate::governance::audit(
+            &self.audit,
+            &self.metrics,
+            &[(
+                crate::audit::kinds::FLEET_REFUSED,
+                serde_json::json!({
+                    "subject": &subject,
+                    "reason": r.reason(),
+                    "message": r.to_string(),
+                }),
+            )],
+        );
         self.last_error = Some(LastError {
             at_ms: crate::clock::now_ms(),
             subject,
@@ -145,11 +163,16 @@ impl Agent {
         });
     }
 
-    fn accepted(&self, kind: &str) {
+    fn accepted(&self, kind: &str, entry: serde_json::Value) {
         self.metrics
             .fleet_accepted
             .get_or_create(&KindLabels::of(kind))
             .inc();
+        crate::governance::audit(
+            &self.audit,
+            &self.metrics,
+            &[(crate::audit::kinds::FLEET_ACCEPTED, entry)],
+        );
     }
 
     /// The reported state as it is now.
@@ -173,7 +196,12 @@ impl Agent {
                 ready: self.metrics.is_ready(),
                 uplink: true,
                 backlog: self.metrics.outbox_depth.get().max(0) as u64,
-                ..Health::default()
+                errors: self.metrics.inference_errors.get()
+                    + self.metrics.outbox_append_failures.get()
+                    + self.metrics.uplink_failed_messages.get(),
+                shadow_agreement: Some(self.metrics.shadow_agreement.get())
+                    .filter(|a| a.is_finite() && *a > 0.0),
+                drift_alerts: self.metrics.drift_alerts.get(),
             },
             certificate_expires_at_ms: None,
             last_error: self.last_error.clone(),
@@ -212,7 +240,16 @@ impl Agent {
                 self.trust
                     .record_applied(&a.doc.target, a.doc.version, &a.digest);
                 self.store();
-                self.accepted("desired");
+                self.accepted(
+                    "desired",
+                    serde_json::json!({
+                        "subject": format!("desired:{}", a.doc.target.key()),
+                        "version": a.doc.version,
+                        "digest": &a.digest,
+                        "signed_by": &a.signed_by,
+                        "privacy_signed_by": &a.privacy_signed_by,
+                    }),
+                );
                 tracing::info!(
                     target = a.doc.target.key(),
                     version = a.doc.version,
@@ -232,7 +269,13 @@ impl Agent {
         let result = match self.trust.accept_command(payload, now) {
             Ok(cmd) => {
                 self.store();
-                self.accepted("command");
+                self.accepted(
+                    "command",
+                    serde_json::json!({
+                        "subject": format!("command:{}", cmd.id),
+                        "name": cmd.name,
+                    }),
+                );
                 let (status, reason, output) = match cmd.name {
                     CommandName::Status => (
                         CommandStatus::Ok,
