@@ -897,6 +897,10 @@ impl UplinkRun {
                     state_dir: &cfg.gateway.state_dir,
                     config_sha256: cfg.source_sha256.as_deref(),
                     audit: audit.clone(),
+                    deadletter_dir: cfg
+                        .uplink
+                        .as_ref()
+                        .map(|u| u.deadletter_dir(&cfg.gateway.state_dir)),
                 },
                 metrics,
             ),

@@ -222,6 +222,32 @@ fn desired_state_and_commands_are_refused_unless_signed_fresh_and_new_with_the_r
     assert_eq!(kinds("fleet_accepted"), 3, "{audit}");
     assert!(audit.contains("privacy_not_countersigned"), "{audit}");
 
+    // The dead-letter store, remotely: listed (empty here); an entry that
+    // does not exist cannot be sent again; a command not built yet fails.
+    for (id, name, args) in [
+        ("c-2", "deadletter-list", json!({})),
+        ("c-3", "deadletter-resend", json!({"ids": [99]})),
+        ("c-4", "restart-pipeline", json!({})),
+    ] {
+        let cmd = object(json!({
+            "format": 1, "id": id, "target": {"gateway": GW},
+            "name": name, "args": args, "expires_at_ms": later,
+        }));
+        p.publish(&commands, signed(Kind::Command, cmd, &[&fleet]));
+    }
+    wait_until("six command results", WAIT, || results.json().len() >= 6);
+    let res = results.json();
+    assert_eq!(res[3]["status"], "ok", "{res:?}");
+    assert_eq!(res[3]["output"]["total"], 0, "{res:?}");
+    assert_eq!(res[4]["status"], "failed", "{res:?}");
+    assert_eq!(res[5]["status"], "failed", "{res:?}");
+    assert!(
+        res[5]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restart-pipeline is not implemented")),
+        "{res:?}"
+    );
+
     // A group's document: its own version sequence; one signed for
     // another group is refused on this group's topic.
     let group_topic = "outpost/group/north/desired";

@@ -19,7 +19,8 @@ use crate::metrics::{KindLabels, Metrics, ReasonLabels};
 use crate::uplink::{Control, ControlPublish};
 
 use super::document::{
-    CommandName, CommandResult, CommandStatus, FORMAT_VERSION, Health, LastError, ReportedState,
+    Command, CommandName, CommandResult, CommandStatus, FORMAT_VERSION, Health, LastError,
+    ReportedState,
 };
 use super::trust::{DesiredOutcome, Limits, Refusal, Trust, TrustMemory};
 use super::{FleetConfig, FleetError};
@@ -35,6 +36,7 @@ pub struct Agent {
     privacy_version: String,
     metrics: Arc<Metrics>,
     audit: Option<SharedAudit>,
+    deadletter_dir: Option<PathBuf>,
     last_error: Option<LastError>,
 }
 
@@ -54,6 +56,9 @@ pub struct Setup<'a> {
     pub config_sha256: Option<&'a str>,
     /// The audit log: every acceptance and refusal is written to it.
     pub audit: Option<SharedAudit>,
+    /// The uplink's dead-letter store (`deadletter-list`,
+    /// `deadletter-resend`).
+    pub deadletter_dir: Option<PathBuf>,
 }
 
 /// The control channel when `[fleet]` is configured; `None` without it,
@@ -112,6 +117,7 @@ impl Agent {
             privacy_version: setup.privacy.policy_version.clone(),
             metrics,
             audit: setup.audit.clone(),
+            deadletter_dir: setup.deadletter_dir.clone(),
             last_error: None,
         })
     }
@@ -276,17 +282,9 @@ impl Agent {
                         "name": cmd.name,
                     }),
                 );
-                let (status, reason, output) = match cmd.name {
-                    CommandName::Status => (
-                        CommandStatus::Ok,
-                        None,
-                        serde_json::to_value(self.report()).unwrap_or_default(),
-                    ),
-                    other => (
-                        CommandStatus::Failed,
-                        Some(format!("{other:?} is not implemented yet")),
-                        serde_json::Value::Null,
-                    ),
+                let (status, reason, output) = match self.run(&cmd) {
+                    Ok(output) => (CommandStatus::Ok, None, output),
+                    Err(why) => (CommandStatus::Failed, Some(why), serde_json::Value::Null),
                 };
                 CommandResult {
                     format: FORMAT_VERSION,
@@ -325,6 +323,63 @@ impl Agent {
             },
             self.reported(),
         ]
+    }
+}
+
+/// Most dead-letter entries one `deadletter-list` result carries.
+const MAX_LISTED: usize = 1000;
+
+impl Agent {
+    /// Run an accepted command: its output, or why it failed.
+    fn run(&self, cmd: &Command) -> Result<serde_json::Value, String> {
+        use outpost_storage::deadletter;
+        let store = || {
+            self.deadletter_dir
+                .as_deref()
+                .ok_or_else(|| "this gateway has no dead-letter store".to_string())
+        };
+        match cmd.name {
+            CommandName::Status => serde_json::to_value(self.report()).map_err(|e| e.to_string()),
+            CommandName::DeadletterList => {
+                let mut entries = deadletter::list(store()?).map_err(|e| e.to_string())?;
+                let total = entries.len();
+                entries.truncate(MAX_LISTED);
+                Ok(serde_json::json!({ "total": total, "entries": entries }))
+            }
+            CommandName::DeadletterResend => {
+                let dir = store()?;
+                let asked = match (cmd.args.get("all"), cmd.args.get("ids")) {
+                    (Some(serde_json::Value::Bool(true)), None) => {
+                        deadletter::request_resend_all(dir).map_err(|e| e.to_string())?
+                    }
+                    (None, Some(serde_json::Value::Array(ids))) => {
+                        let mut asked = Vec::new();
+                        for id in ids {
+                            let id = id
+                                .as_u64()
+                                .ok_or_else(|| format!("ids: {id} is not an entry number"))?;
+                            if deadletter::request_resend(dir, id).map_err(|e| e.to_string())? {
+                                asked.push(id);
+                            }
+                        }
+                        asked
+                    }
+                    _ => {
+                        return Err(
+                            "args: give {\"all\": true} or {\"ids\": [entry numbers]}".into()
+                        );
+                    }
+                };
+                Ok(serde_json::json!({ "asked": asked }))
+            }
+            other => Err(format!(
+                "{} is not implemented yet",
+                serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )),
+        }
     }
 }
 

@@ -12,7 +12,8 @@
 //! 4. its version is newer than the one applied for its target (the same
 //!    version with the same bytes is [`DesiredOutcome::Unchanged`]: a
 //!    retained document delivered again);
-//! 5. it has not expired, and claims no longer validity than
+//! 5. the gateway's clock is set ([`crate::clock::is_set`]), and it has
+//!    not expired, and claims no longer validity than
 //!    `fleet.max_validity_s`;
 //! 6. if it changes the `[privacy]` table (its `privacy`, or a `privacy`
 //!    table in its configuration or patch that differs from the running
@@ -78,6 +79,13 @@ pub enum Refusal {
     /// well formed): the content was changed after signing.
     #[error("bad signature: {0}")]
     BadSignature(String),
+    /// The gateway's clock is not set (before 2020): no expiry can be
+    /// checked, so nothing is applied until it is.
+    #[error("the gateway's clock is not set (it reads {now_ms}): expiry cannot be checked")]
+    ClockNotSet {
+        /// The gateway's clock, unix ms.
+        now_ms: i64,
+    },
     /// Past its expiry.
     #[error("expired at {expires_at_ms} (now {now_ms})")]
     Expired {
@@ -139,6 +147,7 @@ impl Refusal {
             Refusal::Unsigned => "unsigned",
             Refusal::UntrustedKey { .. } => "untrusted_key",
             Refusal::BadSignature(_) => "bad_signature",
+            Refusal::ClockNotSet { .. } => "clock_not_set",
             Refusal::Expired { .. } => "expired",
             Refusal::ValidityTooLong { .. } => "validity_too_long",
             Refusal::Replayed { .. } => "replayed",
@@ -150,7 +159,7 @@ impl Refusal {
     }
 
     /// Every reason code, for metrics that start at zero.
-    pub const REASONS: [&'static str; 14] = [
+    pub const REASONS: [&'static str; 15] = [
         "too_large",
         "malformed",
         "unsupported_format",
@@ -158,6 +167,7 @@ impl Refusal {
         "unsigned",
         "untrusted_key",
         "bad_signature",
+        "clock_not_set",
         "expired",
         "validity_too_long",
         "replayed",
@@ -424,6 +434,9 @@ impl Trust {
     }
 
     fn check_expiry(&self, expires_at_ms: i64, now_ms: i64) -> Result<(), Refusal> {
+        if !crate::clock::is_set(now_ms) {
+            return Err(Refusal::ClockNotSet { now_ms });
+        }
         if expires_at_ms <= now_ms {
             return Err(Refusal::Expired {
                 expires_at_ms,
@@ -813,6 +826,17 @@ mod tests {
             &[&k.fleet],
         );
         assert_eq!(check(&k, &bytes).unwrap_err().reason(), "validity_too_long");
+        // A gateway whose clock is not set cannot tell: nothing passes.
+        let bytes = signed(
+            Kind::Desired,
+            desired(1, json!({"expires_at_ms": 10_000})),
+            &[&k.fleet],
+        );
+        assert_eq!(
+            k.trust
+                .check_desired(&bytes, 5_000, Some(&running_privacy())),
+            Err(Refusal::ClockNotSet { now_ms: 5_000 })
+        );
     }
 
     #[test]
@@ -1050,6 +1074,7 @@ mod tests {
             Refusal::Unsigned,
             Refusal::UntrustedKey { key_ids: vec![] },
             Refusal::BadSignature(String::new()),
+            Refusal::ClockNotSet { now_ms: 0 },
             Refusal::Expired {
                 expires_at_ms: 0,
                 now_ms: 0,
