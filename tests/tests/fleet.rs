@@ -3,7 +3,8 @@
 //! and expired desired-state documents and commands, and a privacy change
 //! signed by the fleet key only, reports the reason in its retained
 //! reported state and in command results, counts each refusal by reason,
-//! and still refuses a replay after a restart.
+//! and still refuses a replay after a restart; and the gateway works under
+//! the Mosquitto ACL of docs/fleet.md.
 
 use std::path::Path;
 use std::time::Duration;
@@ -284,4 +285,91 @@ fn desired_state_and_commands_are_refused_unless_signed_fresh_and_new_with_the_r
         1.0,
         WAIT,
     );
+}
+
+/// The ACL of docs/fleet.md, with the test's operator clients anonymous
+/// (they may do anything under `outpost/`) and the gateway a user.
+const ACL: &str = "\
+topic readwrite outpost/#
+pattern read  outpost/%u/desired
+pattern read  outpost/%u/commands
+pattern write outpost/%u/reported
+pattern write outpost/%u/results
+pattern write outpost/%u/health
+pattern write outpost/%u/agg/#
+user gw-fleet
+topic read outpost/group/north/desired
+topic read outpost/group/north/commands
+";
+
+#[test]
+fn the_gateway_follows_its_own_and_its_groups_desired_state_under_the_documented_acl() {
+    use std::os::unix::fs::PermissionsExt;
+    let auth = tempfile::tempdir().expect("temp dir");
+    // Mosquitto drops to its own user: it must read these.
+    std::fs::set_permissions(auth.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (acl, passwd, secret) = (
+        auth.path().join("acl"),
+        auth.path().join("passwd"),
+        auth.path().join("gw.password"),
+    );
+    std::fs::write(&acl, ACL).expect("write acl");
+    std::fs::write(&secret, "s3cret").expect("write password");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args([GW, "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (scripts/setup.sh installs mosquitto)");
+    assert!(made.success());
+    for f in [&acl, &passwd] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let broker = Broker::start_with(&format!(
+        "acl_file {}\npassword_file {}\n",
+        acl.display(),
+        passwd.display()
+    ));
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (fleet, fleet_pub) = keypair(keys.path(), "fleet");
+    let (_, privacy_pub) = keypair(keys.path(), "privacy");
+    let cfg = config(broker.port, &fleet_pub, &privacy_pub).replace(
+        &format!("broker = {{ host = \"127.0.0.1\", port = {} }}", broker.port),
+        &format!(
+            "broker = {{ host = \"127.0.0.1\", port = {}, username = \"{GW}\", password = {{ file = \"{}\" }} }}",
+            broker.port,
+            secret.display()
+        ),
+    );
+    assert!(cfg.contains("username"), "{cfg}");
+
+    let reported = Subscriber::start(broker.port, &format!("outpost/{GW}/reported"));
+    let health = Subscriber::start(broker.port, &format!("outpost/{GW}/health"));
+    let o = Outpost::run(&cfg);
+    // It may write its reported state and health.
+    wait_until("the reported state through the ACL", WAIT, || {
+        reported.json().iter().any(|r| r["gateway"] == GW)
+    });
+    wait_until("a health message through the ACL", WAIT, || {
+        !health.messages().is_empty()
+    });
+    // It may read its own and its group's desired state.
+    let mut p = Publisher::connect(broker.port);
+    let later = now_ms() + 3_600_000;
+    p.publish(
+        &format!("outpost/{GW}/desired"),
+        signed(Kind::Desired, desired(1, later), &[&fleet]),
+    );
+    let mut north = desired(1, later);
+    north.insert("target".into(), json!({"group": "north"}));
+    p.publish(
+        "outpost/group/north/desired",
+        signed(Kind::Desired, north, &[&fleet]),
+    );
+    let ok = outpost_tests::wait_for(WAIT, || {
+        reported.json().iter().any(|r| {
+            r["accepted"][format!("gateway:{GW}")] == 1 && r["accepted"]["group:north"] == 1
+        })
+    });
+    assert!(ok, "{:?}\n{}", reported.json().last(), o.log());
 }
