@@ -124,6 +124,8 @@ fn desired_state_and_commands_are_refused_unless_signed_fresh_and_new_with_the_r
     assert_eq!(first["format"], 1);
     assert_eq!(first["privacy_policy_version"], "1");
     assert!(first["config_sha256"].is_string(), "{first}");
+    assert_eq!(first["models"][0]["state"], "active", "{first}");
+    assert!(first["health"]["ready"].is_boolean(), "{first}");
 
     let mut p = Publisher::connect(broker.port);
     let topic = format!("outpost/{GW}/desired");
@@ -272,8 +274,9 @@ fn desired_state_and_commands_are_refused_unless_signed_fresh_and_new_with_the_r
     o.signal(libc::SIGTERM);
     o.wait(Duration::from_secs(30));
     drop(o);
-    let o = Outpost::run_with_state(&cfg, state.path());
+    // Counted before the start: the new report may come before readiness.
     let before = reported.json().len();
+    let o = Outpost::run_with_state(&cfg, state.path());
     wait_until("a report from the restarted gateway", WAIT, || {
         reported.json().len() > before
     });

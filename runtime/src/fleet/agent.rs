@@ -20,7 +20,7 @@ use crate::uplink::{Control, ControlPublish};
 
 use super::document::{
     Command, CommandName, CommandResult, CommandStatus, FORMAT_VERSION, Health, LastError,
-    ReportedState,
+    ModelState, ReportedModel, ReportedState,
 };
 use super::trust::{DesiredOutcome, Limits, Refusal, Trust, TrustMemory};
 use super::{FleetConfig, FleetError};
@@ -195,7 +195,20 @@ impl Agent {
                 .iter()
                 .map(|(k, a)| (k.clone(), a.version))
                 .collect(),
-            models: Vec::new(),
+            // The serving model; shadow and probation are not known here yet.
+            models: {
+                let m = self.metrics.model();
+                if m.name.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![ReportedModel {
+                        name: m.name,
+                        version: m.version,
+                        weights_sha256: m.weights_sha256,
+                        state: ModelState::Active,
+                    }]
+                }
+            },
             config_sha256: self.config_sha256.clone(),
             privacy_policy_version: self.privacy_version.clone(),
             health: Health {
