@@ -44,6 +44,10 @@ impl Default for FleetConfig {
     }
 }
 
+/// The largest MQTT packet the uplink's connection takes
+/// (`crate::mqtt::options`).
+const MAX_PACKET: usize = 1 << 20;
+
 /// A topic level: non-empty, no `/`, `+`, `#` or NUL.
 fn bad_level(s: &str) -> bool {
     s.trim().is_empty() || s.contains(['/', '+', '#', '\0'])
@@ -84,8 +88,11 @@ impl FleetConfig {
                 "must be non-empty, contain no '+', '#' or NUL, and not start or end with '/'",
             );
         }
-        if self.max_document_bytes < 1024 {
-            c.push("max_document_bytes", "must be at least 1024");
+        if !(1024..=MAX_PACKET).contains(&self.max_document_bytes) {
+            c.push(
+                "max_document_bytes",
+                "must be 1024 to 1048576 (the uplink's MQTT packet limit)",
+            );
         }
         if self.max_pending_commands == 0 {
             c.push("max_pending_commands", "must be at least 1");

@@ -78,10 +78,14 @@ pub async fn run<C: Connector>(
                         if let Some(control) = &settings.control {
                             let (topics, out) =
                                 control.with(|c| (c.subscriptions(), c.on_connected()));
-                            if let Err(e) = session
-                                .try_subscribe(&topics)
-                                .and_then(|_| send_control(&mut session, out))
-                            {
+                            match session.try_subscribe(&topics) {
+                                Ok(true) => {}
+                                Ok(false) => tracing::error!(
+                                    "uplink: client queue full, the control channel is not subscribed on this connection"
+                                ),
+                                Err(e) => break e,
+                            }
+                            if let Err(e) = send_control(&mut session, out) {
                                 break e;
                             }
                         }
