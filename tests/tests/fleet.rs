@@ -376,3 +376,25 @@ fn the_gateway_follows_its_own_and_its_groups_desired_state_under_the_documented
     });
     assert!(ok, "{:?}\n{}", reported.json().last(), o.log());
 }
+
+#[test]
+fn an_unreadable_trust_memory_keeps_fleet_operations_off_and_is_counted() {
+    let broker = Broker::start();
+    let keys = tempfile::tempdir().expect("temp dir");
+    let (_, fleet_pub) = keypair(keys.path(), "fleet");
+    let (_, privacy_pub) = keypair(keys.path(), "privacy");
+    let state = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(state.path().join("fleet")).expect("mkdir");
+    std::fs::write(state.path().join("fleet").join("trust.json"), b"{torn").expect("write");
+    let reported = Subscriber::start(broker.port, &format!("outpost/{GW}/reported"));
+    let health = Subscriber::start(broker.port, &format!("outpost/{GW}/health"));
+    let o = Outpost::run_with_state(&config(broker.port, &fleet_pub, &privacy_pub), state.path());
+    // The gateway runs and delivers (its health goes out), but accepts no
+    // fleet document: forgetting what it accepted could let a replay in.
+    // Two health messages: the second goes a second after the connection,
+    // well after a report would have (it follows the first at once).
+    wait_until("two health messages", WAIT, || health.messages().len() >= 2);
+    o.wait_metric("outpost_fleet_errors_total", &[], 1.0, WAIT);
+    assert!(o.log().contains("fleet operations are off"), "{}", o.log());
+    assert!(reported.messages().is_empty());
+}
