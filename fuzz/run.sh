@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz every target (or those named) in turn, one process each, niced:
-#   fuzz/run.sh [-t SECONDS] [TARGET...]
+#   fuzz/run.sh [-t SECONDS] [-n] [TARGET...]     (-n: no build, run what is built)
 # New corpus inputs go to fuzz/corpus/<target>/, crashes to
 # fuzz/artifacts/<target>/ (git-ignored: a crash is fixed, then its input is
 # committed to fuzz/regressions/<target>/). Logs: fuzz/target/logs/<target>.log.
@@ -12,6 +12,11 @@ if [[ "${1:-}" == "-t" ]]; then
     secs=$2
     shift 2
 fi
+build=1
+if [[ "${1:-}" == "-n" ]]; then
+    build=0
+    shift
+fi
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
     mapfile -t targets < <(ls fuzz_targets | sed 's/\.rs$//')
@@ -19,7 +24,9 @@ fi
 # One build (debug assertions on, no sanitizer: safe Rust; see
 # docs/fuzzing.md), then each target's binary run directly, so that a
 # source change during the runs does not rebuild between targets.
-nice -n 10 cargo +nightly fuzz build -a -s none
+if [[ $build == 1 ]]; then
+    nice -n 10 cargo +nightly fuzz build -a -s none
+fi
 bin=target/x86_64-unknown-linux-gnu/release
 mkdir -p target/logs
 for t in "${targets[@]}"; do

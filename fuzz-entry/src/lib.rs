@@ -15,7 +15,7 @@
 //! split into parts at [`SEP`]; see [`parts`].
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use outpost::aggregate::Aggregate;
 use outpost::ingest::reading::{CsvLayout, Validator};
@@ -155,12 +155,15 @@ pub fn config_toml(data: &[u8]) {
     }
 }
 
-/// A directory that lives as long as the process (the targets that go
-/// through code reading real files).
+/// The temporary directory of the targets that go through code reading
+/// real files: made at the first use, removed by [`remove_scratch`].
+static SCRATCH: Mutex<Option<tempfile::TempDir>> = Mutex::new(None);
+
+/// A directory in the temporary directory, made when missing.
 fn scratch(name: &str) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let base = DIR
-        .get_or_init(|| {
+    let mut guard = SCRATCH.lock().unwrap_or_else(|p| p.into_inner());
+    let base = guard
+        .get_or_insert_with(|| {
             tempfile::Builder::new()
                 .prefix("outpost-fuzz-")
                 .tempdir()
@@ -170,6 +173,13 @@ fn scratch(name: &str) -> PathBuf {
         .join(name);
     std::fs::create_dir_all(&base).expect("a directory in the temporary directory");
     base
+}
+
+/// Remove the temporary directory (the replay test, once done; a static
+/// is never dropped).
+pub fn remove_scratch() {
+    let dir = SCRATCH.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(dir);
 }
 
 /// A model's `manifest.json` beside the bundled model's weights:

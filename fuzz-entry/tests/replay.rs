@@ -59,6 +59,7 @@ fn every_fuzz_target_has_a_target_file_and_a_corpus_and_no_input_panics() {
         }
         eprintln!("{target}: {n} corpus inputs replayed");
     }
+    outpost_fuzz_entry::remove_scratch();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 

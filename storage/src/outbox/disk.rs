@@ -575,7 +575,7 @@ impl<R: Record, F: Fs> DiskOutbox<R, F> {
                         // segment whose records number lower than its name
                         // (damaged, or a hand edit) must not let the next
                         // record reuse a sequence an earlier segment holds.
-                        next = next.max(b.seq + 1);
+                        next = next.max(b.seq.saturating_add(1));
                         *sum.entry(b.group).or_default() += len;
                     }
                     off += len;
@@ -1569,6 +1569,15 @@ fn read_acks(fs: &impl Fs, dir: &Path, stats: &mut OutboxStats) -> (u64, BTreeMa
 
 impl<R: Record, F: Fs> Outbox<R> for DiskOutbox<R, F> {
     fn append(&mut self, record: &R) -> Result<u64, OutboxError> {
+        if self.next_seq == u64::MAX {
+            // Only a damaged segment or `acked` file numbering near 2^64 gets here.
+            return Err(io(
+                &self.settings.dir,
+                std::io::Error::other(
+                    "no sequence number left (a damaged segment or acked file numbers near 2^64)",
+                ),
+            ));
+        }
         let payload = serde_json::to_vec(record)?;
         let seq = self.next_seq;
         let group = record.stream();
