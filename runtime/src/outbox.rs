@@ -651,6 +651,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// Issue 18 (12): an aggregate leaves only with its audit entry on
+    /// disk. While the audit log cannot commit, the outbox does not either;
+    /// once it can, both go on.
+    #[test]
+    fn a_failed_audit_commit_holds_the_outbox_commit_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SharedOutbox::new(Box::new(
+            DiskOutbox::open(DiskSettings {
+                dir: dir.path().join("outbox"),
+                segment_bytes: 1 << 20,
+                max_bytes: 8 << 20,
+                policy: FullPolicy::DropOldest,
+                protect_oldest: 0,
+                stream_caps: Default::default(),
+            })
+            .unwrap(),
+        ));
+        let log_path = dir.path().join("audit.log");
+        let audit: SharedAudit = Arc::new(std::sync::Mutex::new(
+            crate::audit::AuditLog::open(&log_path).unwrap(),
+        ));
+        // The head file cannot be replaced: its temporary name is taken.
+        let blocker = dir.path().join("audit.log.head.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let metrics = Metrics::new();
+        let run = |n: i64| {
+            let (tx, rx) = flume::unbounded();
+            for i in 0..n {
+                tx.send(agg(i)).unwrap();
+            }
+            drop(tx);
+            write(
+                &rx,
+                &outbox,
+                &Some(audit.clone()),
+                &None,
+                &metrics,
+                Duration::from_millis(5),
+            );
+        };
+        run(3);
+        assert!(metrics.audit_errors.get() > 0);
+        assert_eq!(metrics.outbox_commits.get(), 0);
+        assert!(
+            outbox.read_from(0, 10).unwrap().is_empty(),
+            "nothing visible to the uplink without its audit entry on disk"
+        );
+        std::fs::remove_dir(&blocker).unwrap();
+        run(0);
+        assert_eq!(outbox.read_from(0, 10).unwrap().len(), 3);
+        assert!(metrics.outbox_commits.get() > 0);
+    }
+
     /// An outbox on a full disk: appends alternate between refused (full)
     /// and failed (`ENOSPC`), and commits fail.
     struct FullDisk(u64);
