@@ -13,7 +13,7 @@ for t in "${targets[@]}"; do
     before=$(ls "corpus/$t" | wc -l)
     rm -rf "corpus/$t.min"
     mkdir -p "corpus/$t.min"
-    nice -n 10 "$bin/$t" -merge=1 -rss_limit_mb=4096 -timeout=20 "corpus/$t.min" "corpus/$t" \
+    nice -n 10 "$bin/$t" -set_cover_merge=1 -rss_limit_mb=4096 -timeout=20 "corpus/$t.min" "corpus/$t" \
         >"target/logs/$t.cmin.log" 2>&1
     rm -rf "corpus/$t"
     mv "corpus/$t.min" "corpus/$t"
